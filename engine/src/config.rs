@@ -1,0 +1,374 @@
+//! Deployment configuration: one TOML file, overridden by `PROJECTOR__SECTION__KEY`
+//! environment variables.
+//!
+//! Layers, last wins: the defaults written on each field, the file, the environment.
+//! Unknown keys are refused. Every error names the key and the file it came from.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+/// Prefix of environment variables that override file values; `__` separates levels,
+/// so `PROJECTOR__KAFKA__BROKERS` sets `kafka.brokers`.
+pub const ENV_PREFIX: &str = "PROJECTOR__";
+
+/// The whole deployment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// How to reach Kafka and consume from it.
+    pub kafka: KafkaConfig,
+    /// The Confluent-compatible schema registry that holds writer schemas.
+    pub registry: RegistryConfig,
+    /// Where projection state lives and how it is committed.
+    pub store: StoreConfig,
+    /// The HTTP API.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Where the reader (current) event schemas live.
+    #[serde(default)]
+    pub schemas: SchemasConfig,
+    /// The projections this worker maintains.
+    #[serde(default)]
+    pub projections: Vec<ProjectionConfig>,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated (`host:port,host:port`).
+    pub brokers: String,
+    /// Consumer group of a projection is `<group_prefix>.<projection name>`.
+    #[serde(default = "default_group_prefix")]
+    pub group_prefix: String,
+    /// Raw librdkafka properties, passed through untouched (SASL, TLS, timeouts).
+    /// They are applied after Projector's own settings, so they win.
+    #[serde(default)]
+    pub librdkafka_options: BTreeMap<String, String>,
+}
+
+fn default_group_prefix() -> String {
+    "projector".to_owned()
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL of the schema registry REST API.
+    pub url: String,
+    /// Basic-auth user name, if the registry needs one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Basic-auth password (prefer `PROJECTOR__REGISTRY__PASSWORD` over the file).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Timeout of one registry request.
+    #[serde(default = "default_registry_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Ceiling of the exponential backoff between retries while the registry is down.
+    #[serde(default = "default_registry_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_registry_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_registry_max_backoff_ms() -> u64 {
+    10_000
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// RocksDB directory; created if missing. Relative paths are relative to the
+    /// working directory.
+    pub path: PathBuf,
+    /// A batch is committed after this many events...
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// ...or this long after its first event, whichever comes first.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    /// fsync the RocksDB write-ahead log on every batch. Off by default: a killed
+    /// process loses nothing without it (the log is in the OS page cache); only a
+    /// machine crash can lose the last batches, and those are re-read from Kafka
+    /// because their offsets are lost with them.
+    #[serde(default)]
+    pub sync_writes: bool,
+}
+
+fn default_batch_max_events() -> usize {
+    5_000
+}
+
+fn default_batch_max_wait_ms() -> u64 {
+    100
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address the HTTP API listens on. Loopback unless you mean otherwise.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// `[schemas]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemasConfig {
+    /// Directory of `.avsc` reader schemas, one sub-directory per namespace.
+    #[serde(default = "default_schemas_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for SchemasConfig {
+    fn default() -> Self {
+        SchemasConfig {
+            dir: default_schemas_dir(),
+        }
+    }
+}
+
+fn default_schemas_dir() -> PathBuf {
+    PathBuf::from("schemas")
+}
+
+/// One `[[projections]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionConfig {
+    /// Unique name; used in URLs, metrics and the consumer group.
+    pub name: String,
+    /// Which built-in projection implements it (a name from the projections registry).
+    pub kind: String,
+    /// Source topics.
+    pub topics: Vec<String>,
+    /// Options of the built-in projection, checked by the projection itself.
+    #[serde(default)]
+    pub options: serde_json::Value,
+}
+
+/// A configuration that could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    /// An error about `key` of the configuration in `file`.
+    pub fn at(file: &Path, key: &str, message: impl std::fmt::Display) -> Self {
+        ConfigError(format!(
+            "config {}: key `{key}`: {message}",
+            file.display()
+        ))
+    }
+}
+
+impl Config {
+    /// Loads `file`, applies environment overrides and checks cross-field rules.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    fn load_with_env(file: &Path, env: Env) -> Result<Config, ConfigError> {
+        if !file.is_file() {
+            return Err(ConfigError(format!(
+                "config {}: file not found",
+                file.display()
+            )));
+        }
+        let config: Config = Figment::new()
+            .merge(Toml::file_exact(file))
+            .merge(env)
+            .extract()
+            .map_err(|errors| {
+                let all: Vec<String> = errors
+                    .into_iter()
+                    .map(|e| describe_figment_error(file, e))
+                    .collect();
+                ConfigError(all.join("\n"))
+            })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::at(file, "kafka.brokers", "must not be empty"));
+        }
+        if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))
+        {
+            return Err(ConfigError::at(
+                file,
+                "registry.url",
+                format!("`{}` is not an http(s) URL", self.registry.url),
+            ));
+        }
+        if self.store.batch_max_events == 0 {
+            return Err(ConfigError::at(file, "store.batch_max_events", "must be at least 1"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (index, projection) in self.projections.iter().enumerate() {
+            let key = |field: &str| format!("projections[{index}].{field}");
+            if !is_valid_name(&projection.name) {
+                return Err(ConfigError::at(
+                    file,
+                    &key("name"),
+                    format!(
+                        "`{}` is not a valid name (use letters, digits, `_`, `-`, `.`)",
+                        projection.name
+                    ),
+                ));
+            }
+            if !seen.insert(projection.name.as_str()) {
+                return Err(ConfigError::at(
+                    file,
+                    &key("name"),
+                    format!("projection `{}` is defined twice", projection.name),
+                ));
+            }
+            if projection.topics.is_empty() {
+                return Err(ConfigError::at(file, &key("topics"), "needs at least one topic"));
+            }
+            if let Some(bad) = projection.topics.iter().find(|t| !is_valid_name(t)) {
+                return Err(ConfigError::at(
+                    file,
+                    &key("topics"),
+                    format!("`{bad}` is not a valid topic name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+fn describe_figment_error(file: &Path, error: figment::Error) -> String {
+    let key = if error.path.is_empty() {
+        None
+    } else {
+        Some(error.path.join("."))
+    };
+    let origin = match error.metadata.as_ref().map(|m| m.name.as_ref()) {
+        Some(name) if name.contains("environment") || name.contains("env") => {
+            format!("environment ({ENV_PREFIX}*)")
+        }
+        _ => format!("config {}", file.display()),
+    };
+    let mut kind = error.kind.to_string();
+    if let figment::error::Kind::UnknownField(field, _) = &error.kind {
+        kind = format!("unknown key `{field}`");
+    }
+    match key {
+        Some(key) => format!("{origin}: key `{key}`: {kind}"),
+        None => format!("{origin}: {kind}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+[registry]
+url = "http://127.0.0.1:8081"
+[store]
+path = "data"
+[[projections]]
+name = "order_summary"
+kind = "order_summary"
+topics = ["orders"]
+"#;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    fn no_env() -> Env {
+        Env::prefixed("PROJECTOR_TEST_UNSET_PREFIX__").split("__")
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let file = write(MINIMAL);
+        let config = Config::load_with_env(file.path(), no_env()).unwrap();
+        assert_eq!(config.kafka.group_prefix, "projector");
+        assert_eq!(config.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.store.batch_max_events, 5_000);
+        assert_eq!(config.projections[0].topics, vec!["orders".to_owned()]);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name_and_the_file() {
+        let file = write(&MINIMAL.replace("[store]", "[store]\ncolour = \"red\""));
+        let error = Config::load_with_env(file.path(), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("colour"), "{error}");
+        assert!(error.contains(&file.path().display().to_string()), "{error}");
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        let file = write(&MINIMAL.replace("[store]", "[store]\nbatch_max_events = \"many\""));
+        let error = Config::load_with_env(file.path(), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("store.batch_max_events"), "{error}");
+    }
+
+    #[test]
+    fn duplicate_projection_names_are_refused() {
+        let twice = format!(
+            "{MINIMAL}\n[[projections]]\nname = \"order_summary\"\nkind = \"x\"\ntopics = [\"t\"]\n"
+        );
+        let file = write(&twice);
+        let error = Config::load_with_env(file.path(), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("projections[1].name"), "{error}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file = write(MINIMAL);
+        let env = Env::prefixed("PROJECTOR_CFGTEST__").split("__");
+        // Only this test uses the prefix, so setting it cannot disturb other tests.
+        std::env::set_var("PROJECTOR_CFGTEST__KAFKA__BROKERS", "127.0.0.1:19092");
+        let config = Config::load_with_env(file.path(), env).unwrap();
+        assert_eq!(config.kafka.brokers, "127.0.0.1:19092");
+    }
+}

@@ -1,0 +1,22 @@
+//! Projector's engine: turns Avro event streams on Kafka into read models in RocksDB.
+//!
+//! The path of one event: [`source`] consumes it, [`frame`] and [`decode`] turn the
+//! Confluent-framed Avro into an event of the current schema ([`schemas`],
+//! [`registry_client`]), a [`projection::Projection`] folds it, and [`store`] commits
+//! the batch's state with its offsets. [`serve`] answers reads; [`registry`] is a
+//! development schema registry.
+
+pub mod config;
+pub mod decode;
+pub mod frame;
+pub mod metrics;
+pub mod poison;
+pub mod projection;
+pub mod registry;
+pub mod registry_client;
+pub mod runtime;
+pub mod schemas;
+pub mod serve;
+pub mod source;
+pub mod store;
+pub mod worker;

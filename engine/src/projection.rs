@@ -1,0 +1,79 @@
+//! The contract between the engine and a projection.
+//!
+//! A projection is a fold: for each event it names the key whose state the event
+//! changes, and computes that key's new state from the old one. The engine owns
+//! everything else: ordering, batching, storage, offsets, serving. State is kept
+//! per source partition (DESIGN.md invariant 2), so a key fed from several
+//! partitions has several partial states, and [`Projection::merge`] combines them
+//! on read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use apache_avro::types::Value as AvroValue;
+use serde_json::Value as Json;
+
+/// Where an event was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMeta {
+    /// Source topic.
+    pub topic: Arc<str>,
+    /// Source partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+    /// Kafka record timestamp, milliseconds since the epoch, when the record has one.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// One decoded event, in the current version of its schema.
+#[derive(Debug)]
+pub struct Event<'a> {
+    /// Full Avro name of the event type, e.g. `shop.orders.OrderPlaced`.
+    pub name: &'a str,
+    /// The payload, an Avro record.
+    pub payload: &'a AvroValue,
+    /// Where it came from.
+    pub meta: &'a EventMeta,
+}
+
+impl Event<'_> {
+    /// Deserializes the payload into a typed struct (field names as in the schema).
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, FoldError> {
+        apache_avro::from_value(self.payload).map_err(|e| {
+            FoldError(format!("{} does not have the expected shape: {e}", self.name))
+        })
+    }
+}
+
+/// A fold that could not be computed; goes to the projection's poison policy with
+/// reason `fold_failed`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FoldError(pub String);
+
+/// A read model maintained from events.
+///
+/// Implementations must be deterministic: the same events in the same order give the
+/// same state, so that a replay rebuilds exactly what was there.
+pub trait Projection: Send + Sync {
+    /// The key whose state `event` changes, or `None` when the projection ignores it.
+    fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError>;
+
+    /// Folds `event` into `state` (`None` when the key has no state in this source
+    /// partition yet). Setting `*state = None` deletes the key.
+    ///
+    /// On error `state` must be left as it was: validate before mutating.
+    fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError>;
+
+    /// Combines the partial states of one key, one per source partition, into the
+    /// value served to readers. Called only with at least one partial.
+    fn merge(&self, partials: Vec<Json>) -> Json;
+}
+
+/// Builds a projection from its `[projections.options]`; the error says what is wrong
+/// with the options.
+pub type ProjectionFactory = fn(&Json) -> Result<Box<dyn Projection>, String>;
+
+/// Built-in projections by kind name; the `projections` crate provides one.
+pub type ProjectionRegistry = BTreeMap<&'static str, ProjectionFactory>;

@@ -1,0 +1,449 @@
+//! The fold loop of one projection: consume, decode, fold, commit.
+//!
+//! Each projection has its own consumer group and its own thread. The loop keeps a
+//! write-back cache of the keys a batch touched and commits the batch as one RocksDB
+//! write with the next offset of every partition it read. Offsets in RocksDB are the
+//! truth: on assignment the consumer starts from them, and a message below the next
+//! offset of its partition (a redelivery) is dropped, so nothing is applied twice.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use serde_json::Value as Json;
+use tracing::{debug, error, info, info_span, warn};
+
+use crate::config::{KafkaConfig, StoreConfig};
+use crate::decode::{DecodeError, Decoder};
+use crate::metrics;
+use crate::poison::PoisonReason;
+use crate::projection::{Event, EventMeta, FoldError};
+use crate::runtime::{ProjectionRuntime, RunState};
+use crate::store::{BatchWrite, SourcePartition, Store, StoreError};
+
+/// What the fold loop needs besides its projection.
+#[derive(Clone)]
+pub struct SourceDeps {
+    /// Kafka settings.
+    pub kafka: KafkaConfig,
+    /// Batch settings.
+    pub store_config: StoreConfig,
+    /// The worker's database.
+    pub store: Arc<Store>,
+    /// Set to stop: the loop commits its batch and leaves the group.
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// Starts the fold loop of `projection` on its own thread.
+pub fn spawn(
+    projection: Arc<ProjectionRuntime>,
+    decoder: Decoder,
+    deps: SourceDeps,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(format!("fold-{}", projection.name))
+        .spawn(move || {
+            let span = info_span!("projection", projection = %projection.name);
+            let _entered = span.enter();
+            let outcome = FoldLoop::new(projection.clone(), decoder, deps).and_then(|mut l| l.run());
+            if let Err(failure) = outcome {
+                error!(error = %failure, "projection stopped");
+                projection.set_state(RunState::Failed {
+                    error: failure.to_string(),
+                });
+            }
+        })
+        .expect("spawning a thread")
+}
+
+/// Why the loop ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum LoopError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("partition assignment failed: {0}")]
+    Assignment(String),
+}
+
+/// Kafka callbacks of one projection's consumer: positions on assignment, revocations.
+struct SourceContext {
+    store: Arc<Store>,
+    runtime: Arc<ProjectionRuntime>,
+    revoked: Mutex<Vec<SourcePartition>>,
+    assignment_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Err(e) = self.start_from_stored_offsets(tpl) {
+                    // Without the stored offsets the partitions cannot be read safely:
+                    // leave them unassigned and stop the loop.
+                    *self.assignment_error.lock().expect("lock") = Some(e.to_string());
+                    return;
+                }
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
+                    *self.assignment_error.lock().expect("lock") = Some(e.to_string());
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let partitions = partitions_of(tpl);
+                info!(partitions = ?partitions.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "partitions revoked");
+                self.revoked.lock().expect("lock").extend(partitions);
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = unassigned {
+                    warn!(error = %e, "unassigning revoked partitions");
+                }
+            }
+            other => {
+                warn!(error = ?other, "rebalance error; dropping the assignment");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl SourceContext {
+    fn start_from_stored_offsets(&self, tpl: &mut TopicPartitionList) -> Result<(), StoreError> {
+        let generation = self.runtime.generation();
+        for partition in partitions_of(tpl) {
+            let offset = match self.store.next_offset(&generation, &partition)? {
+                Some(next) => Offset::Offset(next),
+                None => Offset::Beginning,
+            };
+            info!(topic = %partition.topic, partition = partition.partition, start = ?offset, "partition assigned");
+            // The partition is in the list we were given, so this cannot fail.
+            let _ = tpl.set_partition_offset(&partition.topic, partition.partition, offset);
+        }
+        Ok(())
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<SourcePartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| SourcePartition {
+            topic: e.topic().into(),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+/// One key's partial state in the current batch.
+type CacheKey = (String, SourcePartition);
+
+struct FoldLoop {
+    consumer: BaseConsumer<SourceContext>,
+    batch: OpenBatch,
+}
+
+/// Everything of the loop but the consumer, so a message borrowed from the consumer
+/// can be folded into it.
+struct OpenBatch {
+    runtime: Arc<ProjectionRuntime>,
+    decoder: Decoder,
+    deps: SourceDeps,
+    /// Next offset to apply per partition, as far as this loop knows (committed or in
+    /// the open batch).
+    positions: HashMap<SourcePartition, i64>,
+    topics: HashMap<String, Arc<str>>,
+    cache: HashMap<CacheKey, Option<Json>>,
+    offsets: BTreeMap<SourcePartition, i64>,
+    events: u64,
+    started: Option<Instant>,
+}
+
+/// How processing one message ended, when it did not end in a fold.
+enum Stop {
+    Poison { reason: PoisonReason, error: String },
+    Interrupted,
+}
+
+impl FoldLoop {
+    fn new(runtime: Arc<ProjectionRuntime>, decoder: Decoder, deps: SourceDeps) -> Result<Self, LoopError> {
+        let context = SourceContext {
+            store: deps.store.clone(),
+            runtime: runtime.clone(),
+            revoked: Mutex::new(Vec::new()),
+            assignment_error: Mutex::new(None),
+        };
+        let consumer: BaseConsumer<SourceContext> =
+            consumer_config(&deps.kafka, &runtime.name).create_with_context(context)?;
+        let topics: Vec<&str> = runtime.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(FoldLoop {
+            consumer,
+            batch: OpenBatch {
+                runtime,
+                decoder,
+                deps,
+                positions: HashMap::new(),
+                topics: HashMap::new(),
+                cache: HashMap::new(),
+                offsets: BTreeMap::new(),
+                events: 0,
+                started: None,
+            },
+        })
+    }
+
+    fn run(&mut self) -> Result<(), LoopError> {
+        let runtime = self.batch.runtime.clone();
+        runtime.set_state(RunState::Running);
+        let max_wait = Duration::from_millis(self.batch.deps.store_config.batch_max_wait_ms);
+        let max_events = self.batch.deps.store_config.batch_max_events as u64;
+        let consumer = &self.consumer;
+        let batch = &mut self.batch;
+        loop {
+            if batch.deps.shutdown.load(Ordering::Relaxed) {
+                commit(consumer, batch)?;
+                info!("stopping: batch committed");
+                runtime.set_state(RunState::Stopped);
+                return Ok(());
+            }
+            let message = consumer.poll(Duration::from_millis(50));
+            handle_rebalance(consumer, batch)?;
+            let message = match message {
+                None => {
+                    commit(consumer, batch)?;
+                    continue;
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "consumer error");
+                    continue;
+                }
+                Some(Ok(message)) => message,
+            };
+            let partition = SourcePartition {
+                topic: batch.intern(message.topic()),
+                partition: message.partition(),
+            };
+            let offset = message.offset();
+            let next = batch.position(&partition)?;
+            if offset < next {
+                debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
+                continue;
+            }
+            match batch.apply(&message, &partition) {
+                Ok(()) => {}
+                Err(Stop::Poison { reason, error }) => {
+                    drop(message);
+                    commit(consumer, batch)?;
+                    stop_on_poison(&runtime, &partition, offset, reason, error);
+                    return Ok(());
+                }
+                Err(Stop::Interrupted) => continue,
+            }
+            batch.positions.insert(partition.clone(), offset + 1);
+            batch.offsets.insert(partition, offset + 1);
+            batch.events += 1;
+            let started = *batch.started.get_or_insert_with(Instant::now);
+            if batch.events >= max_events || started.elapsed() >= max_wait {
+                commit(consumer, batch)?;
+            }
+        }
+    }
+}
+
+fn stop_on_poison(
+    runtime: &ProjectionRuntime,
+    partition: &SourcePartition,
+    offset: i64,
+    reason: PoisonReason,
+    error: String,
+) {
+    metrics::POISON_EVENTS
+        .with_label_values(&[&runtime.name, reason.as_str()])
+        .inc();
+    error!(
+        topic = %partition.topic,
+        partition = partition.partition,
+        offset,
+        reason = %reason,
+        error = %error,
+        "poison event: projection stopped at {partition} offset {offset} ({reason}): {error}"
+    );
+    runtime.set_state(RunState::Poisoned {
+        topic: partition.topic.to_string(),
+        partition: partition.partition,
+        offset,
+        reason,
+        error,
+    });
+}
+
+fn handle_rebalance(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Result<(), LoopError> {
+    if let Some(error) = consumer.context().assignment_error.lock().expect("lock").take() {
+        commit(consumer, batch)?;
+        return Err(LoopError::Assignment(error));
+    }
+    let revoked: Vec<SourcePartition> = std::mem::take(&mut *consumer.context().revoked.lock().expect("lock"));
+    if !revoked.is_empty() {
+        // The open batch is consistent (state and offsets of the events already
+        // folded), so it is committed as it is; the partitions' positions are
+        // forgotten and read from the store again if they come back.
+        commit(consumer, batch)?;
+        for partition in revoked {
+            batch.positions.remove(&partition);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the open batch, then tells the group (asynchronously) where we are.
+fn commit(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Result<(), LoopError> {
+    let Some(offsets) = batch.write()? else {
+        return Ok(());
+    };
+    let mut tpl = TopicPartitionList::new();
+    for (partition, next) in &offsets {
+        let _ = tpl.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(*next));
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        // Group offsets are informational (external lag tools); ours are in RocksDB.
+        debug!(error = %e, "async group commit failed");
+    }
+    Ok(())
+}
+
+impl OpenBatch {
+    fn intern(&mut self, topic: &str) -> Arc<str> {
+        if let Some(interned) = self.topics.get(topic) {
+            return interned.clone();
+        }
+        let interned: Arc<str> = topic.into();
+        self.topics.insert(topic.to_owned(), interned.clone());
+        interned
+    }
+
+    /// Next offset to apply in `partition`.
+    fn position(&mut self, partition: &SourcePartition) -> Result<i64, StoreError> {
+        if let Some(next) = self.positions.get(partition) {
+            return Ok(*next);
+        }
+        let generation = self.runtime.generation();
+        let next = self.deps.store.next_offset(&generation, partition)?.unwrap_or(0);
+        self.positions.insert(partition.clone(), next);
+        Ok(next)
+    }
+
+    fn apply(&mut self, message: &BorrowedMessage<'_>, partition: &SourcePartition) -> Result<(), Stop> {
+        let shutdown = self.deps.shutdown.clone();
+        let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
+        let decoded = self.decoder.decode(message.payload(), &keep_waiting).map_err(|e| match e {
+            DecodeError::Poison { reason, message } => Stop::Poison { reason, error: message },
+            DecodeError::Interrupted(_) => Stop::Interrupted,
+        })?;
+        let meta = EventMeta {
+            topic: partition.topic.clone(),
+            partition: partition.partition,
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        let event = Event {
+            name: &decoded.event_name,
+            payload: &decoded.payload,
+            meta: &meta,
+        };
+        let fold_failed = |e: FoldError| Stop::Poison {
+            reason: PoisonReason::FoldFailed,
+            error: e.0,
+        };
+        let projection = &self.runtime.projection;
+        let Some(key) = projection.key(&event).map_err(fold_failed)? else {
+            return Ok(());
+        };
+        let cache_key = (key, partition.clone());
+        let state = match self.cache.entry(cache_key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let generation = self.runtime.generation();
+                let stored = self
+                    .deps
+                    .store
+                    .partial(&generation, &entry.key().0, partition)
+                    .map_err(|e| Stop::Poison {
+                        reason: PoisonReason::FoldFailed,
+                        error: format!("reading the current state: {e}"),
+                    })?;
+                entry.insert(stored)
+            }
+        };
+        projection.fold(state, &event).map_err(fold_failed)
+    }
+
+    /// Commits the open batch to RocksDB; returns the offsets it committed, or `None`
+    /// when the batch was empty.
+    fn write(&mut self) -> Result<Option<BTreeMap<SourcePartition, i64>>, StoreError> {
+        let name = &self.runtime.name;
+        metrics::LAST_PROGRESS.with_label_values(&[name]).set(unix_seconds());
+        self.started = None;
+        if self.offsets.is_empty() {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let batch = BatchWrite {
+            rows: self.cache.drain().map(|((key, partition), state)| (key, partition, state)).collect(),
+            offsets: std::mem::take(&mut self.offsets),
+        };
+        self.deps.store.commit(&self.runtime.generation(), &batch)?;
+        metrics::BATCH_COMMIT_SECONDS
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        metrics::BATCH_EVENTS.observe(self.events as f64);
+        metrics::EVENTS_APPLIED.with_label_values(&[name]).inc_by(self.events);
+        self.events = 0;
+        Ok(Some(batch.offsets))
+    }
+}
+
+fn consumer_config(kafka: &KafkaConfig, projection: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", format!("{}.{}", kafka.group_prefix, projection))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    for (key, value) in &kafka.librdkafka_options {
+        config.set(key, value);
+    }
+    config
+}
+
+fn unix_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

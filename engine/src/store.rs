@@ -1,0 +1,374 @@
+//! Projection state in RocksDB.
+//!
+//! Each generation of a projection has its own column family `<projection>@<n>`.
+//! Inside it:
+//! - state rows, `s` + key + source topic + source partition → JSON partial state;
+//! - offsets, `o` + topic + partition → next offset to apply (i64, big-endian).
+//!
+//! Keys and topics are escaped (`0x00` → `0x00 0xFF`) and end with `0x00 0x00`, so
+//! rows sort by key and every partial of one key shares a prefix. The default column
+//! family holds which generation of each projection is live.
+//!
+//! A batch's state rows and offsets go in one `WriteBatch` (DESIGN.md invariant 1).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    BoundColumnFamily, DBWithThreadMode, IteratorMode, MultiThreaded, Options, WriteBatch,
+    WriteOptions,
+};
+use serde_json::Value as Json;
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+/// A RocksDB failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {context}: {source}")]
+pub struct StoreError {
+    context: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+fn failed<E: std::error::Error + Send + Sync + 'static>(context: impl Into<String>) -> impl FnOnce(E) -> StoreError {
+    let context = context.into();
+    move |source| StoreError {
+        context,
+        source: Box::new(source),
+    }
+}
+
+/// A source partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourcePartition {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Partition number.
+    pub partition: i32,
+}
+
+impl std::fmt::Display for SourcePartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// One generation of one projection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// Projection name.
+    pub projection: String,
+    /// Generation number, from 1.
+    pub number: u64,
+}
+
+impl Generation {
+    fn column_family(&self) -> String {
+        format!("{}@{}", self.projection, self.number)
+    }
+}
+
+/// What one batch changes: partial states (`None` deletes) and the next offset of
+/// each partition it read.
+#[derive(Debug, Default)]
+pub struct BatchWrite {
+    /// Partial state rows by (key, source partition).
+    pub rows: Vec<(String, SourcePartition, Option<Json>)>,
+    /// Next offset to apply, per partition.
+    pub offsets: BTreeMap<SourcePartition, i64>,
+}
+
+/// The RocksDB database of one worker.
+pub struct Store {
+    db: Db,
+    write_options: WriteOptions,
+}
+
+const LIVE_PREFIX: &[u8] = b"live/";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path, sync_writes: bool) -> Result<Store, StoreError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let existing = if path.join("CURRENT").exists() {
+            Db::list_cf(&options, path).map_err(failed(format!("listing column families in {}", path.display())))?
+        } else {
+            Vec::new()
+        };
+        let db = Db::open_cf(&options, path, existing)
+            .map_err(failed(format!("opening {}", path.display())))?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(sync_writes);
+        Ok(Store { db, write_options })
+    }
+
+    /// The live generation of `projection`, creating generation 1 on first use.
+    pub fn live_generation(&self, projection: &str) -> Result<Generation, StoreError> {
+        let key = [LIVE_PREFIX, projection.as_bytes()].concat();
+        let number = match self.db.get(&key).map_err(failed("reading live generation"))? {
+            Some(bytes) => decode_u64(&bytes).ok_or_else(|| StoreError {
+                context: format!("live generation of {projection}"),
+                source: "corrupt generation number".into(),
+            })?,
+            None => {
+                self.db
+                    .put(&key, 1u64.to_be_bytes())
+                    .map_err(failed("recording generation 1"))?;
+                1
+            }
+        };
+        let generation = Generation {
+            projection: projection.to_owned(),
+            number,
+        };
+        self.ensure_column_family(&generation)?;
+        Ok(generation)
+    }
+
+    fn ensure_column_family(&self, generation: &Generation) -> Result<(), StoreError> {
+        let name = generation.column_family();
+        if self.db.cf_handle(&name).is_none() {
+            self.db
+                .create_cf(&name, &Options::default())
+                .map_err(failed(format!("creating column family {name}")))?;
+        }
+        Ok(())
+    }
+
+    fn cf(&self, generation: &Generation) -> Result<Arc<BoundColumnFamily<'_>>, StoreError> {
+        let name = generation.column_family();
+        self.db.cf_handle(&name).ok_or_else(|| StoreError {
+            context: format!("column family {name}"),
+            source: "missing".into(),
+        })
+    }
+
+    /// Next offset to apply for one partition, if any batch of it was committed.
+    pub fn next_offset(
+        &self,
+        generation: &Generation,
+        partition: &SourcePartition,
+    ) -> Result<Option<i64>, StoreError> {
+        let cf = self.cf(generation)?;
+        let bytes = self
+            .db
+            .get_cf(&cf, offset_key(partition))
+            .map_err(failed(format!("reading offset of {partition}")))?;
+        Ok(bytes.and_then(|b| decode_u64(&b)).map(|n| n as i64))
+    }
+
+    /// Every committed offset of a generation.
+    pub fn offsets(&self, generation: &Generation) -> Result<BTreeMap<SourcePartition, i64>, StoreError> {
+        let cf = self.cf(generation)?;
+        let mut offsets = BTreeMap::new();
+        for item in self.db.prefix_iterator_cf(&cf, b"o") {
+            let (key, value) = item.map_err(failed("scanning offsets"))?;
+            if !key.starts_with(b"o") {
+                break;
+            }
+            let mut rest = &key[1..];
+            let topic = unescape_next(&mut rest);
+            let partition = rest.try_into().ok().map(i32::from_be_bytes);
+            if let (Some(topic), Some(partition), Some(next)) = (topic, partition, decode_u64(&value)) {
+                let topic = String::from_utf8_lossy(&topic).into_owned();
+                offsets.insert(
+                    SourcePartition {
+                        topic: topic.into(),
+                        partition,
+                    },
+                    next as i64,
+                );
+            }
+        }
+        Ok(offsets)
+    }
+
+    /// The partial state of `key` from one source partition.
+    pub fn partial(
+        &self,
+        generation: &Generation,
+        key: &str,
+        partition: &SourcePartition,
+    ) -> Result<Option<Json>, StoreError> {
+        let cf = self.cf(generation)?;
+        let bytes = self
+            .db
+            .get_cf(&cf, state_key(key, partition))
+            .map_err(failed(format!("reading `{key}` of {partition}")))?;
+        bytes
+            .map(|b| serde_json::from_slice(&b).map_err(failed(format!("decoding `{key}` of {partition}"))))
+            .transpose()
+    }
+
+    /// Every partial state of `key`, one per source partition that has one.
+    pub fn partials(&self, generation: &Generation, key: &str) -> Result<Vec<Json>, StoreError> {
+        let cf = self.cf(generation)?;
+        let prefix = state_prefix(key);
+        let mut partials = Vec::new();
+        let iter = self.db.iterator_cf(&cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (row, value) = item.map_err(failed(format!("reading `{key}`")))?;
+            if !row.starts_with(&prefix) {
+                break;
+            }
+            partials.push(serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?);
+        }
+        Ok(partials)
+    }
+
+    /// Writes one batch atomically: state rows and offsets together.
+    pub fn commit(&self, generation: &Generation, batch: &BatchWrite) -> Result<(), StoreError> {
+        let cf = self.cf(generation)?;
+        let mut write = WriteBatch::default();
+        for (key, partition, state) in &batch.rows {
+            let row = state_key(key, partition);
+            match state {
+                Some(state) => write.put_cf(
+                    &cf,
+                    row,
+                    serde_json::to_vec(state).map_err(failed("encoding state"))?,
+                ),
+                None => write.delete_cf(&cf, row),
+            }
+        }
+        for (partition, next) in &batch.offsets {
+            write.put_cf(&cf, offset_key(partition), (*next as u64).to_be_bytes());
+        }
+        self.db
+            .write_opt(write, &self.write_options)
+            .map_err(failed(format!("committing a batch of {}", generation.projection)))
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    for &byte in bytes {
+        out.push(byte);
+        if byte == 0 {
+            out.push(0xFF);
+        }
+    }
+    out.extend_from_slice(&[0, 0]);
+}
+
+/// Reads one escaped component from the front of `rest`.
+fn unescape_next(rest: &mut &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        if rest[i] == 0 {
+            match rest.get(i + 1)? {
+                0 => {
+                    *rest = &rest[i + 2..];
+                    return Some(out);
+                }
+                0xFF => {
+                    out.push(0);
+                    i += 2;
+                    continue;
+                }
+                _ => return None,
+            }
+        }
+        out.push(rest[i]);
+        i += 1;
+    }
+    None
+}
+
+fn state_prefix(key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 3);
+    out.push(b's');
+    push_escaped(&mut out, key.as_bytes());
+    out
+}
+
+fn state_key(key: &str, partition: &SourcePartition) -> Vec<u8> {
+    let mut out = state_prefix(key);
+    push_escaped(&mut out, partition.topic.as_bytes());
+    out.extend_from_slice(&partition.partition.to_be_bytes());
+    out
+}
+
+fn offset_key(partition: &SourcePartition) -> Vec<u8> {
+    let mut out = vec![b'o'];
+    push_escaped(&mut out, partition.topic.as_bytes());
+    out.extend_from_slice(&partition.partition.to_be_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn partition(topic: &str, partition: i32) -> SourcePartition {
+        SourcePartition {
+            topic: topic.into(),
+            partition,
+        }
+    }
+
+    #[test]
+    fn state_and_offsets_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), false).unwrap();
+            let generation = store.live_generation("p").unwrap();
+            let mut batch = BatchWrite::default();
+            batch.rows.push(("a".into(), partition("t", 0), Some(json!({"n": 1}))));
+            batch.rows.push(("a".into(), partition("t", 3), Some(json!({"n": 2}))));
+            batch.rows.push(("ab".into(), partition("t", 0), Some(json!({"n": 9}))));
+            batch.offsets.insert(partition("t", 0), 17);
+            batch.offsets.insert(partition("t", 3), 4);
+            store.commit(&generation, &batch).unwrap();
+        }
+        let store = Store::open(dir.path(), false).unwrap();
+        let generation = store.live_generation("p").unwrap();
+        assert_eq!(generation.number, 1);
+        assert_eq!(
+            store.partials(&generation, "a").unwrap(),
+            vec![json!({"n": 1}), json!({"n": 2})],
+            "the partials of `a` and only those"
+        );
+        assert_eq!(store.next_offset(&generation, &partition("t", 0)).unwrap(), Some(17));
+        assert_eq!(store.next_offset(&generation, &partition("t", 1)).unwrap(), None);
+        let offsets = store.offsets(&generation).unwrap();
+        assert_eq!(offsets.len(), 2);
+        assert_eq!(offsets[&partition("t", 3)], 4);
+    }
+
+    #[test]
+    fn delete_removes_a_partial() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let generation = store.live_generation("p").unwrap();
+        let mut batch = BatchWrite::default();
+        batch.rows.push(("k".into(), partition("t", 0), Some(json!(1))));
+        store.commit(&generation, &batch).unwrap();
+        let mut batch = BatchWrite::default();
+        batch.rows.push(("k".into(), partition("t", 0), None));
+        store.commit(&generation, &batch).unwrap();
+        assert!(store.partials(&generation, "k").unwrap().is_empty());
+    }
+
+    #[test]
+    fn keys_with_nul_bytes_do_not_collide_with_prefixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let generation = store.live_generation("p").unwrap();
+        let mut batch = BatchWrite::default();
+        batch.rows.push(("a\0".into(), partition("t", 0), Some(json!("nul"))));
+        batch.rows.push(("a".into(), partition("t", 0), Some(json!("plain"))));
+        store.commit(&generation, &batch).unwrap();
+        assert_eq!(store.partials(&generation, "a").unwrap(), vec![json!("plain")]);
+        assert_eq!(store.partials(&generation, "a\0").unwrap(), vec![json!("nul")]);
+    }
+}

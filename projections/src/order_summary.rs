@@ -1,0 +1,221 @@
+//! `order_summary`: one entity per order, keyed by `orderId`.
+//!
+//! State: `{order_id, customer_id, status, total_cents, currency, tracking_id,
+//! version}`, where `version` counts the order's events folded so far (the
+//! aggregate's stream version). Events of an order that was never placed are
+//! ignored.
+
+use engine::projection::{Event, FoldError, Projection};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::fields::string_field;
+
+const PLACED: &str = "shop.orders.OrderPlaced";
+const CHARGED: &str = "shop.orders.PaymentCharged";
+const SHIPPED: &str = "shop.orders.OrderShipped";
+const DELIVERED: &str = "shop.orders.OrderDelivered";
+const CANCELLED: &str = "shop.orders.OrderCancelled";
+
+/// `order_summary` takes no options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {}
+
+/// Builds the projection from its options.
+pub fn build(options: &Json) -> Result<Box<dyn Projection>, String> {
+    let _: Options = serde_json::from_value(options.clone()).map_err(|e| e.to_string())?;
+    Ok(Box::new(OrderSummary))
+}
+
+/// The order summary projection.
+pub struct OrderSummary;
+
+/// An order's lifecycle position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// `OrderPlaced`
+    Placed,
+    /// `PaymentCharged`
+    Paid,
+    /// `OrderShipped`
+    Shipped,
+    /// `OrderDelivered`
+    Delivered,
+    /// `OrderCancelled`
+    Cancelled,
+}
+
+/// The state of one order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The order.
+    pub order_id: String,
+    /// Who placed it.
+    pub customer_id: String,
+    /// Where it is.
+    pub status: Status,
+    /// Order total in minor units.
+    pub total_cents: i64,
+    /// ISO currency code.
+    pub currency: String,
+    /// Carrier tracking id, once shipped.
+    pub tracking_id: Option<String>,
+    /// Events of this order folded so far.
+    pub version: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OrderPlaced {
+    order_id: String,
+    customer_id: String,
+    total_cents: i64,
+    currency: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OrderShipped {
+    tracking_id: String,
+}
+
+impl Projection for OrderSummary {
+    fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
+        match event.name {
+            PLACED | CHARGED | SHIPPED | DELIVERED | CANCELLED => {
+                Ok(Some(string_field(event, "orderId")?.to_owned()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError> {
+        let current: Option<Summary> = state
+            .as_ref()
+            .map(|s| serde_json::from_value(s.clone()))
+            .transpose()
+            .map_err(|e| FoldError(format!("stored order summary is unreadable: {e}")))?;
+        let next = match (event.name, current) {
+            (PLACED, current) => {
+                let placed: OrderPlaced = event.parse()?;
+                Summary {
+                    order_id: placed.order_id,
+                    customer_id: placed.customer_id,
+                    status: Status::Placed,
+                    total_cents: placed.total_cents,
+                    currency: placed.currency,
+                    tracking_id: current.as_ref().and_then(|c| c.tracking_id.clone()),
+                    version: current.map_or(0, |c| c.version) + 1,
+                }
+            }
+            // Not placed yet: nothing to summarise.
+            (_, None) => return Ok(()),
+            (SHIPPED, Some(current)) => {
+                let shipped: OrderShipped = event.parse()?;
+                Summary {
+                    status: Status::Shipped,
+                    tracking_id: Some(shipped.tracking_id),
+                    version: current.version + 1,
+                    ..current
+                }
+            }
+            (name, Some(current)) => {
+                let status = match name {
+                    CHARGED => Status::Paid,
+                    DELIVERED => Status::Delivered,
+                    CANCELLED => Status::Cancelled,
+                    _ => return Ok(()),
+                };
+                Summary {
+                    status,
+                    version: current.version + 1,
+                    ..current
+                }
+            }
+        };
+        *state = Some(serde_json::to_value(next).map_err(|e| FoldError(e.to_string()))?);
+        Ok(())
+    }
+
+    /// Orders are keyed like the topic, so one partition holds them; should a key
+    /// ever appear in several, the one with the most events wins.
+    fn merge(&self, partials: Vec<Json>) -> Json {
+        partials
+            .into_iter()
+            .max_by_key(|p| p.get("version").and_then(Json::as_u64).unwrap_or(0))
+            .unwrap_or(Json::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::types::Value;
+    use engine::projection::EventMeta;
+    use serde_json::json;
+
+    fn meta() -> EventMeta {
+        EventMeta {
+            topic: "orders".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+        }
+    }
+
+    fn record(fields: &[(&str, Value)]) -> Value {
+        Value::Record(fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+    }
+
+    fn placed() -> Value {
+        record(&[
+            ("orderId", Value::String("o1".into())),
+            ("customerId", Value::String("c1".into())),
+            ("items", Value::Array(vec![])),
+            ("totalCents", Value::Long(1250)),
+            ("currency", Value::String("EUR".into())),
+            ("placedAt", Value::TimestampMillis(5)),
+        ])
+    }
+
+    fn fold(state: &mut Option<Json>, name: &str, payload: &Value) {
+        let meta = meta();
+        let event = Event { name, payload, meta: &meta };
+        assert_eq!(OrderSummary.key(&event).unwrap().as_deref(), Some("o1"));
+        OrderSummary.fold(state, &event).unwrap();
+    }
+
+    #[test]
+    fn follows_the_order_lifecycle_and_counts_events() {
+        let mut state = None;
+        fold(&mut state, PLACED, &placed());
+        fold(&mut state, CHARGED, &record(&[("orderId", Value::String("o1".into())), ("amountCents", Value::Long(1250)), ("card", Value::String("visa".into()))]));
+        fold(&mut state, SHIPPED, &record(&[("orderId", Value::String("o1".into())), ("trackingId", Value::String("T9".into())), ("shippedAt", Value::TimestampMillis(7))]));
+        assert_eq!(
+            state.unwrap(),
+            json!({"order_id": "o1", "customer_id": "c1", "status": "shipped", "total_cents": 1250,
+                   "currency": "EUR", "tracking_id": "T9", "version": 3})
+        );
+    }
+
+    #[test]
+    fn events_before_the_order_is_placed_are_ignored() {
+        let mut state = None;
+        fold(&mut state, DELIVERED, &record(&[("orderId", Value::String("o1".into())), ("deliveredAt", Value::TimestampMillis(1))]));
+        assert_eq!(state, None);
+    }
+
+    #[test]
+    fn a_malformed_event_fails_without_touching_state() {
+        let mut state = None;
+        fold(&mut state, PLACED, &placed());
+        let before = state.clone();
+        let bad = record(&[("orderId", Value::String("o1".into())), ("trackingId", Value::Long(3))]);
+        let meta = meta();
+        let event = Event { name: SHIPPED, payload: &bad, meta: &meta };
+        assert!(OrderSummary.fold(&mut state, &event).is_err());
+        assert_eq!(state, before);
+    }
+}

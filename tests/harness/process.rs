@@ -1,0 +1,264 @@
+//! The processes a test starts. Each is stopped (SIGKILL, by its PID) when dropped.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{free_port, http, projector_bin, tansu_bin, wait_until};
+
+/// A child process with its output in a log file.
+pub struct Service {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Service {
+    /// Starts `command` with stdout and stderr appended to `log`.
+    pub fn start(name: &str, mut command: Command, log: &Path) -> Result<Service> {
+        let out = File::options().create(true).append(true).open(log)?;
+        let err = out.try_clone()?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name}: {command:?}"))?;
+        Ok(Service {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!("{} exited with {status}; log:\n{}", self.name, tail(&self.log(), 4000));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` to the process (by PID) without waiting.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status()?;
+        if !status.success() {
+            bail!("kill -{signal} {} failed", self.pid());
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("process already stopped")?;
+        let mut status = None;
+        wait_until(&format!("{} to exit", self.name), timeout, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        })?;
+        self.child = None;
+        Ok(status.expect("set when the wait succeeded"))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last `max` bytes of `text`, on a character boundary.
+pub fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+fn wait_for_port(service: &mut Service, port: u16) -> Result<()> {
+    let address = format!("127.0.0.1:{port}");
+    let mut last = Ok(());
+    wait_until(&format!("{} on {address}", service.name), Duration::from_secs(30), || {
+        last = service.check_alive();
+        last.is_err() || std::net::TcpStream::connect(&address).is_ok()
+    })?;
+    last
+}
+
+/// A Tansu broker (memory storage) on a loopback port.
+pub struct Broker {
+    /// The broker process.
+    pub service: Service,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker; logs go to `dir`.
+    pub fn start(dir: &Path) -> Result<Broker> {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut command = Command::new(tansu_bin());
+        command
+            .arg("broker")
+            .arg("--listener-url")
+            .arg(&url)
+            .arg("--advertised-listener-url")
+            .arg(&url)
+            .arg("--storage-engine")
+            .arg("memory://tansu/")
+            .env("RUST_LOG", "warn");
+        let mut service = Service::start("tansu", command, &dir.join("tansu.log"))?;
+        wait_for_port(&mut service, port)?;
+        Ok(Broker {
+            service,
+            port,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// `127.0.0.1:<port>`
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a topic with `partitions` partitions and infinite retention.
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
+        let output = Command::new(tansu_bin())
+            .args(["topic", "create", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .arg("--partitions")
+            .arg(partitions.to_string())
+            .args(["--config", "retention.ms=-1"])
+            .arg(name)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "creating topic {name}: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let _ = &self.dir;
+        Ok(())
+    }
+}
+
+/// `projector registry` on a loopback port.
+pub struct Registry {
+    /// The registry process.
+    pub service: Service,
+    port: u16,
+}
+
+impl Registry {
+    /// Starts an in-memory registry; logs go to `dir`.
+    pub fn start(dir: &Path) -> Result<Registry> {
+        let port = free_port();
+        let mut command = Command::new(projector_bin());
+        command.arg("registry").arg("--listen").arg(format!("127.0.0.1:{port}"));
+        let mut service = Service::start("projector registry", command, &dir.join("registry.log"))?;
+        wait_for_port(&mut service, port)?;
+        Ok(Registry { service, port })
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// `projector run` with a config written by the test.
+pub struct Worker {
+    /// The worker process.
+    pub service: Service,
+    port: u16,
+    config: PathBuf,
+}
+
+impl Worker {
+    /// Writes the config (`{HTTP_LISTEN}` in it becomes a free port) and starts the
+    /// worker; waits until its HTTP API answers.
+    pub fn start(dir: &Path, config_text: &str) -> Result<Worker> {
+        let port = free_port();
+        let config = dir.join("projector.toml");
+        std::fs::write(&config, config_text.replace("{HTTP_LISTEN}", &format!("127.0.0.1:{port}")))?;
+        Self::start_with(dir, config, port)
+    }
+
+    fn start_with(dir: &Path, config: PathBuf, port: u16) -> Result<Worker> {
+        let mut command = Command::new(projector_bin());
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .current_dir(crate::repo_root())
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn");
+        let mut service = Service::start("projector run", command, &dir.join("worker.log"))?;
+        wait_for_port(&mut service, port)?;
+        Ok(Worker { service, port, config })
+    }
+
+    /// Starts the same worker again (same config, same data) after it stopped.
+    pub fn restart(&mut self, dir: &Path) -> Result<()> {
+        self.service.kill();
+        let again = Self::start_with(dir, self.config.clone(), self.port)?;
+        *self = again;
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// GET `path`; the status and the JSON body.
+    pub fn get(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        let response = http().get(format!("{}{path}", self.url())).send()?;
+        let status = response.status().as_u16();
+        let body = response.json().unwrap_or(serde_json::Value::Null);
+        Ok((status, body))
+    }
+
+    /// The projection's description from `GET /projections/{name}`.
+    pub fn projection(&self, name: &str) -> Result<serde_json::Value> {
+        let (status, body) = self.get(&format!("/projections/{name}"))?;
+        if status != 200 {
+            bail!("GET /projections/{name}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Sum of the projection's committed next offsets over all partitions.
+    pub fn applied_offsets(&self, name: &str) -> Result<i64> {
+        let body = self.projection(name)?;
+        Ok(body["offsets"]
+            .as_object()
+            .map(|o| o.values().filter_map(|v| v.as_i64()).sum())
+            .unwrap_or(0))
+    }
+}

@@ -1,0 +1,112 @@
+"""Produces events to Kafka with Confluent's own client, the way a real service would.
+
+Reads JSON lines from --events. Each line is one record:
+  {"topic": "orders", "key": "o-1", "type": "OrderPlaced", "value": {...}}
+serialized with AvroSerializer (TopicRecordNameStrategy, auto-register, the schema
+from --schemas <namespace>/<type>.v<N>.avsc, newest N unless "version" is given).
+Corruptions for poison tests, applied to the serialized bytes:
+  "raw_hex": "..."        write these bytes instead (no serializer)
+  "null_value": true      a tombstone
+  "truncate": N           drop the last N bytes
+  "schema_id": N          rewrite the frame's schema id
+Prints one JSON line at the end: {"produced": N}.
+"""
+
+import argparse
+import glob
+import json
+import os
+import struct
+import sys
+import time
+
+from confluent_kafka import Producer
+from confluent_kafka.schema_registry import SchemaRegistryClient, topic_record_subject_name_strategy
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+
+def schema_file(schemas_dir, namespace, event_type, version):
+    pattern = os.path.join(schemas_dir, namespace, f"{event_type}.v*.avsc")
+    files = glob.glob(pattern)
+    if version is not None:
+        files = [f for f in files if f.endswith(f".v{version}.avsc")]
+    if not files:
+        sys.exit(f"produce.py: no schema for {namespace}.{event_type} v{version} under {schemas_dir}")
+    return max(files, key=lambda f: int(f.rsplit(".v", 1)[1].split(".")[0]))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--brokers", required=True)
+    parser.add_argument("--registry", required=True)
+    parser.add_argument("--schemas", required=True)
+    parser.add_argument("--events", required=True)
+    parser.add_argument("--namespace", default="shop.orders")
+    parser.add_argument("--rate", type=float, default=0, help="events per second; 0 = as fast as possible")
+    args = parser.parse_args()
+
+    registry = SchemaRegistryClient({"url": args.registry})
+    serializers = {}
+    producer = Producer({
+        "bootstrap.servers": args.brokers,
+        "linger.ms": 5,
+        "enable.idempotence": False,
+        "acks": "all",
+    })
+    failures = []
+
+    def delivered(err, _msg):
+        if err is not None:
+            failures.append(str(err))
+
+    def serializer(event_type, version):
+        cache_key = (event_type, version)
+        if cache_key not in serializers:
+            with open(schema_file(args.schemas, args.namespace, event_type, version)) as f:
+                schema = f.read()
+            serializers[cache_key] = AvroSerializer(registry, schema, conf={
+                "auto.register.schemas": True,
+                "use.latest.version": False,
+                "subject.name.strategy": topic_record_subject_name_strategy,
+            })
+        return serializers[cache_key]
+
+    produced = 0
+    started = time.monotonic()
+    with open(args.events) as lines:
+        for line in lines:
+            record = json.loads(line)
+            topic = record["topic"]
+            key = record["key"].encode() if record.get("key") is not None else None
+            if "raw_hex" in record:
+                value = bytes.fromhex(record["raw_hex"])
+            elif record.get("null_value"):
+                value = None
+            else:
+                ser = serializer(record["type"], record.get("version"))
+                value = ser(record["value"], SerializationContext(topic, MessageField.VALUE))
+                if "schema_id" in record:
+                    value = value[:1] + struct.pack(">I", record["schema_id"]) + value[5:]
+                if "truncate" in record:
+                    value = value[: len(value) - record["truncate"]]
+            while True:
+                try:
+                    producer.produce(topic, key=key, value=value, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            produced += 1
+            producer.poll(0)
+            if args.rate > 0:
+                ahead = produced / args.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    remaining = producer.flush(60)
+    if remaining or failures:
+        sys.exit(f"produce.py: {remaining} undelivered, failures: {failures[:5]}")
+    print(json.dumps({"produced": produced}))
+
+
+if __name__ == "__main__":
+    main()
