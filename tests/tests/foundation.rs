@@ -123,22 +123,26 @@ fn sigkill_while_events_flow_loses_nothing_and_applies_nothing_twice() -> Result
 
     let stream = orders::generate("orders", 5_000, seed);
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;
-    // About 16 s of traffic at 1,300 events/s.
+    // About 28 s of traffic at 700 events/s. Each kill waits until the worker is
+    // folding (its committed count passed a random mark), so it lands mid-stream.
     let mut producer = Service::start(
         "producer",
-        produce_command(&broker, &registry, &events, 1_300),
+        produce_command(&broker, &registry, &events, 700),
         &dir.path().join("producer.log"),
     )?;
     let started = Instant::now();
-    for window in [(2.0, 4.0), (6.0, 8.5), (10.0, 13.0)] {
-        let at = Duration::from_secs_f64(rng.random_range(window.0..window.1));
-        if let Some(wait) = at.checked_sub(started.elapsed()) {
-            std::thread::sleep(wait);
-        }
-        let applied = worker.applied_offsets("order_summary").unwrap_or(-1);
-        println!("SIGKILL at {:.1}s, {applied} events applied", started.elapsed().as_secs_f64());
+    for mark in [2_000, 7_000, 12_000] {
+        let mark = mark + rng.random_range(0..1_500);
+        let mut applied = 0;
+        wait_until(&format!("{mark} events applied before a kill"), Duration::from_secs(90), || {
+            applied = worker.applied_offsets("order_summary").unwrap_or(applied);
+            applied >= mark
+        })?;
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+        println!("SIGKILL at {:.1}s, {applied}+ events applied", started.elapsed().as_secs_f64());
         worker.restart(dir.path())?;
     }
+    ensure!(producer.check_alive().is_ok(), "the producer was still writing at the last kill");
     let status = producer.wait_exit(Duration::from_secs(120))?;
     ensure!(status.success(), "producer failed: {}", producer.log());
     wait_applied(&mut worker, "order_summary", stream.lines.len(), Duration::from_secs(180))?;
