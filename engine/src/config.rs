@@ -178,10 +178,7 @@ pub struct ConfigError(String);
 impl ConfigError {
     /// An error about `key` of the configuration in `file`.
     pub fn at(file: &Path, key: &str, message: impl std::fmt::Display) -> Self {
-        ConfigError(format!(
-            "config {}: key `{key}`: {message}",
-            file.display()
-        ))
+        ConfigError(format!("config {}: key `{key}`: {message}", file.display()))
     }
 }
 
@@ -226,7 +223,11 @@ impl Config {
             ));
         }
         if self.store.batch_max_events == 0 {
-            return Err(ConfigError::at(file, "store.batch_max_events", "must be at least 1"));
+            return Err(ConfigError::at(
+                file,
+                "store.batch_max_events",
+                "must be at least 1",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (index, projection) in self.projections.iter().enumerate() {
@@ -249,7 +250,11 @@ impl Config {
                 ));
             }
             if projection.topics.is_empty() {
-                return Err(ConfigError::at(file, &key("topics"), "needs at least one topic"));
+                return Err(ConfigError::at(
+                    file,
+                    &key("topics"),
+                    "needs at least one topic",
+                ));
             }
             if let Some(bad) = projection.topics.iter().find(|t| !is_valid_name(t)) {
                 return Err(ConfigError::at(
@@ -338,7 +343,10 @@ topics = ["orders"]
             .unwrap_err()
             .to_string();
         assert!(error.contains("colour"), "{error}");
-        assert!(error.contains(&file.path().display().to_string()), "{error}");
+        assert!(
+            error.contains(&file.path().display().to_string()),
+            "{error}"
+        );
     }
 
     #[test]

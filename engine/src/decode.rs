@@ -94,11 +94,11 @@ impl Decoder {
         let mut body = frame.body;
         let payload = apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref())
             .map_err(|e| {
-                DecodeError::poison(
-                    PoisonReason::DecodeFailed,
-                    format!("{} (schema id {}): {e}", plan.event_name, frame.schema_id),
-                )
-            })?;
+            DecodeError::poison(
+                PoisonReason::DecodeFailed,
+                format!("{} (schema id {}): {e}", plan.event_name, frame.schema_id),
+            )
+        })?;
         if !body.is_empty() {
             return Err(DecodeError::poison(
                 PoisonReason::DecodeFailed,

@@ -24,7 +24,10 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(metric: M) -> M {
 pub static EVENTS_APPLIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
-            Opts::new("projector_events_applied_total", "Events folded into a projection and committed."),
+            Opts::new(
+                "projector_events_applied_total",
+                "Events folded into a projection and committed.",
+            ),
             &["projection"],
         )
         .expect("valid metric"),
@@ -35,7 +38,10 @@ pub static EVENTS_APPLIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static POISON_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
-            Opts::new("projector_poison_events_total", "Events that could not be decoded, upcast or folded."),
+            Opts::new(
+                "projector_poison_events_total",
+                "Events that could not be decoded, upcast or folded.",
+            ),
             &["projection", "reason"],
         )
         .expect("valid metric"),
@@ -46,7 +52,10 @@ pub static POISON_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static REGISTRY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
         IntCounterVec::new(
-            Opts::new("projector_schema_registry_requests_total", "Schema registry lookups by outcome (ok, not_found, error)."),
+            Opts::new(
+                "projector_schema_registry_requests_total",
+                "Schema registry lookups by outcome (ok, not_found, error).",
+            ),
             &["outcome"],
         )
         .expect("valid metric"),
@@ -57,7 +66,10 @@ pub static REGISTRY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static LAST_PROGRESS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register(
         IntGaugeVec::new(
-            Opts::new("projector_last_progress_timestamp_seconds", "Unix time of the projection's last committed batch."),
+            Opts::new(
+                "projector_last_progress_timestamp_seconds",
+                "Unix time of the projection's last committed batch.",
+            ),
             &["projection"],
         )
         .expect("valid metric"),
@@ -68,8 +80,11 @@ pub static LAST_PROGRESS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 pub static BATCH_COMMIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     register(
         HistogramVec::new(
-            HistogramOpts::new("projector_batch_commit_seconds", "Time to write one batch (state and offsets) to RocksDB.")
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets")),
+            HistogramOpts::new(
+                "projector_batch_commit_seconds",
+                "Time to write one batch (state and offsets) to RocksDB.",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets")),
             &["projection"],
         )
         .expect("valid metric"),

@@ -46,9 +46,8 @@ impl ReaderSchemas {
         collect_avsc(dir, &mut files).map_err(|e| error(dir, e.to_string()))?;
         let mut current: HashMap<String, SchemaVersion> = HashMap::new();
         for path in files {
-            let version = version_from_file_name(&path).ok_or_else(|| {
-                error(&path, "file name must be `<Name>.v<N>.avsc`".to_owned())
-            })?;
+            let version = version_from_file_name(&path)
+                .ok_or_else(|| error(&path, "file name must be `<Name>.v<N>.avsc`".to_owned()))?;
             let text = std::fs::read_to_string(&path).map_err(|e| error(&path, e.to_string()))?;
             let schema = Schema::parse_str(&text).map_err(|e| error(&path, e.to_string()))?;
             let name = match &schema {
@@ -64,7 +63,10 @@ impl ReaderSchemas {
                 Some(existing) if existing.version == version => {
                     return Err(error(
                         &path,
-                        format!("{name} v{version} is also defined in {}", existing.path.display()),
+                        format!(
+                            "{name} v{version} is also defined in {}",
+                            existing.path.display()
+                        ),
                     ))
                 }
                 Some(existing) if existing.version > version => {}

@@ -54,7 +54,8 @@ pub fn spawn(
         .spawn(move || {
             let span = info_span!("projection", projection = %projection.name);
             let _entered = span.enter();
-            let outcome = FoldLoop::new(projection.clone(), decoder, deps).and_then(|mut l| l.run());
+            let outcome =
+                FoldLoop::new(projection.clone(), decoder, deps).and_then(|mut l| l.run());
             if let Err(failure) = outcome {
                 error!(error = %failure, "projection stopped");
                 projection.set_state(RunState::Failed {
@@ -93,7 +94,10 @@ impl ConsumerContext for SourceContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 if let Err(e) = self.start_from_stored_offsets(tpl) {
@@ -189,7 +193,11 @@ enum Stop {
 }
 
 impl FoldLoop {
-    fn new(runtime: Arc<ProjectionRuntime>, decoder: Decoder, deps: SourceDeps) -> Result<Self, LoopError> {
+    fn new(
+        runtime: Arc<ProjectionRuntime>,
+        decoder: Decoder,
+        deps: SourceDeps,
+    ) -> Result<Self, LoopError> {
         let context = SourceContext {
             store: deps.store.clone(),
             runtime: runtime.clone(),
@@ -301,12 +309,22 @@ fn stop_on_poison(
     });
 }
 
-fn handle_rebalance(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Result<(), LoopError> {
-    if let Some(error) = consumer.context().assignment_error.lock().expect("lock").take() {
+fn handle_rebalance(
+    consumer: &BaseConsumer<SourceContext>,
+    batch: &mut OpenBatch,
+) -> Result<(), LoopError> {
+    if let Some(error) = consumer
+        .context()
+        .assignment_error
+        .lock()
+        .expect("lock")
+        .take()
+    {
         commit(consumer, batch)?;
         return Err(LoopError::Assignment(error));
     }
-    let revoked: Vec<SourcePartition> = std::mem::take(&mut *consumer.context().revoked.lock().expect("lock"));
+    let revoked: Vec<SourcePartition> =
+        std::mem::take(&mut *consumer.context().revoked.lock().expect("lock"));
     if !revoked.is_empty() {
         // The open batch is consistent (state and offsets of the events already
         // folded), so it is committed as it is; the partitions' positions are
@@ -326,7 +344,8 @@ fn commit(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Resu
     };
     let mut tpl = TopicPartitionList::new();
     for (partition, next) in &offsets {
-        let _ = tpl.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(*next));
+        let _ =
+            tpl.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(*next));
     }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
         // Group offsets are informational (external lag tools); ours are in RocksDB.
@@ -351,18 +370,32 @@ impl OpenBatch {
             return Ok(*next);
         }
         let generation = self.runtime.generation();
-        let next = self.deps.store.next_offset(&generation, partition)?.unwrap_or(0);
+        let next = self
+            .deps
+            .store
+            .next_offset(&generation, partition)?
+            .unwrap_or(0);
         self.positions.insert(partition.clone(), next);
         Ok(next)
     }
 
-    fn apply(&mut self, message: &BorrowedMessage<'_>, partition: &SourcePartition) -> Result<(), Stop> {
+    fn apply(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        partition: &SourcePartition,
+    ) -> Result<(), Stop> {
         let shutdown = self.deps.shutdown.clone();
         let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
-        let decoded = self.decoder.decode(message.payload(), &keep_waiting).map_err(|e| match e {
-            DecodeError::Poison { reason, message } => Stop::Poison { reason, error: message },
-            DecodeError::Interrupted(_) => Stop::Interrupted,
-        })?;
+        let decoded = self
+            .decoder
+            .decode(message.payload(), &keep_waiting)
+            .map_err(|e| match e {
+                DecodeError::Poison { reason, message } => Stop::Poison {
+                    reason,
+                    error: message,
+                },
+                DecodeError::Interrupted(_) => Stop::Interrupted,
+            })?;
         let meta = EventMeta {
             topic: partition.topic.clone(),
             partition: partition.partition,
@@ -405,14 +438,20 @@ impl OpenBatch {
     /// when the batch was empty.
     fn write(&mut self) -> Result<Option<BTreeMap<SourcePartition, i64>>, StoreError> {
         let name = &self.runtime.name;
-        metrics::LAST_PROGRESS.with_label_values(&[name]).set(unix_seconds());
+        metrics::LAST_PROGRESS
+            .with_label_values(&[name])
+            .set(unix_seconds());
         self.started = None;
         if self.offsets.is_empty() {
             return Ok(None);
         }
         let started = Instant::now();
         let batch = BatchWrite {
-            rows: self.cache.drain().map(|((key, partition), state)| (key, partition, state)).collect(),
+            rows: self
+                .cache
+                .drain()
+                .map(|((key, partition), state)| (key, partition, state))
+                .collect(),
             offsets: std::mem::take(&mut self.offsets),
         };
         self.deps.store.commit(&self.runtime.generation(), &batch)?;
@@ -420,7 +459,9 @@ impl OpenBatch {
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
         metrics::BATCH_EVENTS.observe(self.events as f64);
-        metrics::EVENTS_APPLIED.with_label_values(&[name]).inc_by(self.events);
+        metrics::EVENTS_APPLIED
+            .with_label_values(&[name])
+            .inc_by(self.events);
         self.events = 0;
         Ok(Some(batch.offsets))
     }

@@ -32,7 +32,9 @@ pub struct StoreError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-fn failed<E: std::error::Error + Send + Sync + 'static>(context: impl Into<String>) -> impl FnOnce(E) -> StoreError {
+fn failed<E: std::error::Error + Send + Sync + 'static>(
+    context: impl Into<String>,
+) -> impl FnOnce(E) -> StoreError {
     let context = context.into();
     move |source| StoreError {
         context,
@@ -95,7 +97,10 @@ impl Store {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         let existing = if path.join("CURRENT").exists() {
-            Db::list_cf(&options, path).map_err(failed(format!("listing column families in {}", path.display())))?
+            Db::list_cf(&options, path).map_err(failed(format!(
+                "listing column families in {}",
+                path.display()
+            )))?
         } else {
             Vec::new()
         };
@@ -109,7 +114,11 @@ impl Store {
     /// The live generation of `projection`, creating generation 1 on first use.
     pub fn live_generation(&self, projection: &str) -> Result<Generation, StoreError> {
         let key = [LIVE_PREFIX, projection.as_bytes()].concat();
-        let number = match self.db.get(&key).map_err(failed("reading live generation"))? {
+        let number = match self
+            .db
+            .get(&key)
+            .map_err(failed("reading live generation"))?
+        {
             Some(bytes) => decode_u64(&bytes).ok_or_else(|| StoreError {
                 context: format!("live generation of {projection}"),
                 source: "corrupt generation number".into(),
@@ -162,7 +171,10 @@ impl Store {
     }
 
     /// Every committed offset of a generation.
-    pub fn offsets(&self, generation: &Generation) -> Result<BTreeMap<SourcePartition, i64>, StoreError> {
+    pub fn offsets(
+        &self,
+        generation: &Generation,
+    ) -> Result<BTreeMap<SourcePartition, i64>, StoreError> {
         let cf = self.cf(generation)?;
         let mut offsets = BTreeMap::new();
         for item in self.db.prefix_iterator_cf(&cf, b"o") {
@@ -173,7 +185,9 @@ impl Store {
             let mut rest = &key[1..];
             let topic = unescape_next(&mut rest);
             let partition = rest.try_into().ok().map(i32::from_be_bytes);
-            if let (Some(topic), Some(partition), Some(next)) = (topic, partition, decode_u64(&value)) {
+            if let (Some(topic), Some(partition), Some(next)) =
+                (topic, partition, decode_u64(&value))
+            {
                 let topic = String::from_utf8_lossy(&topic).into_owned();
                 offsets.insert(
                     SourcePartition {
@@ -200,7 +214,10 @@ impl Store {
             .get_cf(&cf, state_key(key, partition))
             .map_err(failed(format!("reading `{key}` of {partition}")))?;
         bytes
-            .map(|b| serde_json::from_slice(&b).map_err(failed(format!("decoding `{key}` of {partition}"))))
+            .map(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(failed(format!("decoding `{key}` of {partition}")))
+            })
             .transpose()
     }
 
@@ -209,13 +226,17 @@ impl Store {
         let cf = self.cf(generation)?;
         let prefix = state_prefix(key);
         let mut partials = Vec::new();
-        let iter = self.db.iterator_cf(&cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        let iter = self.db.iterator_cf(
+            &cf,
+            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
         for item in iter {
             let (row, value) = item.map_err(failed(format!("reading `{key}`")))?;
             if !row.starts_with(&prefix) {
                 break;
             }
-            partials.push(serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?);
+            partials
+                .push(serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?);
         }
         Ok(partials)
     }
@@ -240,7 +261,10 @@ impl Store {
         }
         self.db
             .write_opt(write, &self.write_options)
-            .map_err(failed(format!("committing a batch of {}", generation.projection)))
+            .map_err(failed(format!(
+                "committing a batch of {}",
+                generation.projection
+            )))
     }
 }
 
@@ -323,9 +347,15 @@ mod tests {
             let store = Store::open(dir.path(), false).unwrap();
             let generation = store.live_generation("p").unwrap();
             let mut batch = BatchWrite::default();
-            batch.rows.push(("a".into(), partition("t", 0), Some(json!({"n": 1}))));
-            batch.rows.push(("a".into(), partition("t", 3), Some(json!({"n": 2}))));
-            batch.rows.push(("ab".into(), partition("t", 0), Some(json!({"n": 9}))));
+            batch
+                .rows
+                .push(("a".into(), partition("t", 0), Some(json!({"n": 1}))));
+            batch
+                .rows
+                .push(("a".into(), partition("t", 3), Some(json!({"n": 2}))));
+            batch
+                .rows
+                .push(("ab".into(), partition("t", 0), Some(json!({"n": 9}))));
             batch.offsets.insert(partition("t", 0), 17);
             batch.offsets.insert(partition("t", 3), 4);
             store.commit(&generation, &batch).unwrap();
@@ -338,8 +368,14 @@ mod tests {
             vec![json!({"n": 1}), json!({"n": 2})],
             "the partials of `a` and only those"
         );
-        assert_eq!(store.next_offset(&generation, &partition("t", 0)).unwrap(), Some(17));
-        assert_eq!(store.next_offset(&generation, &partition("t", 1)).unwrap(), None);
+        assert_eq!(
+            store.next_offset(&generation, &partition("t", 0)).unwrap(),
+            Some(17)
+        );
+        assert_eq!(
+            store.next_offset(&generation, &partition("t", 1)).unwrap(),
+            None
+        );
         let offsets = store.offsets(&generation).unwrap();
         assert_eq!(offsets.len(), 2);
         assert_eq!(offsets[&partition("t", 3)], 4);
@@ -351,7 +387,9 @@ mod tests {
         let store = Store::open(dir.path(), false).unwrap();
         let generation = store.live_generation("p").unwrap();
         let mut batch = BatchWrite::default();
-        batch.rows.push(("k".into(), partition("t", 0), Some(json!(1))));
+        batch
+            .rows
+            .push(("k".into(), partition("t", 0), Some(json!(1))));
         store.commit(&generation, &batch).unwrap();
         let mut batch = BatchWrite::default();
         batch.rows.push(("k".into(), partition("t", 0), None));
@@ -365,10 +403,20 @@ mod tests {
         let store = Store::open(dir.path(), false).unwrap();
         let generation = store.live_generation("p").unwrap();
         let mut batch = BatchWrite::default();
-        batch.rows.push(("a\0".into(), partition("t", 0), Some(json!("nul"))));
-        batch.rows.push(("a".into(), partition("t", 0), Some(json!("plain"))));
+        batch
+            .rows
+            .push(("a\0".into(), partition("t", 0), Some(json!("nul"))));
+        batch
+            .rows
+            .push(("a".into(), partition("t", 0), Some(json!("plain"))));
         store.commit(&generation, &batch).unwrap();
-        assert_eq!(store.partials(&generation, "a").unwrap(), vec![json!("plain")]);
-        assert_eq!(store.partials(&generation, "a\0").unwrap(), vec![json!("nul")]);
+        assert_eq!(
+            store.partials(&generation, "a").unwrap(),
+            vec![json!("plain")]
+        );
+        assert_eq!(
+            store.partials(&generation, "a\0").unwrap(),
+            vec![json!("nul")]
+        );
     }
 }

@@ -55,7 +55,11 @@ pub fn build_projections(
                 ConfigError::at(
                     config_path,
                     &format!("projections[{index}].kind"),
-                    format!("unknown projection kind `{}` (built-ins: {})", entry.kind, known.join(", ")),
+                    format!(
+                        "unknown projection kind `{}` (built-ins: {})",
+                        entry.kind,
+                        known.join(", ")
+                    ),
                 )
             })?;
             let options = if entry.options.is_null() {
@@ -63,15 +67,19 @@ pub fn build_projections(
             } else {
                 entry.options.clone()
             };
-            factory(&options)
-                .map(Arc::from)
-                .map_err(|e| ConfigError::at(config_path, &format!("projections[{index}].options"), e))
+            factory(&options).map(Arc::from).map_err(|e| {
+                ConfigError::at(config_path, &format!("projections[{index}].options"), e)
+            })
         })
         .collect()
 }
 
 /// Runs the worker until SIGINT or SIGTERM.
-pub async fn run(config: Config, config_path: &Path, builtins: &ProjectionRegistry) -> Result<(), WorkerError> {
+pub async fn run(
+    config: Config,
+    config_path: &Path,
+    builtins: &ProjectionRegistry,
+) -> Result<(), WorkerError> {
     apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION_BYTES);
     crate::metrics::init();
     let projections = build_projections(&config, config_path, builtins)?;
@@ -145,7 +153,8 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing SIGTERM handler");
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

@@ -166,7 +166,12 @@ mod tests {
     }
 
     fn record(fields: &[(&str, Value)]) -> Value {
-        Value::Record(fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+        Value::Record(
+            fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
     }
 
     fn placed() -> Value {
@@ -182,7 +187,11 @@ mod tests {
 
     fn fold(state: &mut Option<Json>, name: &str, payload: &Value) {
         let meta = meta();
-        let event = Event { name, payload, meta: &meta };
+        let event = Event {
+            name,
+            payload,
+            meta: &meta,
+        };
         assert_eq!(OrderSummary.key(&event).unwrap().as_deref(), Some("o1"));
         OrderSummary.fold(state, &event).unwrap();
     }
@@ -191,8 +200,24 @@ mod tests {
     fn follows_the_order_lifecycle_and_counts_events() {
         let mut state = None;
         fold(&mut state, PLACED, &placed());
-        fold(&mut state, CHARGED, &record(&[("orderId", Value::String("o1".into())), ("amountCents", Value::Long(1250)), ("card", Value::String("visa".into()))]));
-        fold(&mut state, SHIPPED, &record(&[("orderId", Value::String("o1".into())), ("trackingId", Value::String("T9".into())), ("shippedAt", Value::TimestampMillis(7))]));
+        fold(
+            &mut state,
+            CHARGED,
+            &record(&[
+                ("orderId", Value::String("o1".into())),
+                ("amountCents", Value::Long(1250)),
+                ("card", Value::String("visa".into())),
+            ]),
+        );
+        fold(
+            &mut state,
+            SHIPPED,
+            &record(&[
+                ("orderId", Value::String("o1".into())),
+                ("trackingId", Value::String("T9".into())),
+                ("shippedAt", Value::TimestampMillis(7)),
+            ]),
+        );
         assert_eq!(
             state.unwrap(),
             json!({"order_id": "o1", "customer_id": "c1", "status": "shipped", "total_cents": 1250,
@@ -203,7 +228,14 @@ mod tests {
     #[test]
     fn events_before_the_order_is_placed_are_ignored() {
         let mut state = None;
-        fold(&mut state, DELIVERED, &record(&[("orderId", Value::String("o1".into())), ("deliveredAt", Value::TimestampMillis(1))]));
+        fold(
+            &mut state,
+            DELIVERED,
+            &record(&[
+                ("orderId", Value::String("o1".into())),
+                ("deliveredAt", Value::TimestampMillis(1)),
+            ]),
+        );
         assert_eq!(state, None);
     }
 
@@ -212,9 +244,16 @@ mod tests {
         let mut state = None;
         fold(&mut state, PLACED, &placed());
         let before = state.clone();
-        let bad = record(&[("orderId", Value::String("o1".into())), ("trackingId", Value::Long(3))]);
+        let bad = record(&[
+            ("orderId", Value::String("o1".into())),
+            ("trackingId", Value::Long(3)),
+        ]);
         let meta = meta();
-        let event = Event { name: SHIPPED, payload: &bad, meta: &meta };
+        let event = Event {
+            name: SHIPPED,
+            payload: &bad,
+            meta: &meta,
+        };
         assert!(OrderSummary.fold(&mut state, &event).is_err());
         assert_eq!(state, before);
     }

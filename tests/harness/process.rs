@@ -48,7 +48,11 @@ impl Service {
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(child) = self.child.as_mut() {
             if let Some(status) = child.try_wait()? {
-                bail!("{} exited with {status}; log:\n{}", self.name, tail(&self.log(), 4000));
+                bail!(
+                    "{} exited with {status}; log:\n{}",
+                    self.name,
+                    tail(&self.log(), 4000)
+                );
             }
         }
         Ok(())
@@ -64,7 +68,10 @@ impl Service {
 
     /// Sends `signal` to the process (by PID) without waiting.
     pub fn signal(&self, signal: &str) -> Result<()> {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status()?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()?;
         if !status.success() {
             bail!("kill -{signal} {} failed", self.pid());
         }
@@ -102,10 +109,14 @@ pub fn tail(text: &str, max: usize) -> &str {
 fn wait_for_port(service: &mut Service, port: u16) -> Result<()> {
     let address = format!("127.0.0.1:{port}");
     let mut last = Ok(());
-    wait_until(&format!("{} on {address}", service.name), Duration::from_secs(30), || {
-        last = service.check_alive();
-        last.is_err() || std::net::TcpStream::connect(&address).is_ok()
-    })?;
+    wait_until(
+        &format!("{} on {address}", service.name),
+        Duration::from_secs(30),
+        || {
+            last = service.check_alive();
+            last.is_err() || std::net::TcpStream::connect(&address).is_ok()
+        },
+    )?;
     last
 }
 
@@ -180,7 +191,10 @@ impl Registry {
     pub fn start(dir: &Path) -> Result<Registry> {
         let port = free_port();
         let mut command = Command::new(projector_bin());
-        command.arg("registry").arg("--listen").arg(format!("127.0.0.1:{port}"));
+        command
+            .arg("registry")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"));
         let mut service = Service::start("projector registry", command, &dir.join("registry.log"))?;
         wait_for_port(&mut service, port)?;
         Ok(Registry { service, port })
@@ -206,7 +220,10 @@ impl Worker {
     pub fn start(dir: &Path, config_text: &str) -> Result<Worker> {
         let port = free_port();
         let config = dir.join("projector.toml");
-        std::fs::write(&config, config_text.replace("{HTTP_LISTEN}", &format!("127.0.0.1:{port}")))?;
+        std::fs::write(
+            &config,
+            config_text.replace("{HTTP_LISTEN}", &format!("127.0.0.1:{port}")),
+        )?;
         Self::start_with(dir, config, port)
     }
 
@@ -220,7 +237,11 @@ impl Worker {
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn");
         let mut service = Service::start("projector run", command, &dir.join("worker.log"))?;
         wait_for_port(&mut service, port)?;
-        Ok(Worker { service, port, config })
+        Ok(Worker {
+            service,
+            port,
+            config,
+        })
     }
 
     /// Starts the same worker again (same config, same data) after it stopped.

@@ -7,11 +7,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use projector_tests::orders::{self, OrderStream};
-use projector_tests::{produce, produce_command, repo_root, wait_until, write_events, Broker, Registry, Service, Worker};
+use projector_tests::{
+    produce, produce_command, repo_root, wait_until, write_events, Broker, Registry, Service,
+    Worker,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-fn worker_config(broker: &Broker, registry: &Registry, data: &Path, projections: &[(&str, &str)]) -> String {
+fn worker_config(
+    broker: &Broker,
+    registry: &Registry,
+    data: &Path,
+    projections: &[(&str, &str)],
+) -> String {
     let mut text = format!(
         r#"# Test worker: short group timeouts so joins against Tansu are quick.
 [kafka]
@@ -42,22 +50,39 @@ dir = "{schemas}"
 }
 
 /// Waits until the projection has committed `events` events in total.
-fn wait_applied(worker: &mut Worker, projection: &str, events: usize, timeout: Duration) -> Result<()> {
+fn wait_applied(
+    worker: &mut Worker,
+    projection: &str,
+    events: usize,
+    timeout: Duration,
+) -> Result<()> {
     let mut last = 0;
     let mut alive = Ok(());
-    let outcome = wait_until(&format!("{projection} to apply {events} events"), timeout, || {
-        alive = worker.service.check_alive();
-        last = worker.applied_offsets(projection).unwrap_or(last);
-        alive.is_err() || last >= events as i64
-    });
+    let outcome = wait_until(
+        &format!("{projection} to apply {events} events"),
+        timeout,
+        || {
+            alive = worker.service.check_alive();
+            last = worker.applied_offsets(projection).unwrap_or(last);
+            alive.is_err() || last >= events as i64
+        },
+    );
     alive?;
-    outcome.with_context(|| format!("{last} of {events} applied; worker log:\n{}", worker.service.log()))
+    outcome.with_context(|| {
+        format!(
+            "{last} of {events} applied; worker log:\n{}",
+            worker.service.log()
+        )
+    })
 }
 
 /// Every placed order's state equals the oracle's; orders never placed are 404.
 fn assert_state_matches_oracle(worker: &Worker, stream: &OrderStream) -> Result<()> {
     let expected = orders::oracle(&stream.lines);
-    ensure!(expected.len() == stream.placed.len(), "the oracle covers every placed order");
+    ensure!(
+        expected.len() == stream.placed.len(),
+        "the oracle covers every placed order"
+    );
     let mut mismatches = Vec::new();
     for (order_id, want) in &expected {
         let (status, got) = worker.get(&format!("/projections/order_summary/state/{order_id}"))?;
@@ -76,7 +101,12 @@ fn assert_state_matches_oracle(worker: &Worker, stream: &OrderStream) -> Result<
         "{} of {} keys differ from the oracle, e.g.:\n{}",
         mismatches.len(),
         expected.len(),
-        mismatches.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        mismatches
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     Ok(())
 }
@@ -87,7 +117,12 @@ fn twenty_thousand_events_fold_to_the_oracle_state() -> Result<()> {
     let broker = Broker::start(dir.path())?;
     broker.create_topic("orders", 4)?;
     let registry = Registry::start(dir.path())?;
-    let config = worker_config(&broker, &registry, &dir.path().join("data"), &[("order_summary", "orders")]);
+    let config = worker_config(
+        &broker,
+        &registry,
+        &dir.path().join("data"),
+        &[("order_summary", "orders")],
+    );
     let mut worker = Worker::start(dir.path(), &config)?;
 
     let stream = orders::generate("orders", 5_000, 2);
@@ -95,13 +130,22 @@ fn twenty_thousand_events_fold_to_the_oracle_state() -> Result<()> {
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;
     produce(&broker, &registry, &events)?;
 
-    wait_applied(&mut worker, "order_summary", stream.lines.len(), Duration::from_secs(180))?;
+    wait_applied(
+        &mut worker,
+        "order_summary",
+        stream.lines.len(),
+        Duration::from_secs(180),
+    )?;
     assert_state_matches_oracle(&worker, &stream)?;
 
     let (status, listing) = worker.get("/projections")?;
     assert_eq!(status, 200);
     let offsets = &listing["projections"][0]["offsets"];
-    assert_eq!(offsets.as_object().map(|o| o.len()), Some(4), "one offset per partition: {listing}");
+    assert_eq!(
+        offsets.as_object().map(|o| o.len()),
+        Some(4),
+        "one offset per partition: {listing}"
+    );
     Ok(())
 }
 
@@ -118,7 +162,12 @@ fn sigkill_while_events_flow_loses_nothing_and_applies_nothing_twice() -> Result
     let broker = Broker::start(dir.path())?;
     broker.create_topic("orders", 4)?;
     let registry = Registry::start(dir.path())?;
-    let config = worker_config(&broker, &registry, &dir.path().join("data"), &[("order_summary", "orders")]);
+    let config = worker_config(
+        &broker,
+        &registry,
+        &dir.path().join("data"),
+        &[("order_summary", "orders")],
+    );
     let mut worker = Worker::start(dir.path(), &config)?;
 
     let stream = orders::generate("orders", 5_000, seed);
@@ -134,18 +183,33 @@ fn sigkill_while_events_flow_loses_nothing_and_applies_nothing_twice() -> Result
     for mark in [2_000, 7_000, 12_000] {
         let mark = mark + rng.random_range(0..1_500);
         let mut applied = 0;
-        wait_until(&format!("{mark} events applied before a kill"), Duration::from_secs(90), || {
-            applied = worker.applied_offsets("order_summary").unwrap_or(applied);
-            applied >= mark
-        })?;
+        wait_until(
+            &format!("{mark} events applied before a kill"),
+            Duration::from_secs(90),
+            || {
+                applied = worker.applied_offsets("order_summary").unwrap_or(applied);
+                applied >= mark
+            },
+        )?;
         std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
-        println!("SIGKILL at {:.1}s, {applied}+ events applied", started.elapsed().as_secs_f64());
+        println!(
+            "SIGKILL at {:.1}s, {applied}+ events applied",
+            started.elapsed().as_secs_f64()
+        );
         worker.restart(dir.path())?;
     }
-    ensure!(producer.check_alive().is_ok(), "the producer was still writing at the last kill");
+    ensure!(
+        producer.check_alive().is_ok(),
+        "the producer was still writing at the last kill"
+    );
     let status = producer.wait_exit(Duration::from_secs(120))?;
     ensure!(status.success(), "producer failed: {}", producer.log());
-    wait_applied(&mut worker, "order_summary", stream.lines.len(), Duration::from_secs(180))?;
+    wait_applied(
+        &mut worker,
+        "order_summary",
+        stream.lines.len(),
+        Duration::from_secs(180),
+    )?;
     assert_state_matches_oracle(&worker, &stream)
 }
 
@@ -155,9 +219,21 @@ fn bad_messages_stop_the_projection_at_their_offset_and_reads_keep_serving() -> 
     let broker = Broker::start(dir.path())?;
     let registry = Registry::start(dir.path())?;
     let cases = [
-        ("no_magic_byte", "bad_frame", json!({"raw_hex": "7b226f72646572223a317d"})),
-        ("unknown_schema_id", "unknown_schema_id", json!({"type": "OrderPlaced", "schema_id": 987_654})),
-        ("truncated_avro", "decode_failed", json!({"type": "OrderPlaced", "truncate": 4})),
+        (
+            "no_magic_byte",
+            "bad_frame",
+            json!({"raw_hex": "7b226f72646572223a317d"}),
+        ),
+        (
+            "unknown_schema_id",
+            "unknown_schema_id",
+            json!({"type": "OrderPlaced", "schema_id": 987_654}),
+        ),
+        (
+            "truncated_avro",
+            "decode_failed",
+            json!({"type": "OrderPlaced", "truncate": 4}),
+        ),
     ];
     let mut lines = Vec::new();
     for (topic, _, bad) in &cases {
@@ -179,44 +255,67 @@ fn bad_messages_stop_the_projection_at_their_offset_and_reads_keep_serving() -> 
     let events = write_events(dir.path(), "events.jsonl", &lines)?;
     produce(&broker, &registry, &events)?;
 
-    let projections: Vec<(&str, &str)> = cases.iter().map(|(topic, _, _)| (*topic, *topic)).collect();
+    let projections: Vec<(&str, &str)> =
+        cases.iter().map(|(topic, _, _)| (*topic, *topic)).collect();
     let config = worker_config(&broker, &registry, &dir.path().join("data"), &projections);
     let mut worker = Worker::start(dir.path(), &config)?;
 
     for (topic, reason, _) in &cases {
         let mut description = Value::Null;
-        wait_until(&format!("{topic} to stop on its bad message"), Duration::from_secs(90), || {
-            description = worker.projection(topic).unwrap_or(Value::Null);
-            description["status"]["state"] == "poisoned"
-        })
+        wait_until(
+            &format!("{topic} to stop on its bad message"),
+            Duration::from_secs(90),
+            || {
+                description = worker.projection(topic).unwrap_or(Value::Null);
+                description["status"]["state"] == "poisoned"
+            },
+        )
         .with_context(|| format!("last status {description}; log:\n{}", worker.service.log()))?;
         let status = &description["status"];
         assert_eq!(status["reason"], *reason, "{description}");
         assert_eq!(status["topic"], *topic);
         assert_eq!(status["partition"], 0);
-        assert_eq!(status["offset"], 2, "stopped at the bad message: {description}");
-        assert_eq!(description["offsets"][format!("{topic}/0")], 2, "nothing past it was committed");
+        assert_eq!(
+            status["offset"], 2,
+            "stopped at the bad message: {description}"
+        );
+        assert_eq!(
+            description["offsets"][format!("{topic}/0")],
+            2,
+            "nothing past it was committed"
+        );
 
         let log = worker.service.log();
         let line = log
             .lines()
             .find(|l| l.contains("poison event") && l.contains(&format!("{topic}/0 offset 2")))
             .with_context(|| format!("no log line names {topic}/0 offset 2:\n{log}"))?;
-        assert!(line.contains(reason), "the log line names the reason: {line}");
+        assert!(
+            line.contains(reason),
+            "the log line names the reason: {line}"
+        );
 
         let (status, before) = worker.get(&format!("/projections/{topic}/state/before-2"))?;
-        assert_eq!((status, &before["status"]), (200, &json!("placed")), "reads keep serving");
+        assert_eq!(
+            (status, &before["status"]),
+            (200, &json!("placed")),
+            "reads keep serving"
+        );
         let (status, _) = worker.get(&format!("/projections/{topic}/state/after"))?;
         assert_eq!(status, 404, "the event after the bad one was not applied");
     }
     worker.service.check_alive()?;
     // A restart stops again at the same place: the bad event is never skipped.
     worker.restart(dir.path())?;
-    wait_until("the restarted worker to stop at the same event", Duration::from_secs(90), || {
-        worker
-            .projection("truncated_avro")
-            .map(|d| d["status"]["state"] == "poisoned" && d["status"]["offset"] == 2)
-            .unwrap_or(false)
-    })?;
+    wait_until(
+        "the restarted worker to stop at the same event",
+        Duration::from_secs(90),
+        || {
+            worker
+                .projection("truncated_avro")
+                .map(|d| d["status"]["state"] == "poisoned" && d["status"]["offset"] == 2)
+                .unwrap_or(false)
+        },
+    )?;
     Ok(())
 }

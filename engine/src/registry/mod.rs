@@ -20,7 +20,7 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-pub use subjects::{Compatibility, RegistryFault, Subjects, SubjectVersion};
+pub use subjects::{Compatibility, RegistryFault, SubjectVersion, Subjects};
 
 type Shared = Arc<Mutex<Subjects>>;
 
@@ -30,11 +30,17 @@ pub fn router(subjects: Subjects) -> Router {
     Router::new()
         .route("/subjects", get(list_subjects))
         .route("/subjects/{subject}", axum::routing::post(lookup))
-        .route("/subjects/{subject}/versions", get(list_versions).post(register))
+        .route(
+            "/subjects/{subject}/versions",
+            get(list_versions).post(register),
+        )
         .route("/subjects/{subject}/versions/{version}", get(get_version))
         .route("/schemas/ids/{id}", get(get_schema))
         .route("/config", get(get_global_config).put(put_global_config))
-        .route("/config/{subject}", get(get_subject_config).put(put_subject_config))
+        .route(
+            "/config/{subject}",
+            get(get_subject_config).put(put_subject_config),
+        )
         .with_state(shared)
 }
 
@@ -54,13 +60,21 @@ pub fn open(data_dir: Option<PathBuf>) -> Result<Subjects, String> {
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 fn reply(status: StatusCode, body: Value) -> Response {
-    (status, [(header::CONTENT_TYPE, CONTENT_TYPE)], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 impl IntoResponse for RegistryFault {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        reply(status, json!({ "error_code": self.code, "message": self.message }))
+        reply(
+            status,
+            json!({ "error_code": self.code, "message": self.message }),
+        )
     }
 }
 
@@ -93,17 +107,23 @@ fn schema_body(body: &[u8]) -> Result<SchemaBody, RegistryFault> {
     let parsed: SchemaBody = serde_json::from_slice(body).map_err(RegistryFault::bad_request)?;
     if let Some(kind) = parsed.schema_type.as_deref() {
         if kind != "AVRO" {
-            return Err(RegistryFault::invalid_schema(format!("schemaType {kind} is not supported, only AVRO")));
+            return Err(RegistryFault::invalid_schema(format!(
+                "schemaType {kind} is not supported, only AVRO"
+            )));
         }
     }
     if !parsed.references.is_empty() {
-        return Err(RegistryFault::invalid_schema("schema references are not supported"));
+        return Err(RegistryFault::invalid_schema(
+            "schema references are not supported",
+        ));
     }
     Ok(parsed)
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Subjects> {
-    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn list_subjects(State(shared): State<Shared>) -> Answer {
@@ -114,16 +134,25 @@ async fn list_versions(State(shared): State<Shared>, Path(subject): Path<String>
     ok(json!(lock(&shared).versions(&subject)?))
 }
 
-async fn get_version(State(shared): State<Shared>, Path((subject, version)): Path<(String, String)>) -> Answer {
+async fn get_version(
+    State(shared): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Answer {
     ok(version_json(&lock(&shared).version(&subject, &version)?))
 }
 
 async fn get_schema(State(shared): State<Shared>, Path(id): Path<String>) -> Answer {
-    let id: u32 = id.parse().map_err(|_| RegistryFault::schema_not_found(&id))?;
+    let id: u32 = id
+        .parse()
+        .map_err(|_| RegistryFault::schema_not_found(&id))?;
     ok(json!({ "schema": lock(&shared).schema(id)? }))
 }
 
-async fn register(State(shared): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Answer {
+async fn register(
+    State(shared): State<Shared>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Answer {
     let body = schema_body(&body)?;
     let id = lock(&shared).register(&subject, &body.schema)?;
     ok(json!({ "id": id }))
@@ -162,12 +191,18 @@ async fn get_subject_config(State(shared): State<Shared>, Path(subject): Path<St
         None => Err(RegistryFault {
             status: 404,
             code: 40408,
-            message: format!("Subject '{subject}' does not have subject-level compatibility configured"),
+            message: format!(
+                "Subject '{subject}' does not have subject-level compatibility configured"
+            ),
         }),
     }
 }
 
-async fn put_subject_config(State(shared): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Answer {
+async fn put_subject_config(
+    State(shared): State<Shared>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Answer {
     let level = level(&body)?;
     lock(&shared).set_compatibility(Some(&subject), level)?;
     ok(json!({ "compatibility": level }))

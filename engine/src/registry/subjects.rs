@@ -101,7 +101,11 @@ impl RegistryFault {
 
     /// 42202 (and other unprocessable requests)
     pub fn invalid_version(version: &str) -> Self {
-        Self::new(422, 42202, format!("The specified version '{version}' is not a valid version id."))
+        Self::new(
+            422,
+            42202,
+            format!("The specified version '{version}' is not a valid version id."),
+        )
     }
 
     /// 42203
@@ -116,7 +120,11 @@ impl RegistryFault {
 
     /// 500 (storage).
     pub fn internal(message: impl std::fmt::Display) -> Self {
-        Self::new(500, 50001, format!("Error in the backend data store: {message}"))
+        Self::new(
+            500,
+            50001,
+            format!("Error in the backend data store: {message}"),
+        )
     }
 }
 
@@ -156,7 +164,8 @@ impl Subjects {
     pub fn open(file: Option<PathBuf>) -> Result<Subjects, String> {
         let stored: Stored = match &file {
             Some(path) if path.exists() => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
             _ => Stored::default(),
@@ -175,7 +184,9 @@ impl Subjects {
     }
 
     fn save(&self) -> Result<(), RegistryFault> {
-        let Some(path) = &self.file else { return Ok(()) };
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
         let text = serde_json::to_string_pretty(&self.stored).map_err(RegistryFault::internal)?;
         let temporary = path.with_extension("tmp");
         std::fs::write(&temporary, text).map_err(RegistryFault::internal)?;
@@ -250,7 +261,12 @@ impl Subjects {
     pub fn register(&mut self, subject: &str, schema: &str) -> Result<u32, RegistryFault> {
         let parsed = parse(schema)?;
         let canonical = parsed.canonical_form();
-        let existing_ids = self.stored.subjects.get(subject).cloned().unwrap_or_default();
+        let existing_ids = self
+            .stored
+            .subjects
+            .get(subject)
+            .cloned()
+            .unwrap_or_default();
         if let Some(id) = existing_ids
             .iter()
             .find(|id| self.canonical[**id as usize - 1] == canonical)
@@ -266,12 +282,21 @@ impl Subjects {
                 self.stored.schemas.len() as u32
             }
         };
-        self.stored.subjects.entry(subject.to_owned()).or_default().push(id);
+        self.stored
+            .subjects
+            .entry(subject.to_owned())
+            .or_default()
+            .push(id);
         self.save()?;
         Ok(id)
     }
 
-    fn check_compatible(&self, subject: &str, new: &Schema, ids: &[u32]) -> Result<(), RegistryFault> {
+    fn check_compatible(
+        &self,
+        subject: &str,
+        new: &Schema,
+        ids: &[u32],
+    ) -> Result<(), RegistryFault> {
         let level = self.compatibility(subject);
         let earlier: &[u32] = if level.transitive() {
             ids
@@ -283,12 +308,16 @@ impl Subjects {
             let mut problems = Vec::new();
             if level.backward() {
                 if let Err(e) = SchemaCompatibility::can_read(&old, new) {
-                    problems.push(format!("the new schema cannot read data written with schema id {id}: {e}"));
+                    problems.push(format!(
+                        "the new schema cannot read data written with schema id {id}: {e}"
+                    ));
                 }
             }
             if level.forward() {
                 if let Err(e) = SchemaCompatibility::can_read(new, &old) {
-                    problems.push(format!("schema id {id} cannot read data written with the new schema: {e}"));
+                    problems.push(format!(
+                        "schema id {id} cannot read data written with the new schema: {e}"
+                    ));
                 }
             }
             if !problems.is_empty() {
@@ -316,7 +345,9 @@ impl Subjects {
 
     /// The global level (BACKWARD unless set).
     pub fn global_compatibility(&self) -> Compatibility {
-        self.stored.global_compatibility.unwrap_or(Compatibility::Backward)
+        self.stored
+            .global_compatibility
+            .unwrap_or(Compatibility::Backward)
     }
 
     /// The level set on `subject` itself, if any.
@@ -325,10 +356,16 @@ impl Subjects {
     }
 
     /// Sets the global level, or a subject's when `subject` is given.
-    pub fn set_compatibility(&mut self, subject: Option<&str>, level: Compatibility) -> Result<(), RegistryFault> {
+    pub fn set_compatibility(
+        &mut self,
+        subject: Option<&str>,
+        level: Compatibility,
+    ) -> Result<(), RegistryFault> {
         match subject {
             Some(subject) => {
-                self.stored.subject_compatibility.insert(subject.to_owned(), level);
+                self.stored
+                    .subject_compatibility
+                    .insert(subject.to_owned(), level);
             }
             None => self.stored.global_compatibility = Some(level),
         }
@@ -344,7 +381,8 @@ fn parse(schema: &str) -> Result<Schema, RegistryFault> {
 mod tests {
     use super::*;
 
-    const V1: &str = r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"}]}"#;
+    const V1: &str =
+        r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"}]}"#;
     const V2_WITH_DEFAULT: &str = r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"},{"name":"b","type":"int","default":0}]}"#;
     const V2_NO_DEFAULT: &str = r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"},{"name":"b","type":"int"}]}"#;
 
@@ -374,7 +412,9 @@ mod tests {
     fn none_allows_anything_and_unknowns_have_confluent_codes() {
         let mut subjects = Subjects::open(None).unwrap();
         subjects.register("s", V1).unwrap();
-        subjects.set_compatibility(Some("s"), Compatibility::None).unwrap();
+        subjects
+            .set_compatibility(Some("s"), Compatibility::None)
+            .unwrap();
         subjects.register("s", V2_NO_DEFAULT).unwrap();
         assert_eq!(subjects.versions("nope").unwrap_err().code, 40401);
         assert_eq!(subjects.version("s", "9").unwrap_err().code, 40402);
