@@ -6,8 +6,10 @@
 //! the batch's state with its offsets. [`serve`] answers reads; [`registry`] is a
 //! development schema registry.
 
+pub mod avro_json;
 pub mod config;
 pub mod decode;
+pub mod expr;
 pub mod frame;
 pub mod metrics;
 pub mod poison;

@@ -1,0 +1,265 @@
+//! Between Avro values and JSON: upcasters and expressions work on JSON; what they
+//! produce is converted back under the target schema, field by field, with errors
+//! that name the field.
+
+use std::collections::HashMap;
+
+use apache_avro::schema::{Name, ResolvedSchema};
+use apache_avro::types::Value;
+use apache_avro::Schema;
+use serde_json::{Map, Value as Json};
+
+/// An Avro value as JSON: records and maps become objects, unions their branch,
+/// enums their symbol, timestamps their number.
+pub fn to_json(value: Value) -> Result<Json, String> {
+    Json::try_from(value).map_err(|e| e.to_string())
+}
+
+/// A JSON value as an Avro value of `schema`. Missing record fields take their
+/// default; fields the schema does not have are an error, as are numbers out of
+/// range.
+pub fn from_json(json: &Json, schema: &Schema) -> Result<Value, String> {
+    let resolved = ResolvedSchema::try_from(schema).map_err(|e| e.to_string())?;
+    let converter = Converter {
+        names: resolved.get_names(),
+    };
+    converter.convert(json, schema, "event")
+}
+
+struct Converter<'s> {
+    names: &'s HashMap<Name, &'s Schema>,
+}
+
+impl Converter<'_> {
+    fn convert(&self, json: &Json, schema: &Schema, path: &str) -> Result<Value, String> {
+        let mismatch = || format!("{path}: {json} is not a valid {}", kind(schema));
+        let integer = || json.as_i64().ok_or_else(mismatch);
+        Ok(match schema {
+            Schema::Null => json.is_null().then_some(Value::Null).ok_or_else(mismatch)?,
+            Schema::Boolean => Value::Boolean(json.as_bool().ok_or_else(mismatch)?),
+            Schema::Int => Value::Int(i32::try_from(integer()?).map_err(|_| mismatch())?),
+            Schema::Long => Value::Long(integer()?),
+            Schema::Float => Value::Float(json.as_f64().ok_or_else(mismatch)? as f32),
+            Schema::Double => Value::Double(json.as_f64().ok_or_else(mismatch)?),
+            Schema::String => Value::String(json.as_str().ok_or_else(mismatch)?.to_owned()),
+            Schema::Uuid => Value::String(json.as_str().ok_or_else(mismatch)?.to_owned())
+                .resolve(schema)
+                .map_err(|e| format!("{path}: {e}"))?,
+            Schema::Bytes => Value::Bytes(bytes(json).ok_or_else(mismatch)?),
+            Schema::Fixed(fixed) => {
+                let bytes = bytes(json).filter(|b| b.len() == fixed.size).ok_or_else(mismatch)?;
+                Value::Fixed(fixed.size, bytes)
+            }
+            Schema::Date => Value::Date(i32::try_from(integer()?).map_err(|_| mismatch())?),
+            Schema::TimeMillis => Value::TimeMillis(i32::try_from(integer()?).map_err(|_| mismatch())?),
+            Schema::TimeMicros => Value::TimeMicros(integer()?),
+            Schema::TimestampMillis => Value::TimestampMillis(integer()?),
+            Schema::TimestampMicros => Value::TimestampMicros(integer()?),
+            Schema::TimestampNanos => Value::TimestampNanos(integer()?),
+            Schema::LocalTimestampMillis => Value::LocalTimestampMillis(integer()?),
+            Schema::LocalTimestampMicros => Value::LocalTimestampMicros(integer()?),
+            Schema::LocalTimestampNanos => Value::LocalTimestampNanos(integer()?),
+            Schema::Array(array) => Value::Array(
+                json.as_array()
+                    .ok_or_else(mismatch)?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| self.convert(item, &array.items, &format!("{path}[{i}]")))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Schema::Map(map) => Value::Map(
+                json.as_object()
+                    .ok_or_else(mismatch)?
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), self.convert(v, &map.types, &format!("{path}.{k}"))?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            Schema::Enum(enumeration) => {
+                let symbol = json.as_str().ok_or_else(mismatch)?;
+                let index = enumeration
+                    .symbols
+                    .iter()
+                    .position(|s| s == symbol)
+                    .ok_or_else(mismatch)?;
+                Value::Enum(index as u32, symbol.to_owned())
+            }
+            Schema::Union(union) => {
+                let mut errors = Vec::new();
+                for (index, branch) in union.variants().iter().enumerate() {
+                    match self.convert(json, branch, path) {
+                        Ok(value) => return Ok(Value::Union(index as u32, Box::new(value))),
+                        Err(e) => errors.push(e),
+                    }
+                }
+                return Err(format!("{path}: {json} matches no branch of the union ({})", errors.join("; ")));
+            }
+            Schema::Record(record) => {
+                let object = json.as_object().ok_or_else(mismatch)?;
+                if let Some(extra) = object.keys().find(|k| !record.lookup.contains_key(*k)) {
+                    return Err(format!(
+                        "{path}.{extra}: not a field of {} (rename or drop it)",
+                        record.name.fullname(None)
+                    ));
+                }
+                let mut fields = Vec::with_capacity(record.fields.len());
+                for field in &record.fields {
+                    let field_path = format!("{path}.{}", field.name);
+                    let value = match (object.get(&field.name), &field.default) {
+                        (Some(value), _) => self.convert(value, &field.schema, &field_path)?,
+                        (None, Some(default)) => self.convert_default(default, &field.schema, &field_path)?,
+                        (None, None) => return Err(format!("{field_path}: missing, and the field has no default")),
+                    };
+                    fields.push((field.name.clone(), value));
+                }
+                Value::Record(fields)
+            }
+            Schema::Ref { name } => {
+                let target = self
+                    .names
+                    .get(name)
+                    .ok_or_else(|| format!("{path}: unknown named type {}", name.fullname(None)))?;
+                self.convert(json, target, path)?
+            }
+            Schema::Decimal(_) | Schema::BigDecimal | Schema::Duration => {
+                return Err(format!("{path}: {} values cannot be built by an upcaster", kind(schema)))
+            }
+        })
+    }
+
+    /// Avro defaults of union fields are of the union's first branch.
+    fn convert_default(&self, default: &Json, schema: &Schema, path: &str) -> Result<Value, String> {
+        match schema {
+            Schema::Union(union) if !union.variants().is_empty() => Ok(Value::Union(
+                0,
+                Box::new(self.convert(default, &union.variants()[0], path)?),
+            )),
+            _ => self.convert(default, schema, path),
+        }
+    }
+}
+
+fn bytes(json: &Json) -> Option<Vec<u8>> {
+    match json {
+        Json::String(text) => Some(text.as_bytes().to_vec()),
+        Json::Array(items) => items
+            .iter()
+            .map(|i| i.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect(),
+        _ => None,
+    }
+}
+
+fn kind(schema: &Schema) -> String {
+    match schema {
+        Schema::Record(record) => format!("record {}", record.name.fullname(None)),
+        Schema::Ref { name } => name.fullname(None),
+        other => format!("{:?}", apache_avro::schema::SchemaKind::from(other)).to_lowercase(),
+    }
+}
+
+/// A value of `schema` with every field present, for checking upcasters without
+/// data: strings `"sample"`, numbers 1, one element per array and map.
+pub fn sample(schema: &Schema) -> Json {
+    let names = ResolvedSchema::try_from(schema)
+        .map(|r| r.get_names().iter().map(|(k, v)| (k.clone(), (*v).clone())).collect())
+        .unwrap_or_default();
+    sample_with(schema, &names, 0)
+}
+
+fn sample_with(schema: &Schema, names: &HashMap<Name, Schema>, depth: usize) -> Json {
+    if depth > 16 {
+        return Json::Null;
+    }
+    match schema {
+        Schema::Null => Json::Null,
+        Schema::Boolean => Json::Bool(true),
+        Schema::Float | Schema::Double => serde_json::json!(1.5),
+        Schema::String => Json::String("sample".into()),
+        Schema::Uuid => Json::String("00000000-0000-0000-0000-000000000001".into()),
+        Schema::Bytes => Json::String("sample".into()),
+        Schema::Fixed(fixed) => Json::Array(vec![Json::from(0u8); fixed.size]),
+        Schema::Array(array) => Json::Array(vec![sample_with(&array.items, names, depth + 1)]),
+        Schema::Map(map) => {
+            let mut object = Map::new();
+            object.insert("key".into(), sample_with(&map.types, names, depth + 1));
+            Json::Object(object)
+        }
+        Schema::Enum(enumeration) => Json::String(enumeration.symbols.first().cloned().unwrap_or_default()),
+        Schema::Union(union) => union
+            .variants()
+            .iter()
+            .find(|v| !matches!(v, Schema::Null))
+            .map(|v| sample_with(v, names, depth + 1))
+            .unwrap_or(Json::Null),
+        Schema::Record(record) => Json::Object(
+            record
+                .fields
+                .iter()
+                .map(|f| (f.name.clone(), sample_with(&f.schema, names, depth + 1)))
+                .collect(),
+        ),
+        Schema::Ref { name } => names
+            .get(name)
+            .map(|s| sample_with(s, names, depth + 1))
+            .unwrap_or(Json::Null),
+        _ => Json::from(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> Schema {
+        Schema::parse_str(
+            r#"{"type":"record","name":"E","namespace":"t","fields":[
+                {"name":"id","type":"string"},
+                {"name":"n","type":"int"},
+                {"name":"at","type":{"type":"long","logicalType":"timestamp-millis"}},
+                {"name":"tags","type":{"type":"array","items":"string"}},
+                {"name":"note","type":["null","string"],"default":null},
+                {"name":"inner","type":{"type":"record","name":"I","fields":[{"name":"x","type":"double"}]}},
+                {"name":"again","type":["null","I"],"default":null}
+            ]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trips_and_fills_defaults() {
+        let schema = schema();
+        let json = json!({"id": "a", "n": 3, "at": 5, "tags": ["x"], "inner": {"x": 1.5}, "again": {"x": 2.0}});
+        let value = from_json(&json, &schema).unwrap();
+        assert!(value.validate(&schema));
+        let mut back = to_json(value).unwrap();
+        assert_eq!(back["note"], Json::Null, "default filled");
+        back.as_object_mut().unwrap().remove("note");
+        assert_eq!(back, json);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let schema = schema();
+        let base = json!({"id": "a", "n": 3, "at": 5, "tags": [], "inner": {"x": 1.0}});
+        let mut too_big = base.clone();
+        too_big["n"] = json!(1u64 << 40);
+        assert!(from_json(&too_big, &schema).unwrap_err().starts_with("event.n:"));
+        let mut extra = base.clone();
+        extra["surprise"] = json!(1);
+        assert!(from_json(&extra, &schema).unwrap_err().contains("event.surprise"));
+        let mut missing = base.clone();
+        missing.as_object_mut().unwrap().remove("id");
+        assert!(from_json(&missing, &schema).unwrap_err().contains("event.id: missing"));
+        let mut wrong = base;
+        wrong["tags"] = json!([1]);
+        assert!(from_json(&wrong, &schema).unwrap_err().contains("event.tags[0]"));
+    }
+
+    #[test]
+    fn samples_are_valid_values_of_their_schema() {
+        let schema = schema();
+        let value = from_json(&sample(&schema), &schema).unwrap();
+        assert!(value.validate(&schema));
+    }
+}

@@ -1,0 +1,99 @@
+//! CEL expressions, compiled once and evaluated over JSON variables.
+//!
+//! The environment is CEL's standard library plus the `math` and `strings`
+//! extensions (`math.round`, `'x'.lowerAscii()`, ...).
+
+use std::sync::{Arc, LazyLock};
+
+use cel::{Context, Env, Program};
+use serde_json::Value as Json;
+
+static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
+    let mut env = Env::stdlib();
+    env.add_extension(cel::extensions::math)
+        .expect("the math extension declares no conflicting names");
+    env.add_extension(cel::extensions::strings)
+        .expect("the strings extension declares no conflicting names");
+    Arc::new(env)
+});
+
+/// A compiled expression with its source, for error messages.
+pub struct Expr {
+    source: String,
+    program: Program,
+}
+
+impl std::fmt::Debug for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Expr({:?})", self.source)
+    }
+}
+
+impl Expr {
+    /// Compiles `source`; the error is CEL's parse error.
+    pub fn compile(source: &str) -> Result<Expr, String> {
+        let program = ENV
+            .compile(source)
+            .map_err(|e| format!("`{source}` does not compile: {e}"))?;
+        Ok(Expr {
+            source: source.to_owned(),
+            program,
+        })
+    }
+
+    /// The expression as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluates with `variables` bound; the result as JSON.
+    pub fn eval(&self, variables: &[(&str, &Json)]) -> Result<Json, String> {
+        let mut context = Context::with_env(ENV.clone());
+        for (name, value) in variables {
+            let value = cel::to_value(*value).map_err(|e| format!("binding `{name}`: {e}"))?;
+            context.add_variable_from_value(*name, value);
+        }
+        let result = self
+            .program
+            .execute(&context)
+            .map_err(|e| format!("`{}` failed: {e}", self.source))?;
+        result
+            .json()
+            .map_err(|e| format!("`{}` gave a value that is not JSON: {e}", self.source))
+    }
+
+    /// Evaluates a guard: true, false, or an error when the result is not a bool.
+    pub fn test(&self, variables: &[(&str, &Json)]) -> Result<bool, String> {
+        match self.eval(variables)? {
+            Json::Bool(b) => Ok(b),
+            other => Err(format!("`{}` gave {other}, expected true or false", self.source)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn evaluates_over_json() {
+        let event = json!({"total": 12.345, "items": [1, 2, 3], "name": "Ab"});
+        let cents = Expr::compile("int(math.round(event.total * 100.0))").unwrap();
+        assert_eq!(cents.eval(&[("event", &event)]).unwrap(), json!(1235));
+        let count = Expr::compile("size(event.items)").unwrap();
+        assert_eq!(count.eval(&[("event", &event)]).unwrap(), json!(3));
+        let lower = Expr::compile("event.name.lowerAscii()").unwrap();
+        assert_eq!(lower.eval(&[("event", &event)]).unwrap(), json!("ab"));
+        assert!(Expr::compile("event.items.size() > 2").unwrap().test(&[("event", &event)]).unwrap());
+    }
+
+    #[test]
+    fn errors_say_what_failed() {
+        assert!(Expr::compile("event.(").unwrap_err().contains("does not compile"));
+        let error = Expr::compile("event.missing + 1").unwrap().eval(&[("event", &json!({}))]).unwrap_err();
+        assert!(error.contains("event.missing"), "{error}");
+        let not_bool = Expr::compile("1").unwrap().test(&[]).unwrap_err();
+        assert!(not_bool.contains("expected true or false"));
+    }
+}
