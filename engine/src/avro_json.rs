@@ -47,11 +47,15 @@ impl Converter<'_> {
                 .map_err(|e| format!("{path}: {e}"))?,
             Schema::Bytes => Value::Bytes(bytes(json).ok_or_else(mismatch)?),
             Schema::Fixed(fixed) => {
-                let bytes = bytes(json).filter(|b| b.len() == fixed.size).ok_or_else(mismatch)?;
+                let bytes = bytes(json)
+                    .filter(|b| b.len() == fixed.size)
+                    .ok_or_else(mismatch)?;
                 Value::Fixed(fixed.size, bytes)
             }
             Schema::Date => Value::Date(i32::try_from(integer()?).map_err(|_| mismatch())?),
-            Schema::TimeMillis => Value::TimeMillis(i32::try_from(integer()?).map_err(|_| mismatch())?),
+            Schema::TimeMillis => {
+                Value::TimeMillis(i32::try_from(integer()?).map_err(|_| mismatch())?)
+            }
             Schema::TimeMicros => Value::TimeMicros(integer()?),
             Schema::TimestampMillis => Value::TimestampMillis(integer()?),
             Schema::TimestampMicros => Value::TimestampMicros(integer()?),
@@ -71,7 +75,12 @@ impl Converter<'_> {
                 json.as_object()
                     .ok_or_else(mismatch)?
                     .iter()
-                    .map(|(k, v)| Ok((k.clone(), self.convert(v, &map.types, &format!("{path}.{k}"))?)))
+                    .map(|(k, v)| {
+                        Ok((
+                            k.clone(),
+                            self.convert(v, &map.types, &format!("{path}.{k}"))?,
+                        ))
+                    })
                     .collect::<Result<_, String>>()?,
             ),
             Schema::Enum(enumeration) => {
@@ -91,7 +100,10 @@ impl Converter<'_> {
                         Err(e) => errors.push(e),
                     }
                 }
-                return Err(format!("{path}: {json} matches no branch of the union ({})", errors.join("; ")));
+                return Err(format!(
+                    "{path}: {json} matches no branch of the union ({})",
+                    errors.join("; ")
+                ));
             }
             Schema::Record(record) => {
                 let object = json.as_object().ok_or_else(mismatch)?;
@@ -106,8 +118,14 @@ impl Converter<'_> {
                     let field_path = format!("{path}.{}", field.name);
                     let value = match (object.get(&field.name), &field.default) {
                         (Some(value), _) => self.convert(value, &field.schema, &field_path)?,
-                        (None, Some(default)) => self.convert_default(default, &field.schema, &field_path)?,
-                        (None, None) => return Err(format!("{field_path}: missing, and the field has no default")),
+                        (None, Some(default)) => {
+                            self.convert_default(default, &field.schema, &field_path)?
+                        }
+                        (None, None) => {
+                            return Err(format!(
+                                "{field_path}: missing, and the field has no default"
+                            ))
+                        }
                     };
                     fields.push((field.name.clone(), value));
                 }
@@ -121,13 +139,21 @@ impl Converter<'_> {
                 self.convert(json, target, path)?
             }
             Schema::Decimal(_) | Schema::BigDecimal | Schema::Duration => {
-                return Err(format!("{path}: {} values cannot be built by an upcaster", kind(schema)))
+                return Err(format!(
+                    "{path}: {} values cannot be built by an upcaster",
+                    kind(schema)
+                ))
             }
         })
     }
 
     /// Avro defaults of union fields are of the union's first branch.
-    fn convert_default(&self, default: &Json, schema: &Schema, path: &str) -> Result<Value, String> {
+    fn convert_default(
+        &self,
+        default: &Json,
+        schema: &Schema,
+        path: &str,
+    ) -> Result<Value, String> {
         match schema {
             Schema::Union(union) if !union.variants().is_empty() => Ok(Value::Union(
                 0,
@@ -161,7 +187,12 @@ fn kind(schema: &Schema) -> String {
 /// data: strings `"sample"`, numbers 1, one element per array and map.
 pub fn sample(schema: &Schema) -> Json {
     let names = ResolvedSchema::try_from(schema)
-        .map(|r| r.get_names().iter().map(|(k, v)| (k.clone(), (*v).clone())).collect())
+        .map(|r| {
+            r.get_names()
+                .iter()
+                .map(|(k, v)| (k.clone(), (*v).clone()))
+                .collect()
+        })
         .unwrap_or_default();
     sample_with(schema, &names, 0)
 }
@@ -184,7 +215,9 @@ fn sample_with(schema: &Schema, names: &HashMap<Name, Schema>, depth: usize) -> 
             object.insert("key".into(), sample_with(&map.types, names, depth + 1));
             Json::Object(object)
         }
-        Schema::Enum(enumeration) => Json::String(enumeration.symbols.first().cloned().unwrap_or_default()),
+        Schema::Enum(enumeration) => {
+            Json::String(enumeration.symbols.first().cloned().unwrap_or_default())
+        }
         Schema::Union(union) => union
             .variants()
             .iter()
@@ -244,16 +277,24 @@ mod tests {
         let base = json!({"id": "a", "n": 3, "at": 5, "tags": [], "inner": {"x": 1.0}});
         let mut too_big = base.clone();
         too_big["n"] = json!(1u64 << 40);
-        assert!(from_json(&too_big, &schema).unwrap_err().starts_with("event.n:"));
+        assert!(from_json(&too_big, &schema)
+            .unwrap_err()
+            .starts_with("event.n:"));
         let mut extra = base.clone();
         extra["surprise"] = json!(1);
-        assert!(from_json(&extra, &schema).unwrap_err().contains("event.surprise"));
+        assert!(from_json(&extra, &schema)
+            .unwrap_err()
+            .contains("event.surprise"));
         let mut missing = base.clone();
         missing.as_object_mut().unwrap().remove("id");
-        assert!(from_json(&missing, &schema).unwrap_err().contains("event.id: missing"));
+        assert!(from_json(&missing, &schema)
+            .unwrap_err()
+            .contains("event.id: missing"));
         let mut wrong = base;
         wrong["tags"] = json!([1]);
-        assert!(from_json(&wrong, &schema).unwrap_err().contains("event.tags[0]"));
+        assert!(from_json(&wrong, &schema)
+            .unwrap_err()
+            .contains("event.tags[0]"));
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct Config {
 }
 
 /// `[kafka]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma separated (`host:port,host:port`).
@@ -52,12 +52,30 @@ pub struct KafkaConfig {
     pub librdkafka_options: BTreeMap<String, String>,
 }
 
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: BTreeMap<&str, &str> = self
+            .librdkafka_options
+            .iter()
+            .map(|(k, v)| {
+                let secret = k.contains("password") || k.contains("secret") || k.contains("key");
+                (k.as_str(), if secret { "<redacted>" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_prefix", &self.group_prefix)
+            .field("librdkafka_options", &options)
+            .finish()
+    }
+}
+
 fn default_group_prefix() -> String {
     "projector".to_owned()
 }
 
 /// `[registry]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Base URL of the schema registry REST API.
@@ -74,6 +92,18 @@ pub struct RegistryConfig {
     /// Ceiling of the exponential backoff between retries while the registry is down.
     #[serde(default = "default_registry_max_backoff_ms")]
     pub max_backoff_ms: u64,
+}
+
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_backoff_ms", &self.max_backoff_ms)
+            .finish()
+    }
 }
 
 fn default_registry_timeout_ms() -> u64 {
@@ -114,18 +144,35 @@ fn default_batch_max_wait_ms() -> u64 {
 }
 
 /// `[http]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address the HTTP API listens on. Loopback unless you mean otherwise.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Bearer token of the admin endpoints (resume, skip, replay); they are
+    /// disabled without one. Prefer `PROJECTOR__HTTP__ADMIN_TOKEN` over the file.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_listen(),
+            admin_token: None,
         }
     }
 }
@@ -168,6 +215,33 @@ pub struct ProjectionConfig {
     /// Options of the built-in projection, checked by the projection itself.
     #[serde(default)]
     pub options: serde_json::Value,
+    /// What to do with an event that cannot be decoded, upcast or folded.
+    #[serde(default)]
+    pub on_poison: PoisonPolicy,
+    /// Topic that receives poison events when `on_poison = "dead_letter"`.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Values larger than this are poison (`bad_frame`) rather than decoded.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+}
+
+fn default_max_event_bytes() -> usize {
+    1024 * 1024
+}
+
+/// What happens to a poison event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoisonPolicy {
+    /// Halt the projection at the event until an operator resumes or skips it.
+    #[default]
+    Stop,
+    /// Log and count it, and go on.
+    Skip,
+    /// Write it to `dead_letter_topic` (original key, value, headers and the reason
+    /// in `projector.*` headers), and go on once the broker acknowledged it.
+    DeadLetter,
 }
 
 /// A configuration that could not be loaded; the message names the file and the key.
@@ -255,6 +329,25 @@ impl Config {
                     &key("topics"),
                     "needs at least one topic",
                 ));
+            }
+            if projection.on_poison == PoisonPolicy::DeadLetter {
+                match &projection.dead_letter_topic {
+                    None => {
+                        return Err(ConfigError::at(
+                            file,
+                            &key("dead_letter_topic"),
+                            "is required when on_poison = \"dead_letter\"",
+                        ))
+                    }
+                    Some(topic) if !is_valid_name(topic) || projection.topics.contains(topic) => {
+                        return Err(ConfigError::at(
+                            file,
+                            &key("dead_letter_topic"),
+                            format!("`{topic}` is not a valid topic name distinct from the source topics"),
+                        ))
+                    }
+                    Some(_) => {}
+                }
             }
             if let Some(bad) = projection.topics.iter().find(|t| !is_valid_name(t)) {
                 return Err(ConfigError::at(
@@ -368,6 +461,26 @@ topics = ["orders"]
             .unwrap_err()
             .to_string();
         assert!(error.contains("projections[1].name"), "{error}");
+    }
+
+    #[test]
+    fn dead_letter_policy_needs_a_topic() {
+        let file = write(&format!("{MINIMAL}on_poison = \"dead_letter\"\n"));
+        let error = Config::load_with_env(file.path(), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("projections[0].dead_letter_topic"),
+            "{error}"
+        );
+        let file = write(&format!("{MINIMAL}on_poison = \"explode\"\n"));
+        let error = Config::load_with_env(file.path(), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("projections.0.on_poison") || error.contains("on_poison"),
+            "{error}"
+        );
     }
 
     #[test]

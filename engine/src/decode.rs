@@ -1,20 +1,19 @@
 //! From a Kafka value to an event in its current schema version.
 //!
 //! The work that depends only on the writer schema (fetching it, naming the event
-//! type, finding and checking the reader schema) is done once per schema id and
-//! kept as a [`DecodePlan`]; each message then costs one Avro decode.
+//! type, finding its version in the schema set) is done once per schema id and
+//! kept as a [`DecodePlan`]; each message then costs one Avro decode, plus the
+//! upcasters when it is of an old version.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use apache_avro::schema_compatibility::SchemaCompatibility;
-use apache_avro::types::Value;
 use apache_avro::Schema;
 
 use crate::frame::{self, FrameError};
 use crate::poison::PoisonReason;
 use crate::registry_client::{RegistryClient, RegistryError};
-use crate::schemas::ReaderSchemas;
+use crate::schemas::{CurrentEvent, SchemaSet, WriterMatch};
 
 /// Why a message could not be decoded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -44,47 +43,43 @@ impl DecodeError {
 /// How to decode messages written with one writer schema.
 #[derive(Debug)]
 pub struct DecodePlan {
-    /// Full name of the event type.
+    /// Full name of the writer's event type.
     pub event_name: Arc<str>,
     writer: Arc<Schema>,
-    /// Set when the writer schema differs from the reader schema, so values must be
-    /// resolved into the reader's shape.
+    /// Set when the writer schema is not byte-for-byte a known version, so values
+    /// must be resolved into that version's shape.
     reader: Option<Schema>,
+    /// The known version the decoded data is in; `None` for types the schema set
+    /// does not know, which are passed through.
+    version: Option<u32>,
 }
 
-/// A decoded event.
-#[derive(Debug)]
-pub struct Decoded {
-    /// Full name of the event type.
-    pub event_name: Arc<str>,
-    /// The payload in the reader schema.
-    pub payload: Value,
-}
-
-/// Decodes messages of any writer schema, caching one plan per schema id.
+/// Decodes messages of any writer schema, caching one plan per schema id, and
+/// upcasts them to the current version.
 pub struct Decoder {
     registry: Arc<RegistryClient>,
-    readers: Arc<ReaderSchemas>,
+    schemas: Arc<SchemaSet>,
     plans: HashMap<u32, Arc<DecodePlan>>,
 }
 
 impl Decoder {
-    /// A decoder that fetches writer schemas from `registry` and resolves them to
-    /// `readers`.
-    pub fn new(registry: Arc<RegistryClient>, readers: Arc<ReaderSchemas>) -> Self {
+    /// A decoder that fetches writer schemas from `registry` and brings events to
+    /// the current versions of `schemas`.
+    pub fn new(registry: Arc<RegistryClient>, schemas: Arc<SchemaSet>) -> Self {
         Decoder {
             registry,
-            readers,
+            schemas,
             plans: HashMap::new(),
         }
     }
 
-    /// Decodes one Kafka value.
+    /// Decodes one Kafka value into zero or more events of the current version (an
+    /// upcaster may split or drop an event).
     pub fn decode(
         &mut self,
         value: Option<&[u8]>,
         keep_waiting: &dyn Fn() -> bool,
-    ) -> Result<Decoded, DecodeError> {
+    ) -> Result<Vec<CurrentEvent>, DecodeError> {
         let frame = frame::parse(value).map_err(|e| match e {
             FrameError::NullValue | FrameError::TooShort(_) | FrameError::BadMagic(_) => {
                 DecodeError::poison(PoisonReason::BadFrame, e.to_string())
@@ -110,10 +105,16 @@ impl Decoder {
                 ),
             ));
         }
-        Ok(Decoded {
-            event_name: plan.event_name.clone(),
-            payload,
-        })
+        match plan.version {
+            None => Ok(vec![CurrentEvent {
+                name: plan.event_name.clone(),
+                payload,
+            }]),
+            Some(version) => self
+                .schemas
+                .upcast(&plan.event_name, version, payload)
+                .map_err(|e| DecodeError::poison(PoisonReason::UpcastFailed, e)),
+        }
     }
 
     fn plan(
@@ -138,7 +139,7 @@ impl Decoder {
                     DecodeError::Interrupted(e.to_string())
                 }
             })?;
-        let plan = Arc::new(plan_for(schema_id, writer, &self.readers)?);
+        let plan = Arc::new(plan_for(schema_id, writer, &self.schemas)?);
         self.plans.insert(schema_id, plan.clone());
         Ok(plan)
     }
@@ -147,38 +148,33 @@ impl Decoder {
 fn plan_for(
     schema_id: u32,
     writer: Arc<Schema>,
-    readers: &ReaderSchemas,
+    schemas: &SchemaSet,
 ) -> Result<DecodePlan, DecodeError> {
     let event_name: Arc<str> = match writer.as_ref() {
         Schema::Record(record) => record.name.fullname(None).into(),
-        other => {
+        _ => {
             return Err(DecodeError::poison(
                 PoisonReason::UnknownSchema,
-                format!("schema id {schema_id} is a {other:?}, not an event record"),
+                format!("schema id {schema_id} is not a record, so not an event"),
             ))
         }
     };
-    let reader = match readers.current(&event_name) {
-        // An event type the schema set does not know is passed through as written.
-        None => None,
-        Some(current) if current.schema.canonical_form() == writer.canonical_form() => None,
-        Some(current) => {
-            SchemaCompatibility::can_read(&writer, &current.schema).map_err(|e| {
-                DecodeError::poison(
-                    PoisonReason::UnknownSchema,
-                    format!(
-                        "schema id {schema_id} ({event_name}) cannot be read as {} v{}: {e}",
-                        current.path.display(),
-                        current.version
-                    ),
-                )
-            })?;
-            Some(current.schema.clone())
+    let (reader, version) = match schemas.identify(&writer) {
+        WriterMatch::Known {
+            version, reader, ..
+        } => (reader, Some(version)),
+        WriterMatch::Unregistered => (None, None),
+        WriterMatch::Unknown(why) => {
+            return Err(DecodeError::poison(
+                PoisonReason::UnknownSchema,
+                format!("schema id {schema_id}: {why}"),
+            ))
         }
     };
     Ok(DecodePlan {
         event_name,
         writer,
         reader,
+        version,
     })
 }

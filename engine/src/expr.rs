@@ -50,8 +50,7 @@ impl Expr {
     pub fn eval(&self, variables: &[(&str, &Json)]) -> Result<Json, String> {
         let mut context = Context::with_env(ENV.clone());
         for (name, value) in variables {
-            let value = cel::to_value(*value).map_err(|e| format!("binding `{name}`: {e}"))?;
-            context.add_variable_from_value(*name, value);
+            context.add_variable_from_value(*name, to_cel(value));
         }
         let result = self
             .program
@@ -66,7 +65,31 @@ impl Expr {
     pub fn test(&self, variables: &[(&str, &Json)]) -> Result<bool, String> {
         match self.eval(variables)? {
             Json::Bool(b) => Ok(b),
-            other => Err(format!("`{}` gave {other}, expected true or false", self.source)),
+            other => Err(format!(
+                "`{}` gave {other}, expected true or false",
+                self.source
+            )),
+        }
+    }
+}
+
+/// JSON as CEL values. Integers are CEL `int` (signed) whenever they fit, so that
+/// `event.totalCents + 1` works; only larger ones become `uint`.
+fn to_cel(json: &Json) -> cel::Value {
+    match json {
+        Json::Null => cel::Value::Null,
+        Json::Bool(b) => cel::Value::Bool(*b),
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => cel::Value::Int(i),
+            (None, Some(u)) => cel::Value::UInt(u),
+            _ => cel::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Json::Array(items) => cel::Value::List(Arc::new(items.iter().map(to_cel).collect())),
+        Json::Object(fields) => {
+            let map: std::collections::HashMap<String, cel::Value> =
+                fields.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+            cel::Value::from(map)
         }
     }
 }
@@ -85,13 +108,27 @@ mod tests {
         assert_eq!(count.eval(&[("event", &event)]).unwrap(), json!(3));
         let lower = Expr::compile("event.name.lowerAscii()").unwrap();
         assert_eq!(lower.eval(&[("event", &event)]).unwrap(), json!("ab"));
-        assert!(Expr::compile("event.items.size() > 2").unwrap().test(&[("event", &event)]).unwrap());
+        assert!(Expr::compile("event.items.size() > 2")
+            .unwrap()
+            .test(&[("event", &event)])
+            .unwrap());
+        let sum = Expr::compile("event.items[0] + 1").unwrap();
+        assert_eq!(
+            sum.eval(&[("event", &event)]).unwrap(),
+            json!(2),
+            "JSON integers are CEL ints"
+        );
     }
 
     #[test]
     fn errors_say_what_failed() {
-        assert!(Expr::compile("event.(").unwrap_err().contains("does not compile"));
-        let error = Expr::compile("event.missing + 1").unwrap().eval(&[("event", &json!({}))]).unwrap_err();
+        assert!(Expr::compile("event.(")
+            .unwrap_err()
+            .contains("does not compile"));
+        let error = Expr::compile("event.missing + 1")
+            .unwrap()
+            .eval(&[("event", &json!({}))])
+            .unwrap_err();
         assert!(error.contains("event.missing"), "{error}");
         let not_bool = Expr::compile("1").unwrap().test(&[]).unwrap_err();
         assert!(not_bool.contains("expected true or false"));

@@ -48,6 +48,48 @@ pub static POISON_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `projector_dead_letters_total{projection}`
+pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "projector_dead_letters_total",
+                "Poison events written to the dead-letter topic and acknowledged.",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `projector_operator_skips_total{projection}`
+pub static OPERATOR_SKIPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "projector_operator_skips_total",
+                "Poison events skipped on an operator's request (POST .../skip).",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `projector_upcasts_total{event,from_version,to_version}`
+pub static UPCASTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "projector_upcasts_total",
+                "Upcaster steps applied, by source event type and versions.",
+            ),
+            &["event", "from_version", "to_version"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// `projector_schema_registry_requests_total{outcome}`
 pub static REGISTRY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
@@ -111,6 +153,9 @@ pub fn registry_request(outcome: &str) {
 pub fn init() {
     LazyLock::force(&EVENTS_APPLIED);
     LazyLock::force(&POISON_EVENTS);
+    LazyLock::force(&DEAD_LETTERS);
+    LazyLock::force(&OPERATOR_SKIPS);
+    LazyLock::force(&UPCASTS);
     LazyLock::force(&REGISTRY_REQUESTS);
     LazyLock::force(&LAST_PROGRESS);
     LazyLock::force(&BATCH_COMMIT_SECONDS);

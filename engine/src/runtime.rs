@@ -1,10 +1,11 @@
 //! What the worker knows about each running projection, shared by its fold loop and
 //! the HTTP API.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
 
+use crate::config::{PoisonPolicy, ProjectionConfig};
 use crate::poison::PoisonReason;
 use crate::projection::Projection;
 use crate::store::Generation;
@@ -39,6 +40,17 @@ pub enum RunState {
     Stopped,
 }
 
+/// A position in a source partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Position {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
 /// One projection of this worker.
 pub struct ProjectionRuntime {
     /// Configured name.
@@ -49,27 +61,91 @@ pub struct ProjectionRuntime {
     pub topics: Vec<String>,
     /// The fold.
     pub projection: Arc<dyn Projection>,
+    /// What happens to poison events.
+    pub on_poison: PoisonPolicy,
+    /// Where dead letters go.
+    pub dead_letter_topic: Option<String>,
+    /// Larger values are poison.
+    pub max_event_bytes: usize,
     generation: Mutex<Arc<Generation>>,
     state: Mutex<RunState>,
+    skip_once: Mutex<Option<Position>>,
+    respawn: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl ProjectionRuntime {
     /// A projection that has not started consuming yet.
     pub fn new(
-        name: String,
-        kind: String,
-        topics: Vec<String>,
+        config: &ProjectionConfig,
         projection: Arc<dyn Projection>,
         generation: Generation,
     ) -> Self {
         ProjectionRuntime {
-            name,
-            kind,
-            topics,
+            name: config.name.clone(),
+            kind: config.kind.clone(),
+            topics: config.topics.clone(),
             projection,
+            on_poison: config.on_poison,
+            dead_letter_topic: config.dead_letter_topic.clone(),
+            max_event_bytes: config.max_event_bytes,
             generation: Mutex::new(Arc::new(generation)),
             state: Mutex::new(RunState::Starting),
+            skip_once: Mutex::new(None),
+            respawn: OnceLock::new(),
         }
+    }
+
+    /// Sets how to start the fold loop again (once, by the worker).
+    pub fn set_respawn(&self, respawn: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.respawn.set(respawn);
+    }
+
+    /// Starts the fold loop again after it stopped on a poison event or a failure;
+    /// false when it is not stopped.
+    pub fn resume(&self) -> bool {
+        {
+            let mut state = self.state.lock().expect("state lock");
+            if !matches!(*state, RunState::Poisoned { .. } | RunState::Failed { .. }) {
+                return false;
+            }
+            *state = RunState::Starting;
+        }
+        if let Some(respawn) = self.respawn.get() {
+            respawn();
+        }
+        true
+    }
+
+    /// Resumes past exactly the event the projection stopped at; that event's
+    /// position, or `None` when the projection is not stopped on a poison event.
+    pub fn skip_poison(&self) -> Option<Position> {
+        let position = match self.state() {
+            RunState::Poisoned {
+                topic,
+                partition,
+                offset,
+                ..
+            } => Position {
+                topic,
+                partition,
+                offset,
+            },
+            _ => return None,
+        };
+        *self.skip_once.lock().expect("skip lock") = Some(position.clone());
+        self.resume().then_some(position)
+    }
+
+    /// True (once) when the operator asked to skip the event at this position.
+    pub fn take_skip(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        let mut skip = self.skip_once.lock().expect("skip lock");
+        let matches = skip
+            .as_ref()
+            .is_some_and(|p| p.topic == topic && p.partition == partition && p.offset == offset);
+        if matches {
+            *skip = None;
+        }
+        matches
     }
 
     /// The generation reads and folds go to.

@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -21,6 +22,8 @@ pub struct ApiState {
     pub projections: Arc<BTreeMap<String, Arc<ProjectionRuntime>>>,
     /// The worker's database.
     pub store: Arc<Store>,
+    /// Bearer token of the admin endpoints; `None` disables them.
+    pub admin_token: Option<String>,
 }
 
 /// The API's routes.
@@ -29,6 +32,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/projections", get(list_projections))
         .route("/projections/{name}", get(show_projection))
         .route("/projections/{name}/state/{*key}", get(read_key))
+        .route("/projections/{name}/resume", post(resume))
+        .route("/projections/{name}/skip", post(skip))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(|| async { metrics::render() }))
         .with_state(state)
@@ -110,4 +115,92 @@ async fn read_key(
         ));
     }
     Ok(Json(projection.projection.merge(partials)))
+}
+
+impl ApiState {
+    /// Admits a request carrying `Authorization: Bearer <admin token>`.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(expected) = &self.admin_token else {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "admin endpoints are disabled: set http.admin_token (or PROJECTOR__HTTP__ADMIN_TOKEN)".into(),
+            ));
+        };
+        let offered = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if constant_time_eq(offered.as_bytes(), expected.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token".into(),
+            ))
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut difference = a.len() ^ b.len();
+    for (i, byte) in b.iter().enumerate() {
+        difference |= usize::from(a.get(i).copied().unwrap_or(0) ^ byte);
+    }
+    difference == 0
+}
+
+async fn resume(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    state.authorize(&headers)?;
+    let projection = state.projection(&name)?;
+    if !projection.resume() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "projection `{name}` is not stopped: {}",
+                json!(projection.state())
+            ),
+        ));
+    }
+    tracing::warn!(projection = %name, "operator resumed the projection");
+    Ok((StatusCode::ACCEPTED, Json(json!({ "resumed": name }))))
+}
+
+async fn skip(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    state.authorize(&headers)?;
+    let projection = state.projection(&name)?;
+    let Some(position) = projection.skip_poison() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "projection `{name}` is not stopped on a poison event: {}",
+                json!(projection.state())
+            ),
+        ));
+    };
+    tracing::warn!(projection = %name, topic = %position.topic, partition = position.partition,
+        offset = position.offset, "operator asked to skip the poison event");
+    Ok((StatusCode::ACCEPTED, Json(json!({ "skipping": position }))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison_needs_every_byte_and_the_length() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secret-and-more", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
 }

@@ -22,12 +22,14 @@ use rdkafka::ClientContext;
 use serde_json::Value as Json;
 use tracing::{debug, error, info, info_span, warn};
 
-use crate::config::{KafkaConfig, StoreConfig};
+use crate::config::{KafkaConfig, PoisonPolicy, StoreConfig};
+use crate::dead_letter::DeadLetters;
 use crate::decode::{DecodeError, Decoder};
 use crate::metrics;
 use crate::poison::PoisonReason;
 use crate::projection::{Event, EventMeta, FoldError};
 use crate::runtime::{ProjectionRuntime, RunState};
+use crate::schemas::CurrentEvent;
 use crate::store::{BatchWrite, SourcePartition, Store, StoreError};
 
 /// What the fold loop needs besides its projection.
@@ -41,6 +43,8 @@ pub struct SourceDeps {
     pub store: Arc<Store>,
     /// Set to stop: the loop commits its batch and leaves the group.
     pub shutdown: Arc<AtomicBool>,
+    /// For the blocking calls of async clients (registry, dead-letter producer).
+    pub async_runtime: tokio::runtime::Handle,
 }
 
 /// Starts the fold loop of `projection` on its own thread.
@@ -69,6 +73,8 @@ pub fn spawn(
 /// Why the loop ended abnormally.
 #[derive(Debug, thiserror::Error)]
 enum LoopError {
+    #[error(transparent)]
+    DeadLetter(#[from] crate::dead_letter::DeadLetterError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("kafka: {0}")]
@@ -167,6 +173,7 @@ type CacheKey = (String, SourcePartition);
 
 struct FoldLoop {
     consumer: BaseConsumer<SourceContext>,
+    dead_letters: Option<DeadLetters>,
     batch: OpenBatch,
 }
 
@@ -192,6 +199,16 @@ enum Stop {
     Interrupted,
 }
 
+/// What the loop does with a message after trying it.
+enum Outcome {
+    /// Folded (or skipped by policy): the offset moves past it.
+    Applied,
+    /// Stop here (policy `stop`); nothing at or after it is committed.
+    Halt,
+    /// Shutting down mid-message; leave it for the next run.
+    Retry,
+}
+
 impl FoldLoop {
     fn new(
         runtime: Arc<ProjectionRuntime>,
@@ -206,10 +223,19 @@ impl FoldLoop {
         };
         let consumer: BaseConsumer<SourceContext> =
             consumer_config(&deps.kafka, &runtime.name).create_with_context(context)?;
+        let dead_letters = match (&runtime.on_poison, &runtime.dead_letter_topic) {
+            (PoisonPolicy::DeadLetter, Some(topic)) => Some(DeadLetters::new(
+                &deps.kafka,
+                topic,
+                deps.async_runtime.clone(),
+            )?),
+            _ => None,
+        };
         let topics: Vec<&str> = runtime.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(FoldLoop {
             consumer,
+            dead_letters,
             batch: OpenBatch {
                 runtime,
                 decoder,
@@ -230,6 +256,7 @@ impl FoldLoop {
         let max_wait = Duration::from_millis(self.batch.deps.store_config.batch_max_wait_ms);
         let max_events = self.batch.deps.store_config.batch_max_events as u64;
         let consumer = &self.consumer;
+        let dead_letters = self.dead_letters.as_ref();
         let batch = &mut self.batch;
         loop {
             if batch.deps.shutdown.load(Ordering::Relaxed) {
@@ -261,15 +288,40 @@ impl FoldLoop {
                 debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
                 continue;
             }
-            match batch.apply(&message, &partition) {
-                Ok(()) => {}
-                Err(Stop::Poison { reason, error }) => {
+            let outcome = if runtime.take_skip(&partition.topic, partition.partition, offset) {
+                metrics::OPERATOR_SKIPS
+                    .with_label_values(&[&runtime.name])
+                    .inc();
+                warn!(topic = %partition.topic, partition = partition.partition, offset,
+                    "operator skip: event at {partition} offset {offset} skipped without folding");
+                Outcome::Applied
+            } else {
+                match batch.apply(&message, &partition) {
+                    Ok(()) => Outcome::Applied,
+                    Err(Stop::Interrupted) => Outcome::Retry,
+                    Err(Stop::Poison { reason, error }) => {
+                        let shutdown = batch.deps.shutdown.clone();
+                        let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
+                        handle_poison(
+                            &runtime,
+                            dead_letters,
+                            &message,
+                            &partition,
+                            reason,
+                            error,
+                            &keep_waiting,
+                        )?
+                    }
+                }
+            };
+            match outcome {
+                Outcome::Applied => {}
+                Outcome::Retry => continue,
+                Outcome::Halt => {
                     drop(message);
                     commit(consumer, batch)?;
-                    stop_on_poison(&runtime, &partition, offset, reason, error);
                     return Ok(());
                 }
-                Err(Stop::Interrupted) => continue,
             }
             batch.positions.insert(partition.clone(), offset + 1);
             batch.offsets.insert(partition, offset + 1);
@@ -282,31 +334,54 @@ impl FoldLoop {
     }
 }
 
-fn stop_on_poison(
+/// Applies the projection's poison policy to one event; counts and logs it.
+fn handle_poison(
     runtime: &ProjectionRuntime,
+    dead_letters: Option<&DeadLetters>,
+    message: &BorrowedMessage<'_>,
     partition: &SourcePartition,
-    offset: i64,
     reason: PoisonReason,
     error: String,
-) {
+    keep_waiting: &dyn Fn() -> bool,
+) -> Result<Outcome, LoopError> {
+    let offset = message.offset();
     metrics::POISON_EVENTS
         .with_label_values(&[&runtime.name, reason.as_str()])
         .inc();
-    error!(
-        topic = %partition.topic,
-        partition = partition.partition,
-        offset,
-        reason = %reason,
-        error = %error,
-        "poison event: projection stopped at {partition} offset {offset} ({reason}): {error}"
-    );
-    runtime.set_state(RunState::Poisoned {
-        topic: partition.topic.to_string(),
-        partition: partition.partition,
-        offset,
-        reason,
-        error,
-    });
+    match (runtime.on_poison, dead_letters) {
+        (PoisonPolicy::Skip, _) => {
+            warn!(topic = %partition.topic, partition = partition.partition, offset, reason = %reason, error = %error,
+                "poison event skipped (on_poison = skip): {partition} offset {offset} ({reason}): {error}");
+            Ok(Outcome::Applied)
+        }
+        (PoisonPolicy::DeadLetter, Some(dead_letters)) => {
+            dead_letters.send(message, &runtime.name, reason, &error, keep_waiting)?;
+            metrics::DEAD_LETTERS
+                .with_label_values(&[&runtime.name])
+                .inc();
+            warn!(topic = %partition.topic, partition = partition.partition, offset, reason = %reason, error = %error,
+                "poison event dead-lettered: {partition} offset {offset} ({reason}): {error}");
+            Ok(Outcome::Applied)
+        }
+        _ => {
+            error!(
+                topic = %partition.topic,
+                partition = partition.partition,
+                offset,
+                reason = %reason,
+                error = %error,
+                "poison event: projection stopped at {partition} offset {offset} ({reason}): {error}"
+            );
+            runtime.set_state(RunState::Poisoned {
+                topic: partition.topic.to_string(),
+                partition: partition.partition,
+                offset,
+                reason,
+                error,
+            });
+            Ok(Outcome::Halt)
+        }
+    }
 }
 
 fn handle_rebalance(
@@ -379,14 +454,27 @@ impl OpenBatch {
         Ok(next)
     }
 
+    /// Decodes, upcasts and folds one message. When it fails, the batch is as it
+    /// was before the message, even if an upcaster split it and some of its events
+    /// were already folded.
     fn apply(
         &mut self,
         message: &BorrowedMessage<'_>,
         partition: &SourcePartition,
     ) -> Result<(), Stop> {
+        let size = message.payload_len();
+        if size > self.runtime.max_event_bytes {
+            return Err(Stop::Poison {
+                reason: PoisonReason::BadFrame,
+                error: format!(
+                    "value of {size} bytes exceeds max_event_bytes = {}",
+                    self.runtime.max_event_bytes
+                ),
+            });
+        }
         let shutdown = self.deps.shutdown.clone();
         let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
-        let decoded = self
+        let events = self
             .decoder
             .decode(message.payload(), &keep_waiting)
             .map_err(|e| match e {
@@ -402,10 +490,37 @@ impl OpenBatch {
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
         };
+        if events.len() == 1 {
+            return self.fold(&events[0], &meta, partition, None);
+        }
+        let mut undo = Vec::new();
+        for event in &events {
+            if let Err(stop) = self.fold(event, &meta, partition, Some(&mut undo)) {
+                for (key, before) in undo.into_iter().rev() {
+                    match before {
+                        Some(state) => self.cache.insert(key, state),
+                        None => self.cache.remove(&key),
+                    };
+                }
+                return Err(stop);
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds one event into the cache. With `undo`, records each cache entry's
+    /// value before its first change (`None`: the entry was not cached).
+    fn fold(
+        &mut self,
+        current: &CurrentEvent,
+        meta: &EventMeta,
+        partition: &SourcePartition,
+        undo: Option<&mut Vec<(CacheKey, Option<Option<Json>>)>>,
+    ) -> Result<(), Stop> {
         let event = Event {
-            name: &decoded.event_name,
-            payload: &decoded.payload,
-            meta: &meta,
+            name: &current.name,
+            payload: &current.payload,
+            meta,
         };
         let fold_failed = |e: FoldError| Stop::Poison {
             reason: PoisonReason::FoldFailed,
@@ -416,6 +531,11 @@ impl OpenBatch {
             return Ok(());
         };
         let cache_key = (key, partition.clone());
+        if let Some(undo) = undo {
+            if !undo.iter().any(|(k, _)| *k == cache_key) {
+                undo.push((cache_key.clone(), self.cache.get(&cache_key).cloned()));
+            }
+        }
         let state = match self.cache.entry(cache_key) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tracing::info;
 
@@ -12,7 +12,7 @@ use crate::decode::Decoder;
 use crate::projection::{Projection, ProjectionRegistry};
 use crate::registry_client::RegistryClient;
 use crate::runtime::ProjectionRuntime;
-use crate::schemas::ReaderSchemas;
+use crate::schemas::{RustUpcasters, SchemaSet};
 use crate::serve::{self, ApiState};
 use crate::source::{self, SourceDeps};
 use crate::store::Store;
@@ -36,6 +36,50 @@ pub enum WorkerError {
     /// Anything else at start-up (registry client, HTTP listener).
     #[error("{0}")]
     Startup(String),
+}
+
+/// What the binary contributes: built-in projections and Rust upcasters by name.
+pub struct Builtins {
+    /// Built-in projections.
+    pub projections: ProjectionRegistry,
+    /// Rust upcasters that upcast files can name.
+    pub upcasters: RustUpcasters,
+}
+
+/// What a successful check found.
+pub struct CheckSummary {
+    /// The configured projections, built.
+    pub projections: Vec<Arc<dyn Projection>>,
+    /// The schema set, checked.
+    pub schemas: SchemaSet,
+}
+
+impl std::fmt::Display for CheckSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (types, versions, steps) = self.schemas.counts();
+        write!(
+            f,
+            "{} projections; {types} event types, {versions} schema versions, {steps} upcaster steps checked",
+            self.projections.len()
+        )
+    }
+}
+
+/// `projector check`: the config's projections build, the schema set loads, every
+/// version reaches the newest and every upcaster's output validates. Touches
+/// neither Kafka nor the registry.
+pub fn check(
+    config: &Config,
+    config_path: &Path,
+    builtins: &Builtins,
+) -> Result<CheckSummary, WorkerError> {
+    let projections = build_projections(config, config_path, &builtins.projections)?;
+    let schemas = SchemaSet::load(&config.schemas.dir, &builtins.upcasters)?;
+    schemas.check()?;
+    Ok(CheckSummary {
+        projections,
+        schemas,
+    })
 }
 
 /// Builds every configured projection from the built-ins, or says which entry of
@@ -74,16 +118,19 @@ pub fn build_projections(
         .collect()
 }
 
-/// Runs the worker until SIGINT or SIGTERM.
+/// Runs the worker until SIGINT or SIGTERM, after the same checks as [`check`].
 pub async fn run(
     config: Config,
     config_path: &Path,
-    builtins: &ProjectionRegistry,
+    builtins: &Builtins,
 ) -> Result<(), WorkerError> {
     apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION_BYTES);
     crate::metrics::init();
-    let projections = build_projections(&config, config_path, builtins)?;
-    let readers = Arc::new(ReaderSchemas::load(&config.schemas.dir)?);
+    let CheckSummary {
+        projections,
+        schemas,
+    } = check(&config, config_path, builtins)?;
+    let schemas = Arc::new(schemas);
     let store = Arc::new(Store::open(&config.store.path, config.store.sync_writes)?);
     let registry = Arc::new(
         RegistryClient::new(&config.registry, tokio::runtime::Handle::current())
@@ -95,18 +142,13 @@ pub async fn run(
         store_config: config.store.clone(),
         store: store.clone(),
         shutdown: shutdown.clone(),
+        async_runtime: tokio::runtime::Handle::current(),
     };
 
     let mut runtimes = BTreeMap::new();
     for (entry, projection) in config.projections.iter().zip(projections) {
         let generation = store.live_generation(&entry.name)?;
-        let runtime = Arc::new(ProjectionRuntime::new(
-            entry.name.clone(),
-            entry.kind.clone(),
-            entry.topics.clone(),
-            projection,
-            generation,
-        ));
+        let runtime = Arc::new(ProjectionRuntime::new(entry, projection, generation));
         runtimes.insert(entry.name.clone(), runtime);
     }
 
@@ -115,17 +157,33 @@ pub async fn run(
         .map_err(|e| WorkerError::Startup(format!("http.listen {}: {e}", config.http.listen)))?;
     info!(listen = %config.http.listen, projections = runtimes.len(), "worker started");
 
-    let threads: Vec<_> = runtimes
-        .values()
-        .map(|runtime| {
-            let decoder = Decoder::new(registry.clone(), readers.clone());
-            source::spawn(runtime.clone(), decoder, deps.clone())
-        })
-        .collect();
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    for runtime in runtimes.values() {
+        let start = {
+            let runtime = Arc::downgrade(runtime);
+            let (registry, schemas, deps, threads) = (
+                registry.clone(),
+                schemas.clone(),
+                deps.clone(),
+                threads.clone(),
+            );
+            move || {
+                let Some(runtime) = runtime.upgrade() else {
+                    return;
+                };
+                let decoder = Decoder::new(registry.clone(), schemas.clone());
+                let thread = source::spawn(runtime, decoder, deps.clone());
+                threads.lock().expect("threads lock").push(thread);
+            }
+        };
+        start();
+        runtime.set_respawn(Box::new(start));
+    }
 
     let api = serve::router(ApiState {
         projections: Arc::new(runtimes),
         store,
+        admin_token: config.http.admin_token.clone(),
     });
     let signal_flag = shutdown.clone();
     axum::serve(listener, api)
@@ -138,6 +196,7 @@ pub async fn run(
         .map_err(|e| WorkerError::Startup(format!("http server: {e}")))?;
 
     tokio::task::spawn_blocking(move || {
+        let threads = std::mem::take(&mut *threads.lock().expect("threads lock"));
         for thread in threads {
             let _ = thread.join();
         }

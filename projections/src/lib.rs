@@ -6,6 +6,9 @@ use engine::projection::{ProjectionFactory, ProjectionRegistry};
 
 mod fields;
 pub mod order_summary;
+mod upcasters;
+
+pub use upcasters::registry as upcasters;
 
 /// Every built-in projection, by kind name.
 pub fn registry() -> ProjectionRegistry {

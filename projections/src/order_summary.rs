@@ -3,7 +3,7 @@
 //! State: `{order_id, customer_id, status, total_cents, currency, tracking_id,
 //! version}`, where `version` counts the order's events folded so far (the
 //! aggregate's stream version). Events of an order that was never placed are
-//! ignored.
+//! ignored; an order placed with a negative total is refused (`fold_failed`).
 
 use engine::projection::{Event, FoldError, Projection};
 use serde::{Deserialize, Serialize};
@@ -100,6 +100,12 @@ impl Projection for OrderSummary {
         let next = match (event.name, current) {
             (PLACED, current) => {
                 let placed: OrderPlaced = event.parse()?;
+                if placed.total_cents < 0 {
+                    return Err(FoldError(format!(
+                        "order {} placed with a negative total ({} cents)",
+                        placed.order_id, placed.total_cents
+                    )));
+                }
                 Summary {
                     order_id: placed.order_id,
                     customer_id: placed.customer_id,

@@ -33,6 +33,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Validate the config, schemas and upcasters without touching Kafka.
+    Check {
+        /// The deployment's TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Run a development schema registry (Confluent REST API).
     Registry {
         /// Address to listen on.
@@ -71,7 +77,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let loaded = Config::load(&config)?;
-            engine::worker::run(loaded, &config, &projections::registry()).await?;
+            engine::worker::run(loaded, &config, &builtins()).await?;
+        }
+        Command::Check { config } => {
+            let loaded = Config::load(&config)?;
+            let summary = engine::worker::check(&loaded, &config, &builtins())?;
+            println!("{}: ok ({summary})", config.display());
         }
         Command::Registry { listen, data } => {
             let subjects = engine::registry::open(data).map_err(anyhow::Error::msg)?;
@@ -92,6 +103,13 @@ async fn axum_serve(listener: tokio::net::TcpListener, router: axum::Router) -> 
         })
         .await
         .context("serving HTTP")
+}
+
+fn builtins() -> engine::worker::Builtins {
+    engine::worker::Builtins {
+        projections: projections::registry(),
+        upcasters: projections::upcasters(),
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,0 +1,135 @@
+//! The dead-letter topic: poison events, byte for byte, with why in the headers.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use tracing::warn;
+
+use crate::config::KafkaConfig;
+use crate::poison::PoisonReason;
+
+/// A producer to one projection's dead-letter topic.
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Why a dead letter was not written.
+#[derive(Debug, thiserror::Error)]
+#[error("dead letter to {topic} not acknowledged: {error}")]
+pub struct DeadLetterError {
+    topic: String,
+    error: String,
+}
+
+impl DeadLetters {
+    /// A producer to `topic` with the deployment's Kafka settings.
+    pub fn new(
+        kafka: &KafkaConfig,
+        topic: &str,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000");
+        for (key, value) in &kafka.librdkafka_options {
+            if !is_consumer_only(key) {
+                config.set(key, value);
+            }
+        }
+        Ok(DeadLetters {
+            producer: config.create()?,
+            topic: topic.to_owned(),
+            runtime,
+        })
+    }
+
+    /// Writes `message` (original key, value and headers) with the `projector.*`
+    /// headers, and waits for the broker's acknowledgement, retrying with backoff
+    /// until it comes or `keep_waiting` says stop.
+    pub fn send(
+        &self,
+        message: &BorrowedMessage<'_>,
+        projection: &str,
+        reason: PoisonReason,
+        error: &str,
+        keep_waiting: &dyn Fn() -> bool,
+    ) -> Result<(), DeadLetterError> {
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        for (key, value) in [
+            ("projector.reason", reason.as_str()),
+            ("projector.error", error),
+            ("projector.source.topic", message.topic()),
+            ("projector.source.partition", partition.as_str()),
+            ("projector.source.offset", offset.as_str()),
+            ("projector.projection", projection),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(headers.clone());
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(value) = message.payload() {
+                record = record.payload(value);
+            }
+            let outcome = self.runtime.block_on(
+                self.producer
+                    .send(record, Timeout::After(Duration::from_secs(30))),
+            );
+            let failure = match outcome {
+                Ok(_) => return Ok(()),
+                Err((e, _)) => e.to_string(),
+            };
+            if !keep_waiting() {
+                return Err(DeadLetterError {
+                    topic: self.topic.clone(),
+                    error: failure,
+                });
+            }
+            warn!(topic = %self.topic, error = %failure, "dead letter not acknowledged; retrying");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Consumer properties from `librdkafka_options` that a producer would warn about.
+fn is_consumer_only(key: &str) -> bool {
+    matches!(
+        key,
+        "session.timeout.ms"
+            | "heartbeat.interval.ms"
+            | "max.poll.interval.ms"
+            | "group.instance.id"
+            | "auto.offset.reset"
+            | "fetch.min.bytes"
+            | "fetch.wait.max.ms"
+            | "queued.min.messages"
+            | "fetch.queue.backoff.ms"
+            | "partition.assignment.strategy"
+            | "group.protocol"
+    )
+}

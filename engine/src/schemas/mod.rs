@@ -1,0 +1,475 @@
+//! The event schema set: every version of every event type, and the upcasters
+//! between them, read from `schemas/`.
+//!
+//! Layout: `<dir>/<namespace>/<Name>.v<N>.avsc` for each version and
+//! `<dir>/<namespace>/<Name>.upcast.toml` for the steps between them (see
+//! [`upcast`]). The newest version of a type is what projections see. A type with
+//! no files is passed through as its writer wrote it.
+
+pub mod upcast;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use apache_avro::schema_compatibility::SchemaCompatibility;
+use apache_avro::types::Value;
+use apache_avro::Schema;
+
+use crate::avro_json;
+use crate::metrics;
+pub use upcast::{RustUpcaster, RustUpcasters, Step, UpcastOutput};
+
+/// A schema set that could not be loaded or checked; names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("schemas {}: {message}", path.display())]
+pub struct SchemaSetError {
+    /// The file or directory at fault.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn error_at(path: &Path, message: impl Into<String>) -> SchemaSetError {
+    SchemaSetError {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// One version of one event type.
+#[derive(Debug, Clone)]
+pub struct SchemaVersion {
+    /// Version number from the file name.
+    pub version: u32,
+    /// The parsed schema.
+    pub schema: Schema,
+    /// Its parsing canonical form, which identifies it.
+    pub canonical: String,
+    /// The file it came from.
+    pub path: PathBuf,
+}
+
+/// Every version of one event type and the steps out of them.
+#[derive(Debug)]
+pub struct EventType {
+    /// Full Avro name.
+    pub name: Arc<str>,
+    versions: BTreeMap<u32, SchemaVersion>,
+    steps: BTreeMap<u32, Step>,
+}
+
+impl EventType {
+    /// The newest version.
+    pub fn current(&self) -> &SchemaVersion {
+        self.versions
+            .values()
+            .next_back()
+            .expect("a type has at least one version")
+    }
+}
+
+/// How a writer schema relates to the schema set.
+#[derive(Debug, Clone)]
+pub enum WriterMatch {
+    /// A known version: decode with `reader` when set (the writer differs from the
+    /// version's file but resolves to it), then upcast from `version`.
+    Known {
+        /// Event type.
+        name: Arc<str>,
+        /// Version of the data once decoded.
+        version: u32,
+        /// Reader schema for Avro resolution, when the writer is not the file itself.
+        reader: Option<Schema>,
+    },
+    /// A type the set does not know: decoded with the writer schema, passed through.
+    Unregistered,
+    /// A known type, but this writer schema matches none of its versions.
+    Unknown(String),
+}
+
+/// An event after upcasting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurrentEvent {
+    /// Full name of its type.
+    pub name: Arc<str>,
+    /// Payload in the type's newest schema.
+    pub payload: Value,
+}
+
+/// The loaded schema set.
+#[derive(Debug, Default)]
+pub struct SchemaSet {
+    types: HashMap<String, EventType>,
+}
+
+impl SchemaSet {
+    /// Loads every schema and upcast file under `dir`; Rust steps are looked up in
+    /// `rust`. Use [`SchemaSet::check`] to prove every version reaches the newest.
+    pub fn load(dir: &Path, rust: &RustUpcasters) -> Result<SchemaSet, SchemaSetError> {
+        let mut files = Vec::new();
+        collect_files(dir, &mut files).map_err(|e| error_at(dir, e.to_string()))?;
+        let mut types: HashMap<String, EventType> = HashMap::new();
+        let mut upcast_files = Vec::new();
+        for path in files {
+            let file_name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if let Some(type_name) = file_name.strip_suffix(".upcast.toml") {
+                upcast_files.push((path.clone(), type_name.to_owned()));
+                continue;
+            }
+            if !file_name.ends_with(".avsc") {
+                continue;
+            }
+            let version = version_from_file_name(&path)
+                .ok_or_else(|| error_at(&path, "file name must be `<Name>.v<N>.avsc`"))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| error_at(&path, e.to_string()))?;
+            let schema = Schema::parse_str(&text).map_err(|e| error_at(&path, e.to_string()))?;
+            let name = match &schema {
+                Schema::Record(record) => record.name.fullname(None),
+                _ => return Err(error_at(&path, "an event schema must be a record")),
+            };
+            let stem = file_name.split(".v").next().unwrap_or_default();
+            if !name.ends_with(&format!(".{stem}")) && name != stem {
+                return Err(error_at(
+                    &path,
+                    format!("declares {name}, but the file is named for {stem}"),
+                ));
+            }
+            let entry = types.entry(name.clone()).or_insert_with(|| EventType {
+                name: name.as_str().into(),
+                versions: BTreeMap::new(),
+                steps: BTreeMap::new(),
+            });
+            let canonical = schema.canonical_form();
+            if let Some(existing) = entry.versions.get(&version) {
+                return Err(error_at(
+                    &path,
+                    format!(
+                        "{name} v{version} is also defined in {}",
+                        existing.path.display()
+                    ),
+                ));
+            }
+            entry.versions.insert(
+                version,
+                SchemaVersion {
+                    version,
+                    schema,
+                    canonical,
+                    path,
+                },
+            );
+        }
+        for (path, type_name) in upcast_files {
+            let namespace = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let full_name = format!("{namespace}.{type_name}");
+            let event_type = types.get_mut(&full_name).ok_or_else(|| {
+                error_at(
+                    &path,
+                    format!("upcasters for {full_name}, which has no schema file here"),
+                )
+            })?;
+            for step in
+                upcast::load_steps(&path, &full_name, rust).map_err(|e| error_at(&path, e))?
+            {
+                if !event_type.versions.contains_key(&step.from) {
+                    return Err(error_at(
+                        &path,
+                        format!(
+                            "step {} reads v{}, but there is no {full_name}.v{}.avsc",
+                            step.index, step.from, step.from
+                        ),
+                    ));
+                }
+                if let Some(other) = event_type.steps.get(&step.from) {
+                    return Err(error_at(
+                        &path,
+                        format!(
+                            "steps {} and {} both read v{}",
+                            other.index, step.index, step.from
+                        ),
+                    ));
+                }
+                event_type.steps.insert(step.from, step);
+            }
+        }
+        Ok(SchemaSet { types })
+    }
+
+    /// Proves the set usable: every version of every type reaches its type's newest
+    /// version (or a retired type's successor), and every step, run on a generated
+    /// sample of its input, produces events valid under their target schemas.
+    /// Returns the number of steps checked.
+    pub fn check(&self) -> Result<usize, SchemaSetError> {
+        let mut checked = 0;
+        for event_type in self.types.values() {
+            let newest = event_type.current().version;
+            for version in event_type.versions.values() {
+                match event_type.steps.get(&version.version) {
+                    None if version.version == newest => {}
+                    None => {
+                        return Err(error_at(
+                            &version.path,
+                            format!(
+                                "{} v{} has no upcaster to a newer version: add a [[step]] with from = {} to {}.upcast.toml",
+                                event_type.name,
+                                version.version,
+                                version.version,
+                                short_name(&event_type.name)
+                            ),
+                        ))
+                    }
+                    Some(step) => {
+                        self.check_step(step, version)?;
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        for event_type in self.types.values() {
+            for version in event_type.versions.keys() {
+                self.check_terminates(&event_type.name, *version)?;
+            }
+        }
+        Ok(checked)
+    }
+
+    fn check_step(&self, step: &Step, input: &SchemaVersion) -> Result<(), SchemaSetError> {
+        let failed =
+            |message: String| error_at(&step.file, format!("{}: {message}", step.describe()));
+        for (event, version) in step.declared_targets() {
+            self.version(&event, version).ok_or_else(|| {
+                failed(format!(
+                    "produces {event} v{version}, which has no schema file"
+                ))
+            })?;
+        }
+        let sample = avro_json::sample(&input.schema);
+        for output in step
+            .apply(&sample)
+            .map_err(|e| failed(format!("on a sample input: {e}")))?
+        {
+            let target = self.version(&output.event, output.version).ok_or_else(|| {
+                failed(format!(
+                    "produced {} v{}, which has no schema file",
+                    output.event, output.version
+                ))
+            })?;
+            avro_json::from_json(&output.payload, &target.schema).map_err(|e| {
+                failed(format!(
+                    "its output is not a valid {} v{} ({}): {e}",
+                    output.event,
+                    output.version,
+                    target.path.display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Follows declared steps from (name, version); fails on a cycle.
+    fn check_terminates(&self, name: &str, version: u32) -> Result<(), SchemaSetError> {
+        let mut seen = HashSet::new();
+        let mut pending = vec![(name.to_owned(), version)];
+        while let Some((name, version)) = pending.pop() {
+            let Some(event_type) = self.types.get(&name) else {
+                continue;
+            };
+            let Some(step) = event_type.steps.get(&version) else {
+                continue;
+            };
+            if !seen.insert((name.clone(), version)) {
+                return Err(error_at(
+                    &step.file,
+                    format!("{}: the upcasters form a cycle", step.describe()),
+                ));
+            }
+            pending.extend(step.declared_targets());
+        }
+        Ok(())
+    }
+
+    fn version(&self, name: &str, version: u32) -> Option<&SchemaVersion> {
+        self.types.get(name)?.versions.get(&version)
+    }
+
+    /// The event type `name`, if the set knows it.
+    pub fn event_type(&self, name: &str) -> Option<&EventType> {
+        self.types.get(name)
+    }
+
+    /// Number of event types, versions and steps.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let versions = self.types.values().map(|t| t.versions.len()).sum();
+        let steps = self.types.values().map(|t| t.steps.len()).sum();
+        (self.types.len(), versions, steps)
+    }
+
+    /// Finds which version a writer schema is. An exact match (same parsing
+    /// canonical form: differences in docs or formatting do not count) wins; else
+    /// the versions the writer resolves to under Avro schema resolution, preferring
+    /// one with exactly the writer's field names (a reordering), else the newest.
+    pub fn identify(&self, writer: &Schema) -> WriterMatch {
+        let Schema::Record(record) = writer else {
+            return WriterMatch::Unknown("the writer schema is not a record".into());
+        };
+        let name = record.name.fullname(None);
+        let Some(event_type) = self.types.get(&name) else {
+            return WriterMatch::Unregistered;
+        };
+        let canonical = writer.canonical_form();
+        if let Some(version) = event_type
+            .versions
+            .values()
+            .find(|v| v.canonical == canonical)
+        {
+            return WriterMatch::Known {
+                name: event_type.name.clone(),
+                version: version.version,
+                reader: None,
+            };
+        }
+        let writer_fields: HashSet<&str> = record.fields.iter().map(|f| f.name.as_str()).collect();
+        let readable: Vec<&SchemaVersion> = event_type
+            .versions
+            .values()
+            .filter(|v| SchemaCompatibility::can_read(writer, &v.schema).is_ok())
+            .collect();
+        let same_fields = readable.iter().find(|v| match &v.schema {
+            Schema::Record(r) => {
+                r.fields
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<HashSet<_>>()
+                    == writer_fields
+            }
+            _ => false,
+        });
+        match same_fields.or(readable.last()) {
+            Some(version) => WriterMatch::Known {
+                name: event_type.name.clone(),
+                version: version.version,
+                reader: Some(version.schema.clone()),
+            },
+            None => WriterMatch::Unknown(format!(
+                "this writer schema of {name} matches none of its {} known versions and resolves to none",
+                event_type.versions.len()
+            )),
+        }
+    }
+
+    /// Brings a decoded payload of `name` v`version` to the current version of its
+    /// type (or of the types it becomes). Zero events when an upcaster dropped it.
+    pub fn upcast(
+        &self,
+        name: &Arc<str>,
+        version: u32,
+        payload: Value,
+    ) -> Result<Vec<CurrentEvent>, String> {
+        let Some(event_type) = self.types.get(name.as_ref()) else {
+            return Ok(vec![CurrentEvent {
+                name: name.clone(),
+                payload,
+            }]);
+        };
+        if !event_type.steps.contains_key(&version) {
+            return Ok(vec![CurrentEvent {
+                name: name.clone(),
+                payload,
+            }]);
+        }
+        // Each step's outputs are checked against, and completed with the defaults
+        // of, their target version before the next step reads them.
+        let mut pending = vec![(event_type, version, payload)];
+        let mut done = Vec::new();
+        while let Some((event_type, version, payload)) = pending.pop() {
+            let Some(step) = event_type.steps.get(&version) else {
+                if event_type.current().version != version {
+                    return Err(format!("{} v{version} has no upcaster", event_type.name));
+                }
+                done.push(CurrentEvent {
+                    name: event_type.name.clone(),
+                    payload,
+                });
+                continue;
+            };
+            let input = avro_json::to_json(payload)?;
+            let outputs = step
+                .apply(&input)
+                .map_err(|e| format!("{}: {e}", step.describe()))?;
+            if done.len() + pending.len() + outputs.len() > 64 {
+                return Err(format!(
+                    "{}: upcasting produced more than 64 events",
+                    step.describe()
+                ));
+            }
+            for output in outputs.into_iter().rev() {
+                let target = self
+                    .types
+                    .get(&output.event)
+                    .and_then(|t| Some((t, t.versions.get(&output.version)?)))
+                    .ok_or_else(|| {
+                        format!(
+                            "{}: produced {} v{}, which has no schema",
+                            step.describe(),
+                            output.event,
+                            output.version
+                        )
+                    })?;
+                let value =
+                    avro_json::from_json(&output.payload, &target.1.schema).map_err(|e| {
+                        format!(
+                            "{}: output is not a valid {} v{}: {e}",
+                            step.describe(),
+                            output.event,
+                            output.version
+                        )
+                    })?;
+                metrics::UPCASTS
+                    .with_label_values(&[
+                        event_type.name.as_ref(),
+                        &version.to_string(),
+                        &output.version.to_string(),
+                    ])
+                    .inc();
+                pending.push((target.0, output.version, value));
+            }
+        }
+        Ok(done)
+    }
+}
+
+fn short_name(full: &str) -> &str {
+    full.rsplit('.').next().unwrap_or(full)
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|entry| entry.path());
+    for entry in entries {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn version_from_file_name(path: &Path) -> Option<u32> {
+    let stem = path.file_stem()?.to_str()?;
+    let (_, version) = stem.rsplit_once(".v")?;
+    version.parse().ok()
+}
+
+#[cfg(test)]
+mod tests;

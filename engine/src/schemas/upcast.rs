@@ -1,0 +1,384 @@
+//! Upcaster steps: how an event of one version becomes the next.
+//!
+//! Declared next to the schemas, in `<Name>.upcast.toml`:
+//!
+//! ```toml
+//! # OrderPlaced v1 -> v2: amounts move from currency units to cents.
+//! [[step]]
+//! from = 1                       # the version this step reads
+//! # to_event = "shop.orders.X"   # the type it produces (default: the same type)
+//! # to_version = 2               # default: from + 1 (required with to_event)
+//! rename = { oldName = "newName" }
+//! set = { totalCents = "int(math.round(event.total * 100.0))", currency = "'EUR'" }
+//! drop = ["total"]
+//! # drop_event_if = "event.total < 0.0"   # CEL guard: the event disappears
+//! # split = [{ event = "shop.orders.A", version = 1, set = { ... } }, ...]
+//! # rust = "name"                          # a Rust upcaster registered by name
+//! ```
+//!
+//! Expressions (CEL) see `event`, the step's input. A transform applies `rename`,
+//! then `set`, then `drop`; `split` builds each output from its own `set` only;
+//! `rust` hands the input to a function. Whatever a step produces must be valid
+//! under the target version's schema (checked at start-up on a generated sample,
+//! and on every event).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value as Json};
+
+use crate::expr::Expr;
+
+/// One event an upcaster produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpcastOutput {
+    /// Full name of the produced event's type.
+    pub event: String,
+    /// Its version.
+    pub version: u32,
+    /// Its payload, as JSON.
+    pub payload: Json,
+}
+
+/// An upcaster written in Rust: the input payload to zero or more outputs.
+pub type RustUpcaster = fn(&Json) -> Result<Vec<UpcastOutput>, String>;
+
+/// Rust upcasters by the name upcast files use for them.
+pub type RustUpcasters = BTreeMap<&'static str, RustUpcaster>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepFile {
+    #[serde(default)]
+    step: Vec<StepSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepSpec {
+    from: u32,
+    to_event: Option<String>,
+    to_version: Option<u32>,
+    #[serde(default)]
+    rename: BTreeMap<String, String>,
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    drop: Vec<String>,
+    drop_event_if: Option<String>,
+    #[serde(default)]
+    split: Vec<SplitSpec>,
+    rust: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitSpec {
+    event: String,
+    version: u32,
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+}
+
+/// A compiled step.
+#[derive(Debug)]
+pub struct Step {
+    /// The version it reads.
+    pub from: u32,
+    /// The file that declares it.
+    pub file: PathBuf,
+    /// 1-based position in the file, for messages.
+    pub index: usize,
+    drop_event_if: Option<Expr>,
+    kind: StepKind,
+}
+
+#[derive(Debug)]
+enum StepKind {
+    Transform {
+        to_event: String,
+        to_version: u32,
+        rename: BTreeMap<String, String>,
+        set: Vec<(String, Expr)>,
+        drop: Vec<String>,
+    },
+    Split(Vec<(String, u32, Vec<(String, Expr)>)>),
+    Rust {
+        name: String,
+        upcaster: RustUpcaster,
+    },
+}
+
+impl Step {
+    /// `file: step N (from vX)`, for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: step {} (from v{})",
+            self.file.display(),
+            self.index,
+            self.from
+        )
+    }
+
+    /// The (type, version) pairs this step can produce; empty for Rust steps, whose
+    /// outputs are only known by running them.
+    pub fn declared_targets(&self) -> Vec<(String, u32)> {
+        match &self.kind {
+            StepKind::Transform {
+                to_event,
+                to_version,
+                ..
+            } => vec![(to_event.clone(), *to_version)],
+            StepKind::Split(outputs) => outputs.iter().map(|(e, v, _)| (e.clone(), *v)).collect(),
+            StepKind::Rust { .. } => Vec::new(),
+        }
+    }
+
+    /// Runs the step on one payload.
+    pub fn apply(&self, input: &Json) -> Result<Vec<UpcastOutput>, String> {
+        let variables = [("event", input)];
+        if let Some(guard) = &self.drop_event_if {
+            if guard.test(&variables)? {
+                return Ok(Vec::new());
+            }
+        }
+        match &self.kind {
+            StepKind::Transform {
+                to_event,
+                to_version,
+                rename,
+                set,
+                drop,
+            } => {
+                let Json::Object(fields) = input else {
+                    return Err(format!("the input is {input}, not a record"));
+                };
+                let mut output: Map<String, Json> = fields.clone();
+                for (old, new) in rename {
+                    let value = output
+                        .remove(old)
+                        .ok_or_else(|| format!("rename: the input has no field `{old}`"))?;
+                    output.insert(new.clone(), value);
+                }
+                for (field, expr) in set {
+                    output.insert(field.clone(), expr.eval(&variables)?);
+                }
+                for field in drop {
+                    output.remove(field);
+                }
+                Ok(vec![UpcastOutput {
+                    event: to_event.clone(),
+                    version: *to_version,
+                    payload: Json::Object(output),
+                }])
+            }
+            StepKind::Split(outputs) => outputs
+                .iter()
+                .map(|(event, version, set)| {
+                    let payload = set
+                        .iter()
+                        .map(|(field, expr)| Ok((field.clone(), expr.eval(&variables)?)))
+                        .collect::<Result<Map<_, _>, String>>()?;
+                    Ok(UpcastOutput {
+                        event: event.clone(),
+                        version: *version,
+                        payload: Json::Object(payload),
+                    })
+                })
+                .collect(),
+            StepKind::Rust { name, upcaster } => {
+                upcaster(input).map_err(|e| format!("Rust upcaster `{name}`: {e}"))
+            }
+        }
+    }
+}
+
+/// Reads the steps of `event` from `file`.
+pub fn load_steps(file: &Path, event: &str, rust: &RustUpcasters) -> Result<Vec<Step>, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+    let parsed: StepFile = toml::from_str(&text).map_err(|e| e.to_string())?;
+    parsed
+        .step
+        .into_iter()
+        .enumerate()
+        .map(|(position, spec)| {
+            let index = position + 1;
+            compile_step(file, event, index, spec).map_err(|e| format!("step {index}: {e}"))
+        })
+        .map(|step| step.and_then(|s| resolve_rust(s, rust)))
+        .collect()
+}
+
+fn compile_step(file: &Path, event: &str, index: usize, spec: StepSpec) -> Result<Step, String> {
+    let compile_set = |set: &BTreeMap<String, String>| -> Result<Vec<(String, Expr)>, String> {
+        set.iter()
+            .map(|(field, source)| {
+                Expr::compile(source)
+                    .map(|e| (field.clone(), e))
+                    .map_err(|e| format!("set.{field}: {e}"))
+            })
+            .collect()
+    };
+    let drop_event_if = spec
+        .drop_event_if
+        .as_deref()
+        .map(Expr::compile)
+        .transpose()
+        .map_err(|e| format!("drop_event_if: {e}"))?;
+    let transforms = !spec.rename.is_empty() || !spec.set.is_empty() || !spec.drop.is_empty();
+    let kind = match (spec.rust, spec.split.is_empty()) {
+        (Some(name), true) if !transforms && spec.to_event.is_none() => StepKind::Rust {
+            name,
+            upcaster: |_| Err("not resolved".to_owned()),
+        },
+        (Some(_), _) => {
+            return Err("`rust` cannot be combined with rename/set/drop/split/to_event".into())
+        }
+        (None, false) if !transforms && spec.to_event.is_none() && spec.to_version.is_none() => {
+            StepKind::Split(
+                spec.split
+                    .iter()
+                    .map(|s| Ok((s.event.clone(), s.version, compile_set(&s.set)?)))
+                    .collect::<Result<_, String>>()?,
+            )
+        }
+        (None, false) => {
+            return Err(
+                "`split` cannot be combined with rename/set/drop/to_event/to_version".into(),
+            )
+        }
+        (None, true) => {
+            let to_event = spec.to_event.clone().unwrap_or_else(|| event.to_owned());
+            let to_version = match (spec.to_version, to_event == event) {
+                (Some(v), _) => v,
+                (None, true) => spec.from + 1,
+                (None, false) => return Err("`to_version` is required with `to_event`".into()),
+            };
+            if to_event == event && to_version <= spec.from {
+                return Err(format!(
+                    "goes from v{} to v{to_version}: a step must move to a newer version",
+                    spec.from
+                ));
+            }
+            StepKind::Transform {
+                to_event,
+                to_version,
+                rename: spec.rename,
+                set: compile_set(&spec.set)?,
+                drop: spec.drop,
+            }
+        }
+    };
+    Ok(Step {
+        from: spec.from,
+        file: file.to_owned(),
+        index,
+        drop_event_if,
+        kind,
+    })
+}
+
+fn resolve_rust(mut step: Step, rust: &RustUpcasters) -> Result<Step, String> {
+    if let StepKind::Rust { name, upcaster } = &mut step.kind {
+        *upcaster = *rust.get(name.as_str()).ok_or_else(|| {
+            let known: Vec<&str> = rust.keys().copied().collect();
+            format!(
+                "step {}: no Rust upcaster named `{name}` (registered: {})",
+                step.index,
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })?;
+    }
+    Ok(step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn steps(text: &str, rust: &RustUpcasters) -> Result<Vec<Step>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("E.upcast.toml");
+        std::fs::write(&file, text).unwrap();
+        load_steps(&file, "t.E", rust)
+    }
+
+    #[test]
+    fn transform_renames_sets_and_drops_from_the_input() {
+        let steps = steps(
+            "[[step]]\nfrom = 1\nrename = { a = \"b\" }\nset = { c = \"event.a * 2\" }\ndrop = [\"gone\"]\n",
+            &RustUpcasters::new(),
+        )
+        .unwrap();
+        let out = steps[0]
+            .apply(&json!({"a": 2, "gone": true, "keep": "k"}))
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![UpcastOutput {
+                event: "t.E".into(),
+                version: 2,
+                payload: json!({"b": 2, "c": 4, "keep": "k"})
+            }]
+        );
+    }
+
+    #[test]
+    fn split_and_drop_produce_several_or_no_events() {
+        let steps = steps(
+            "[[step]]\nfrom = 1\ndrop_event_if = \"event.n == 0\"\nsplit = [{ event = \"t.A\", version = 1, set = { n = \"event.n\" } }, { event = \"t.B\", version = 3, set = { m = \"event.n + 1\" } }]\n",
+            &RustUpcasters::new(),
+        )
+        .unwrap();
+        assert!(steps[0].apply(&json!({"n": 0})).unwrap().is_empty());
+        let out = steps[0].apply(&json!({"n": 5})).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (out[1].event.as_str(), out[1].version, &out[1].payload),
+            ("t.B", 3, &json!({"m": 6}))
+        );
+    }
+
+    #[test]
+    fn rust_upcasters_are_found_by_name() {
+        fn double(input: &Json) -> Result<Vec<UpcastOutput>, String> {
+            Ok(vec![UpcastOutput {
+                event: "t.E".into(),
+                version: 2,
+                payload: json!({"n": input["n"].as_i64().unwrap() * 2}),
+            }])
+        }
+        let mut rust = RustUpcasters::new();
+        rust.insert("double", double);
+        let steps = steps("[[step]]\nfrom = 1\nrust = \"double\"\n", &rust).unwrap();
+        assert_eq!(
+            steps[0].apply(&json!({"n": 4})).unwrap()[0].payload,
+            json!({"n": 8})
+        );
+        let error = self::steps("[[step]]\nfrom = 1\nrust = \"nope\"\n", &rust).unwrap_err();
+        assert!(error.contains("no Rust upcaster named `nope`"), "{error}");
+    }
+
+    #[test]
+    fn malformed_steps_are_refused_with_their_position() {
+        let none = RustUpcasters::new();
+        assert!(steps("[[step]]\nfrom = 1\nset = { x = \"(\" }\n", &none)
+            .unwrap_err()
+            .contains("step 1: set.x"));
+        assert!(steps("[[step]]\nfrom = 2\nto_version = 1\n", &none)
+            .unwrap_err()
+            .contains("newer version"));
+        assert!(steps("[[step]]\nfrom = 1\ncolour = 1\n", &none)
+            .unwrap_err()
+            .contains("colour"));
+        assert!(steps("[[step]]\nfrom = 1\nto_event = \"t.F\"\n", &none)
+            .unwrap_err()
+            .contains("to_version"));
+    }
+}
