@@ -53,9 +53,7 @@ impl Converter<'_> {
                 Value::Fixed(fixed.size, bytes)
             }
             Schema::Date => Value::Date(i32::try_from(integer()?).map_err(|_| mismatch())?),
-            Schema::TimeMillis => {
-                Value::TimeMillis(i32::try_from(integer()?).map_err(|_| mismatch())?)
-            }
+            Schema::TimeMillis => Value::TimeMillis(i32::try_from(integer()?).map_err(|_| mismatch())?),
             Schema::TimeMicros => Value::TimeMicros(integer()?),
             Schema::TimestampMillis => Value::TimestampMillis(integer()?),
             Schema::TimestampMicros => Value::TimestampMicros(integer()?),
@@ -75,12 +73,7 @@ impl Converter<'_> {
                 json.as_object()
                     .ok_or_else(mismatch)?
                     .iter()
-                    .map(|(k, v)| {
-                        Ok((
-                            k.clone(),
-                            self.convert(v, &map.types, &format!("{path}.{k}"))?,
-                        ))
-                    })
+                    .map(|(k, v)| Ok((k.clone(), self.convert(v, &map.types, &format!("{path}.{k}"))?)))
                     .collect::<Result<_, String>>()?,
             ),
             Schema::Enum(enumeration) => {
@@ -118,13 +111,9 @@ impl Converter<'_> {
                     let field_path = format!("{path}.{}", field.name);
                     let value = match (object.get(&field.name), &field.default) {
                         (Some(value), _) => self.convert(value, &field.schema, &field_path)?,
-                        (None, Some(default)) => {
-                            self.convert_default(default, &field.schema, &field_path)?
-                        }
+                        (None, Some(default)) => self.convert_default(default, &field.schema, &field_path)?,
                         (None, None) => {
-                            return Err(format!(
-                                "{field_path}: missing, and the field has no default"
-                            ))
+                            return Err(format!("{field_path}: missing, and the field has no default"))
                         }
                     };
                     fields.push((field.name.clone(), value));
@@ -148,12 +137,7 @@ impl Converter<'_> {
     }
 
     /// Avro defaults of union fields are of the union's first branch.
-    fn convert_default(
-        &self,
-        default: &Json,
-        schema: &Schema,
-        path: &str,
-    ) -> Result<Value, String> {
+    fn convert_default(&self, default: &Json, schema: &Schema, path: &str) -> Result<Value, String> {
         match schema {
             Schema::Union(union) if !union.variants().is_empty() => Ok(Value::Union(
                 0,
@@ -215,9 +199,7 @@ fn sample_with(schema: &Schema, names: &HashMap<Name, Schema>, depth: usize) -> 
             object.insert("key".into(), sample_with(&map.types, names, depth + 1));
             Json::Object(object)
         }
-        Schema::Enum(enumeration) => {
-            Json::String(enumeration.symbols.first().cloned().unwrap_or_default())
-        }
+        Schema::Enum(enumeration) => Json::String(enumeration.symbols.first().cloned().unwrap_or_default()),
         Schema::Union(union) => union
             .variants()
             .iter()
@@ -262,7 +244,8 @@ mod tests {
     #[test]
     fn round_trips_and_fills_defaults() {
         let schema = schema();
-        let json = json!({"id": "a", "n": 3, "at": 5, "tags": ["x"], "inner": {"x": 1.5}, "again": {"x": 2.0}});
+        let json =
+            json!({"id": "a", "n": 3, "at": 5, "tags": ["x"], "inner": {"x": 1.5}, "again": {"x": 2.0}});
         let value = from_json(&json, &schema).unwrap();
         assert!(value.validate(&schema));
         let mut back = to_json(value).unwrap();
@@ -277,14 +260,10 @@ mod tests {
         let base = json!({"id": "a", "n": 3, "at": 5, "tags": [], "inner": {"x": 1.0}});
         let mut too_big = base.clone();
         too_big["n"] = json!(1u64 << 40);
-        assert!(from_json(&too_big, &schema)
-            .unwrap_err()
-            .starts_with("event.n:"));
+        assert!(from_json(&too_big, &schema).unwrap_err().starts_with("event.n:"));
         let mut extra = base.clone();
         extra["surprise"] = json!(1);
-        assert!(from_json(&extra, &schema)
-            .unwrap_err()
-            .contains("event.surprise"));
+        assert!(from_json(&extra, &schema).unwrap_err().contains("event.surprise"));
         let mut missing = base.clone();
         missing.as_object_mut().unwrap().remove("id");
         assert!(from_json(&missing, &schema)
@@ -292,9 +271,7 @@ mod tests {
             .contains("event.id: missing"));
         let mut wrong = base;
         wrong["tags"] = json!([1]);
-        assert!(from_json(&wrong, &schema)
-            .unwrap_err()
-            .contains("event.tags[0]"));
+        assert!(from_json(&wrong, &schema).unwrap_err().contains("event.tags[0]"));
     }
 
     #[test]

@@ -160,10 +160,7 @@ impl std::fmt::Debug for HttpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpConfig")
             .field("listen", &self.listen)
-            .field(
-                "admin_token",
-                &self.admin_token.as_ref().map(|_| "<redacted>"),
-            )
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -264,10 +261,7 @@ impl Config {
 
     fn load_with_env(file: &Path, env: Env) -> Result<Config, ConfigError> {
         if !file.is_file() {
-            return Err(ConfigError(format!(
-                "config {}: file not found",
-                file.display()
-            )));
+            return Err(ConfigError(format!("config {}: file not found", file.display())));
         }
         let config: Config = Figment::new()
             .merge(Toml::file_exact(file))
@@ -288,8 +282,7 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::at(file, "kafka.brokers", "must not be empty"));
         }
-        if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))
-        {
+        if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://")) {
             return Err(ConfigError::at(
                 file,
                 "registry.url",
@@ -324,11 +317,7 @@ impl Config {
                 ));
             }
             if projection.topics.is_empty() {
-                return Err(ConfigError::at(
-                    file,
-                    &key("topics"),
-                    "needs at least one topic",
-                ));
+                return Err(ConfigError::at(file, &key("topics"), "needs at least one topic"));
             }
             if projection.on_poison == PoisonPolicy::DeadLetter {
                 match &projection.dead_letter_topic {
@@ -436,10 +425,7 @@ topics = ["orders"]
             .unwrap_err()
             .to_string();
         assert!(error.contains("colour"), "{error}");
-        assert!(
-            error.contains(&file.path().display().to_string()),
-            "{error}"
-        );
+        assert!(error.contains(&file.path().display().to_string()), "{error}");
     }
 
     #[test]
@@ -453,9 +439,8 @@ topics = ["orders"]
 
     #[test]
     fn duplicate_projection_names_are_refused() {
-        let twice = format!(
-            "{MINIMAL}\n[[projections]]\nname = \"order_summary\"\nkind = \"x\"\ntopics = [\"t\"]\n"
-        );
+        let twice =
+            format!("{MINIMAL}\n[[projections]]\nname = \"order_summary\"\nkind = \"x\"\ntopics = [\"t\"]\n");
         let file = write(&twice);
         let error = Config::load_with_env(file.path(), no_env())
             .unwrap_err()
@@ -469,10 +454,7 @@ topics = ["orders"]
         let error = Config::load_with_env(file.path(), no_env())
             .unwrap_err()
             .to_string();
-        assert!(
-            error.contains("projections[0].dead_letter_topic"),
-            "{error}"
-        );
+        assert!(error.contains("projections[0].dead_letter_topic"), "{error}");
         let file = write(&format!("{MINIMAL}on_poison = \"explode\"\n"));
         let error = Config::load_with_env(file.path(), no_env())
             .unwrap_err()

@@ -87,13 +87,13 @@ impl Decoder {
         })?;
         let plan = self.plan(frame.schema_id, keep_waiting)?;
         let mut body = frame.body;
-        let payload = apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref())
-            .map_err(|e| {
-            DecodeError::poison(
-                PoisonReason::DecodeFailed,
-                format!("{} (schema id {}): {e}", plan.event_name, frame.schema_id),
-            )
-        })?;
+        let payload =
+            apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref()).map_err(|e| {
+                DecodeError::poison(
+                    PoisonReason::DecodeFailed,
+                    format!("{} (schema id {}): {e}", plan.event_name, frame.schema_id),
+                )
+            })?;
         if !body.is_empty() {
             return Err(DecodeError::poison(
                 PoisonReason::DecodeFailed,
@@ -145,11 +145,7 @@ impl Decoder {
     }
 }
 
-fn plan_for(
-    schema_id: u32,
-    writer: Arc<Schema>,
-    schemas: &SchemaSet,
-) -> Result<DecodePlan, DecodeError> {
+fn plan_for(schema_id: u32, writer: Arc<Schema>, schemas: &SchemaSet) -> Result<DecodePlan, DecodeError> {
     let event_name: Arc<str> = match writer.as_ref() {
         Schema::Record(record) => record.name.fullname(None).into(),
         _ => {
@@ -160,9 +156,7 @@ fn plan_for(
         }
     };
     let (reader, version) = match schemas.identify(&writer) {
-        WriterMatch::Known {
-            version, reader, ..
-        } => (reader, Some(version)),
+        WriterMatch::Known { version, reader, .. } => (reader, Some(version)),
         WriterMatch::Unregistered => (None, None),
         WriterMatch::Unknown(why) => {
             return Err(DecodeError::poison(

@@ -65,10 +65,7 @@ impl Expr {
     pub fn test(&self, variables: &[(&str, &Json)]) -> Result<bool, String> {
         match self.eval(variables)? {
             Json::Bool(b) => Ok(b),
-            other => Err(format!(
-                "`{}` gave {other}, expected true or false",
-                self.source
-            )),
+            other => Err(format!("`{}` gave {other}, expected true or false", self.source)),
         }
     }
 }
@@ -122,9 +119,7 @@ mod tests {
 
     #[test]
     fn errors_say_what_failed() {
-        assert!(Expr::compile("event.(")
-            .unwrap_err()
-            .contains("does not compile"));
+        assert!(Expr::compile("event.(").unwrap_err().contains("does not compile"));
         let error = Expr::compile("event.missing + 1")
             .unwrap()
             .eval(&[("event", &json!({}))])

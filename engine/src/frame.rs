@@ -62,9 +62,6 @@ mod tests {
         assert_eq!(parse(None), Err(FrameError::NullValue));
         assert_eq!(parse(Some(&[])), Err(FrameError::TooShort(0)));
         assert_eq!(parse(Some(&[0, 0, 0, 1])), Err(FrameError::TooShort(4)));
-        assert_eq!(
-            parse(Some(b"{\"json\": true}")),
-            Err(FrameError::BadMagic(b'{'))
-        );
+        assert_eq!(parse(Some(b"{\"json\": true}")), Err(FrameError::BadMagic(b'{')));
     }
 }

@@ -40,12 +40,8 @@ pub struct Event<'a> {
 impl Event<'_> {
     /// Deserializes the payload into a typed struct (field names as in the schema).
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, FoldError> {
-        apache_avro::from_value(self.payload).map_err(|e| {
-            FoldError(format!(
-                "{} does not have the expected shape: {e}",
-                self.name
-            ))
-        })
+        apache_avro::from_value(self.payload)
+            .map_err(|e| FoldError(format!("{} does not have the expected shape: {e}", self.name)))
     }
 }
 

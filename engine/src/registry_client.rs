@@ -46,10 +46,7 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     /// A client for `config`; requests run on `runtime`.
-    pub fn new(
-        config: &RegistryConfig,
-        runtime: tokio::runtime::Handle,
-    ) -> Result<Self, RegistryError> {
+    pub fn new(config: &RegistryConfig, runtime: tokio::runtime::Handle) -> Result<Self, RegistryError> {
         let mut builder = SrSettings::new_builder(config.url.trim_end_matches('/').to_owned());
         builder.set_timeout(Duration::from_millis(config.timeout_ms));
         if let Some(user) = &config.username {
@@ -83,13 +80,12 @@ impl RegistryClient {
             match answer {
                 Ok(registered) => {
                     metrics::registry_request("ok");
-                    let schema =
-                        apache_avro::Schema::parse_str(&registered.schema).map_err(|e| {
-                            RegistryError::BadSchema {
-                                id,
-                                message: e.to_string(),
-                            }
-                        })?;
+                    let schema = apache_avro::Schema::parse_str(&registered.schema).map_err(|e| {
+                        RegistryError::BadSchema {
+                            id,
+                            message: e.to_string(),
+                        }
+                    })?;
                     let schema = Arc::new(schema);
                     self.cache
                         .lock()

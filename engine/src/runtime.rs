@@ -75,11 +75,7 @@ pub struct ProjectionRuntime {
 
 impl ProjectionRuntime {
     /// A projection that has not started consuming yet.
-    pub fn new(
-        config: &ProjectionConfig,
-        projection: Arc<dyn Projection>,
-        generation: Generation,
-    ) -> Self {
+    pub fn new(config: &ProjectionConfig, projection: Arc<dyn Projection>, generation: Generation) -> Self {
         ProjectionRuntime {
             name: config.name.clone(),
             kind: config.kind.clone(),

@@ -50,12 +50,9 @@ impl IntoResponse for ApiError {
 
 impl ApiState {
     fn projection(&self, name: &str) -> Result<&Arc<ProjectionRuntime>, ApiError> {
-        self.projections.get(name).ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no projection named `{name}`"),
-            )
-        })
+        self.projections
+            .get(name)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no projection named `{name}`")))
     }
 
     fn describe(&self, projection: &ProjectionRuntime) -> Result<Value, ApiError> {

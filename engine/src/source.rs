@@ -58,8 +58,7 @@ pub fn spawn(
         .spawn(move || {
             let span = info_span!("projection", projection = %projection.name);
             let _entered = span.enter();
-            let outcome =
-                FoldLoop::new(projection.clone(), decoder, deps).and_then(|mut l| l.run());
+            let outcome = FoldLoop::new(projection.clone(), decoder, deps).and_then(|mut l| l.run());
             if let Err(failure) = outcome {
                 error!(error = %failure, "projection stopped");
                 projection.set_state(RunState::Failed {
@@ -94,16 +93,8 @@ struct SourceContext {
 impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 if let Err(e) = self.start_from_stored_offsets(tpl) {
@@ -210,11 +201,7 @@ enum Outcome {
 }
 
 impl FoldLoop {
-    fn new(
-        runtime: Arc<ProjectionRuntime>,
-        decoder: Decoder,
-        deps: SourceDeps,
-    ) -> Result<Self, LoopError> {
+    fn new(runtime: Arc<ProjectionRuntime>, decoder: Decoder, deps: SourceDeps) -> Result<Self, LoopError> {
         let context = SourceContext {
             store: deps.store.clone(),
             runtime: runtime.clone(),
@@ -224,11 +211,9 @@ impl FoldLoop {
         let consumer: BaseConsumer<SourceContext> =
             consumer_config(&deps.kafka, &runtime.name).create_with_context(context)?;
         let dead_letters = match (&runtime.on_poison, &runtime.dead_letter_topic) {
-            (PoisonPolicy::DeadLetter, Some(topic)) => Some(DeadLetters::new(
-                &deps.kafka,
-                topic,
-                deps.async_runtime.clone(),
-            )?),
+            (PoisonPolicy::DeadLetter, Some(topic)) => {
+                Some(DeadLetters::new(&deps.kafka, topic, deps.async_runtime.clone())?)
+            }
             _ => None,
         };
         let topics: Vec<&str> = runtime.topics.iter().map(String::as_str).collect();
@@ -289,9 +274,7 @@ impl FoldLoop {
                 continue;
             }
             let outcome = if runtime.take_skip(&partition.topic, partition.partition, offset) {
-                metrics::OPERATOR_SKIPS
-                    .with_label_values(&[&runtime.name])
-                    .inc();
+                metrics::OPERATOR_SKIPS.with_label_values(&[&runtime.name]).inc();
                 warn!(topic = %partition.topic, partition = partition.partition, offset,
                     "operator skip: event at {partition} offset {offset} skipped without folding");
                 Outcome::Applied
@@ -356,9 +339,7 @@ fn handle_poison(
         }
         (PoisonPolicy::DeadLetter, Some(dead_letters)) => {
             dead_letters.send(message, &runtime.name, reason, &error, keep_waiting)?;
-            metrics::DEAD_LETTERS
-                .with_label_values(&[&runtime.name])
-                .inc();
+            metrics::DEAD_LETTERS.with_label_values(&[&runtime.name]).inc();
             warn!(topic = %partition.topic, partition = partition.partition, offset, reason = %reason, error = %error,
                 "poison event dead-lettered: {partition} offset {offset} ({reason}): {error}");
             Ok(Outcome::Applied)
@@ -384,17 +365,8 @@ fn handle_poison(
     }
 }
 
-fn handle_rebalance(
-    consumer: &BaseConsumer<SourceContext>,
-    batch: &mut OpenBatch,
-) -> Result<(), LoopError> {
-    if let Some(error) = consumer
-        .context()
-        .assignment_error
-        .lock()
-        .expect("lock")
-        .take()
-    {
+fn handle_rebalance(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Result<(), LoopError> {
+    if let Some(error) = consumer.context().assignment_error.lock().expect("lock").take() {
         commit(consumer, batch)?;
         return Err(LoopError::Assignment(error));
     }
@@ -419,8 +391,7 @@ fn commit(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Resu
     };
     let mut tpl = TopicPartitionList::new();
     for (partition, next) in &offsets {
-        let _ =
-            tpl.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(*next));
+        let _ = tpl.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(*next));
     }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
         // Group offsets are informational (external lag tools); ours are in RocksDB.
@@ -445,11 +416,7 @@ impl OpenBatch {
             return Ok(*next);
         }
         let generation = self.runtime.generation();
-        let next = self
-            .deps
-            .store
-            .next_offset(&generation, partition)?
-            .unwrap_or(0);
+        let next = self.deps.store.next_offset(&generation, partition)?.unwrap_or(0);
         self.positions.insert(partition.clone(), next);
         Ok(next)
     }
@@ -457,11 +424,7 @@ impl OpenBatch {
     /// Decodes, upcasts and folds one message. When it fails, the batch is as it
     /// was before the message, even if an upcaster split it and some of its events
     /// were already folded.
-    fn apply(
-        &mut self,
-        message: &BorrowedMessage<'_>,
-        partition: &SourcePartition,
-    ) -> Result<(), Stop> {
+    fn apply(&mut self, message: &BorrowedMessage<'_>, partition: &SourcePartition) -> Result<(), Stop> {
         let size = message.payload_len();
         if size > self.runtime.max_event_bytes {
             return Err(Stop::Poison {

@@ -16,8 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{
-    BoundColumnFamily, DBWithThreadMode, IteratorMode, MultiThreaded, Options, WriteBatch,
-    WriteOptions,
+    BoundColumnFamily, DBWithThreadMode, IteratorMode, MultiThreaded, Options, WriteBatch, WriteOptions,
 };
 use serde_json::Value as Json;
 
@@ -97,15 +96,13 @@ impl Store {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         let existing = if path.join("CURRENT").exists() {
-            Db::list_cf(&options, path).map_err(failed(format!(
-                "listing column families in {}",
-                path.display()
-            )))?
+            Db::list_cf(&options, path)
+                .map_err(failed(format!("listing column families in {}", path.display())))?
         } else {
             Vec::new()
         };
-        let db = Db::open_cf(&options, path, existing)
-            .map_err(failed(format!("opening {}", path.display())))?;
+        let db =
+            Db::open_cf(&options, path, existing).map_err(failed(format!("opening {}", path.display())))?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync_writes);
         Ok(Store { db, write_options })
@@ -114,11 +111,7 @@ impl Store {
     /// The live generation of `projection`, creating generation 1 on first use.
     pub fn live_generation(&self, projection: &str) -> Result<Generation, StoreError> {
         let key = [LIVE_PREFIX, projection.as_bytes()].concat();
-        let number = match self
-            .db
-            .get(&key)
-            .map_err(failed("reading live generation"))?
-        {
+        let number = match self.db.get(&key).map_err(failed("reading live generation"))? {
             Some(bytes) => decode_u64(&bytes).ok_or_else(|| StoreError {
                 context: format!("live generation of {projection}"),
                 source: "corrupt generation number".into(),
@@ -171,10 +164,7 @@ impl Store {
     }
 
     /// Every committed offset of a generation.
-    pub fn offsets(
-        &self,
-        generation: &Generation,
-    ) -> Result<BTreeMap<SourcePartition, i64>, StoreError> {
+    pub fn offsets(&self, generation: &Generation) -> Result<BTreeMap<SourcePartition, i64>, StoreError> {
         let cf = self.cf(generation)?;
         let mut offsets = BTreeMap::new();
         for item in self.db.prefix_iterator_cf(&cf, b"o") {
@@ -185,9 +175,7 @@ impl Store {
             let mut rest = &key[1..];
             let topic = unescape_next(&mut rest);
             let partition = rest.try_into().ok().map(i32::from_be_bytes);
-            if let (Some(topic), Some(partition), Some(next)) =
-                (topic, partition, decode_u64(&value))
-            {
+            if let (Some(topic), Some(partition), Some(next)) = (topic, partition, decode_u64(&value)) {
                 let topic = String::from_utf8_lossy(&topic).into_owned();
                 offsets.insert(
                     SourcePartition {
@@ -214,10 +202,7 @@ impl Store {
             .get_cf(&cf, state_key(key, partition))
             .map_err(failed(format!("reading `{key}` of {partition}")))?;
         bytes
-            .map(|b| {
-                serde_json::from_slice(&b)
-                    .map_err(failed(format!("decoding `{key}` of {partition}")))
-            })
+            .map(|b| serde_json::from_slice(&b).map_err(failed(format!("decoding `{key}` of {partition}"))))
             .transpose()
     }
 
@@ -226,17 +211,15 @@ impl Store {
         let cf = self.cf(generation)?;
         let prefix = state_prefix(key);
         let mut partials = Vec::new();
-        let iter = self.db.iterator_cf(
-            &cf,
-            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
-        );
+        let iter = self
+            .db
+            .iterator_cf(&cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward));
         for item in iter {
             let (row, value) = item.map_err(failed(format!("reading `{key}`")))?;
             if !row.starts_with(&prefix) {
                 break;
             }
-            partials
-                .push(serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?);
+            partials.push(serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?);
         }
         Ok(partials)
     }
@@ -261,10 +244,7 @@ impl Store {
         }
         self.db
             .write_opt(write, &self.write_options)
-            .map_err(failed(format!(
-                "committing a batch of {}",
-                generation.projection
-            )))
+            .map_err(failed(format!("committing a batch of {}", generation.projection)))
     }
 }
 
@@ -372,10 +352,7 @@ mod tests {
             store.next_offset(&generation, &partition("t", 0)).unwrap(),
             Some(17)
         );
-        assert_eq!(
-            store.next_offset(&generation, &partition("t", 1)).unwrap(),
-            None
-        );
+        assert_eq!(store.next_offset(&generation, &partition("t", 1)).unwrap(), None);
         let offsets = store.offsets(&generation).unwrap();
         assert_eq!(offsets.len(), 2);
         assert_eq!(offsets[&partition("t", 3)], 4);
@@ -387,9 +364,7 @@ mod tests {
         let store = Store::open(dir.path(), false).unwrap();
         let generation = store.live_generation("p").unwrap();
         let mut batch = BatchWrite::default();
-        batch
-            .rows
-            .push(("k".into(), partition("t", 0), Some(json!(1))));
+        batch.rows.push(("k".into(), partition("t", 0), Some(json!(1))));
         store.commit(&generation, &batch).unwrap();
         let mut batch = BatchWrite::default();
         batch.rows.push(("k".into(), partition("t", 0), None));
@@ -410,13 +385,7 @@ mod tests {
             .rows
             .push(("a".into(), partition("t", 0), Some(json!("plain"))));
         store.commit(&generation, &batch).unwrap();
-        assert_eq!(
-            store.partials(&generation, "a").unwrap(),
-            vec![json!("plain")]
-        );
-        assert_eq!(
-            store.partials(&generation, "a\0").unwrap(),
-            vec![json!("nul")]
-        );
+        assert_eq!(store.partials(&generation, "a").unwrap(), vec![json!("plain")]);
+        assert_eq!(store.partials(&generation, "a\0").unwrap(), vec![json!("nul")]);
     }
 }

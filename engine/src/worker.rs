@@ -68,18 +68,11 @@ impl std::fmt::Display for CheckSummary {
 /// `projector check`: the config's projections build, the schema set loads, every
 /// version reaches the newest and every upcaster's output validates. Touches
 /// neither Kafka nor the registry.
-pub fn check(
-    config: &Config,
-    config_path: &Path,
-    builtins: &Builtins,
-) -> Result<CheckSummary, WorkerError> {
+pub fn check(config: &Config, config_path: &Path, builtins: &Builtins) -> Result<CheckSummary, WorkerError> {
     let projections = build_projections(config, config_path, &builtins.projections)?;
     let schemas = SchemaSet::load(&config.schemas.dir, &builtins.upcasters)?;
     schemas.check()?;
-    Ok(CheckSummary {
-        projections,
-        schemas,
-    })
+    Ok(CheckSummary { projections, schemas })
 }
 
 /// Builds every configured projection from the built-ins, or says which entry of
@@ -111,25 +104,18 @@ pub fn build_projections(
             } else {
                 entry.options.clone()
             };
-            factory(&options).map(Arc::from).map_err(|e| {
-                ConfigError::at(config_path, &format!("projections[{index}].options"), e)
-            })
+            factory(&options)
+                .map(Arc::from)
+                .map_err(|e| ConfigError::at(config_path, &format!("projections[{index}].options"), e))
         })
         .collect()
 }
 
 /// Runs the worker until SIGINT or SIGTERM, after the same checks as [`check`].
-pub async fn run(
-    config: Config,
-    config_path: &Path,
-    builtins: &Builtins,
-) -> Result<(), WorkerError> {
+pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Result<(), WorkerError> {
     apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION_BYTES);
     crate::metrics::init();
-    let CheckSummary {
-        projections,
-        schemas,
-    } = check(&config, config_path, builtins)?;
+    let CheckSummary { projections, schemas } = check(&config, config_path, builtins)?;
     let schemas = Arc::new(schemas);
     let store = Arc::new(Store::open(&config.store.path, config.store.sync_writes)?);
     let registry = Arc::new(
@@ -161,12 +147,8 @@ pub async fn run(
     for runtime in runtimes.values() {
         let start = {
             let runtime = Arc::downgrade(runtime);
-            let (registry, schemas, deps, threads) = (
-                registry.clone(),
-                schemas.clone(),
-                deps.clone(),
-                threads.clone(),
-            );
+            let (registry, schemas, deps, threads) =
+                (registry.clone(), schemas.clone(), deps.clone(), threads.clone());
             move || {
                 let Some(runtime) = runtime.upgrade() else {
                     return;
@@ -211,9 +193,8 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing SIGTERM handler");
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

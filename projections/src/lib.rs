@@ -12,7 +12,6 @@ pub use upcasters::registry as upcasters;
 
 /// Every built-in projection, by kind name.
 pub fn registry() -> ProjectionRegistry {
-    let builtins: [(&'static str, ProjectionFactory); 1] =
-        [("order_summary", order_summary::build)];
+    let builtins: [(&'static str, ProjectionFactory); 1] = [("order_summary", order_summary::build)];
     builtins.into_iter().collect()
 }

@@ -172,12 +172,7 @@ mod tests {
     }
 
     fn record(fields: &[(&str, Value)]) -> Value {
-        Value::Record(
-            fields
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-        )
+        Value::Record(fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
     }
 
     fn placed() -> Value {

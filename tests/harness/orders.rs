@@ -77,8 +77,7 @@ fn lifecycle(rng: &mut StdRng, order_id: &str, at: i64) -> Vec<Value> {
         "items": items, "totalCents": total, "currency": currency, "placedAt": at}});
     let charged = json!({"type": "PaymentCharged", "value": {"orderId": order_id, "amountCents": total, "card": "visa"}});
     let shipped = json!({"type": "OrderShipped", "value": {"orderId": order_id, "trackingId": format!("T-{order_id}"), "shippedAt": at + 10}});
-    let delivered =
-        json!({"type": "OrderDelivered", "value": {"orderId": order_id, "deliveredAt": at + 20}});
+    let delivered = json!({"type": "OrderDelivered", "value": {"orderId": order_id, "deliveredAt": at + 20}});
     let cancelled = json!({"type": "OrderCancelled", "value": {"orderId": order_id, "reason": "changed mind", "cancelledAt": at + 30}});
     match rng.random_range(0..10) {
         0..=5 => vec![placed, charged, shipped, delivered],
@@ -87,24 +86,61 @@ fn lifecycle(rng: &mut StdRng, order_id: &str, at: i64) -> Vec<Value> {
     }
 }
 
+/// Rewrites a share of the stream's events to older schema versions, as a log
+/// that has lived through schema changes holds them: `OrderPlaced` as v1 (with its
+/// variants that differ only in docs or field order, registered as schemas of
+/// their own) and v2, `OrderShipped` as v1.
+pub fn mix_versions(stream: &mut OrderStream, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let variants = crate::repo_root().join("tests/python/variants");
+    for line in stream.lines.iter_mut() {
+        match line["type"].as_str() {
+            Some("OrderPlaced") => match rng.random_range(0..6) {
+                0..=2 => {
+                    let value = line["value"].as_object_mut().expect("an object");
+                    let cents = value
+                        .remove("totalCents")
+                        .and_then(|c| c.as_i64())
+                        .expect("totalCents");
+                    value.remove("currency");
+                    value.insert("total".into(), json!(cents as f64 / 100.0));
+                    line["version"] = json!(1);
+                    match rng.random_range(0..3) {
+                        0 => line["schema_file"] = json!(variants.join("OrderPlaced.v1.docs.avsc")),
+                        1 => line["schema_file"] = json!(variants.join("OrderPlaced.v1.reordered.avsc")),
+                        _ => {}
+                    }
+                }
+                3 => line["version"] = json!(2),
+                _ => {}
+            },
+            Some("OrderShipped") if rng.random_bool(0.5) => line["version"] = json!(1),
+            _ => {}
+        }
+    }
+}
+
 /// The expected `order_summary` state of every placed order.
 pub fn oracle(lines: &[Value]) -> BTreeMap<String, Value> {
     let mut states: BTreeMap<String, Value> = BTreeMap::new();
     for line in lines {
-        let order_id = line["value"]["orderId"]
-            .as_str()
-            .expect("orderId")
-            .to_owned();
+        let order_id = line["value"]["orderId"].as_str().expect("orderId").to_owned();
         let kind = line["type"].as_str().expect("type");
         if kind == "OrderPlaced" {
             let v = &line["value"];
+            // OrderPlaced v1 carried `total` in euros; the v1 -> v2 upcast rule is
+            // totalCents = round(total * 100), currency = "EUR".
+            let (total_cents, currency) = match v.get("total").and_then(Value::as_f64) {
+                Some(total) => (json!((total * 100.0).round() as i64), json!("EUR")),
+                None => (v["totalCents"].clone(), v["currency"].clone()),
+            };
             let previous = states.get(&order_id);
             let version = previous.map_or(0, |p| p["version"].as_u64().unwrap()) + 1;
             let tracking = previous.map_or(Value::Null, |p| p["tracking_id"].clone());
             states.insert(
                 order_id.clone(),
                 json!({"order_id": order_id, "customer_id": v["customerId"], "status": "placed",
-                       "total_cents": v["totalCents"], "currency": v["currency"],
+                       "total_cents": total_cents, "currency": currency,
                        "tracking_id": tracking, "version": version}),
             );
             continue;

@@ -189,12 +189,19 @@ pub struct Registry {
 impl Registry {
     /// Starts an in-memory registry; logs go to `dir`.
     pub fn start(dir: &Path) -> Result<Registry> {
-        let port = free_port();
+        Self::start_at(dir, free_port(), None)
+    }
+
+    /// Starts a registry on `port`, persisted in `data` when given.
+    pub fn start_at(dir: &Path, port: u16, data: Option<&Path>) -> Result<Registry> {
         let mut command = Command::new(projector_bin());
         command
             .arg("registry")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"));
+        if let Some(data) = data {
+            command.arg("--data").arg(data);
+        }
         let mut service = Service::start("projector registry", command, &dir.join("registry.log"))?;
         wait_for_port(&mut service, port)?;
         Ok(Registry { service, port })
@@ -203,6 +210,11 @@ impl Registry {
     /// `http://127.0.0.1:<port>`
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 }
 
@@ -263,6 +275,22 @@ impl Worker {
         let status = response.status().as_u16();
         let body = response.json().unwrap_or(serde_json::Value::Null);
         Ok((status, body))
+    }
+
+    /// POST `path` with `Authorization: Bearer <token>` when a token is given.
+    pub fn post(&self, path: &str, token: Option<&str>) -> Result<(u16, serde_json::Value)> {
+        let mut request = http().post(format!("{}{path}", self.url()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send()?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().unwrap_or(serde_json::Value::Null)))
+    }
+
+    /// The Prometheus text of `GET /metrics`.
+    pub fn metrics(&self) -> Result<String> {
+        Ok(http().get(format!("{}/metrics", self.url())).send()?.text()?)
     }
 
     /// The projection's description from `GET /projections/{name}`.

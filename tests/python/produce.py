@@ -4,11 +4,19 @@ Reads JSON lines from --events. Each line is one record:
   {"topic": "orders", "key": "o-1", "type": "OrderPlaced", "value": {...}}
 serialized with AvroSerializer (TopicRecordNameStrategy, auto-register, the schema
 from --schemas <namespace>/<type>.v<N>.avsc, newest N unless "version" is given).
+"schema_file" serializes with that schema file instead (a variant of a version).
+"headers": {"k": "v"} adds record headers.
 Corruptions for poison tests, applied to the serialized bytes:
   "raw_hex": "..."        write these bytes instead (no serializer)
   "null_value": true      a tombstone
   "truncate": N           drop the last N bytes
+  "append_hex": "..."     add these bytes at the end
   "schema_id": N          rewrite the frame's schema id
+  "schema_id_of": "Type"  rewrite it to the id another type was serialized with
+  "corrupt": "text"       overwrite these UTF-8 bytes with invalid UTF-8
+--record FILE writes what was produced (key, value and headers in hex), a line each.
+--hold-until FILE serializes everything first (registering schemas), prints
+"serialized", and sends only once FILE exists.
 Prints one JSON line at the end: {"produced": N}.
 """
 
@@ -44,6 +52,8 @@ def main():
     parser.add_argument("--events", required=True)
     parser.add_argument("--namespace", default="shop.orders")
     parser.add_argument("--rate", type=float, default=0, help="events per second; 0 = as fast as possible")
+    parser.add_argument("--record")
+    parser.add_argument("--hold-until")
     args = parser.parse_args()
 
     registry = SchemaRegistryClient({"url": args.registry})
@@ -60,10 +70,11 @@ def main():
         if err is not None:
             failures.append(str(err))
 
-    def serializer(event_type, version):
-        cache_key = (event_type, version)
+    def serializer(event_type, version, schema_path=None):
+        cache_key = (event_type, version, schema_path)
         if cache_key not in serializers:
-            with open(schema_file(args.schemas, args.namespace, event_type, version)) as f:
+            path = schema_path or schema_file(args.schemas, args.namespace, event_type, version)
+            with open(path) as f:
                 schema = f.read()
             serializers[cache_key] = AvroSerializer(registry, schema, conf={
                 "auto.register.schemas": True,
@@ -72,8 +83,8 @@ def main():
             })
         return serializers[cache_key]
 
-    produced = 0
-    started = time.monotonic()
+    schema_ids = {}
+    records = []
     with open(args.events) as lines:
         for line in lines:
             record = json.loads(line)
@@ -84,24 +95,54 @@ def main():
             elif record.get("null_value"):
                 value = None
             else:
-                ser = serializer(record["type"], record.get("version"))
+                ser = serializer(record["type"], record.get("version"), record.get("schema_file"))
                 value = ser(record["value"], SerializationContext(topic, MessageField.VALUE))
+                schema_ids.setdefault(record["type"], value[1:5])
                 if "schema_id" in record:
                     value = value[:1] + struct.pack(">I", record["schema_id"]) + value[5:]
+                if "schema_id_of" in record:
+                    value = value[:1] + schema_ids[record["schema_id_of"]] + value[5:]
+                if "corrupt" in record:
+                    text = record["corrupt"].encode()
+                    assert text in value, "corrupt: text not in the serialized value"
+                    value = value.replace(text, bytes([0xFF, 0xFE] * (len(text) // 2) + [0xFF] * (len(text) % 2)))
                 if "truncate" in record:
                     value = value[: len(value) - record["truncate"]]
-            while True:
-                try:
-                    producer.produce(topic, key=key, value=value, on_delivery=delivered)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            produced += 1
-            producer.poll(0)
-            if args.rate > 0:
-                ahead = produced / args.rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+                if "append_hex" in record:
+                    value = value + bytes.fromhex(record["append_hex"])
+            headers = [(k, v.encode()) for k, v in record.get("headers", {}).items()]
+            records.append((topic, key, value, headers))
+
+    if args.hold_until:
+        print("serialized", flush=True)
+        while not os.path.exists(args.hold_until):
+            time.sleep(0.05)
+
+    record_file = open(args.record, "w") if args.record else None
+    produced = 0
+    started = time.monotonic()
+    for topic, key, value, headers in records:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, headers=headers or None, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if record_file:
+            record_file.write(json.dumps({
+                "topic": topic,
+                "key_hex": key.hex() if key is not None else None,
+                "value_hex": value.hex() if value is not None else None,
+                "headers": [[k, v.hex()] for k, v in headers],
+            }) + "\n")
+        produced += 1
+        producer.poll(0)
+        if args.rate > 0:
+            ahead = produced / args.rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    if record_file:
+        record_file.close()
     remaining = producer.flush(60)
     if remaining or failures:
         sys.exit(f"produce.py: {remaining} undelivered, failures: {failures[:5]}")

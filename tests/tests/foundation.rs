@@ -2,114 +2,16 @@
 //! producer and `projector run` as processes. State over HTTP is compared with an
 //! independent oracle fold on every key.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use projector_tests::orders::{self, OrderStream};
+use projector_tests::orders;
 use projector_tests::{
-    produce, produce_command, repo_root, wait_until, write_events, Broker, Registry, Service,
-    Worker,
+    assert_state_matches_oracle, order_summary_projections, produce, produce_command, wait_applied,
+    wait_until, worker_config, write_events, Broker, Registry, Service, Worker,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-
-fn worker_config(
-    broker: &Broker,
-    registry: &Registry,
-    data: &Path,
-    projections: &[(&str, &str)],
-) -> String {
-    let mut text = format!(
-        r#"# Test worker: short group timeouts so joins against Tansu are quick.
-[kafka]
-brokers = "{brokers}"
-group_prefix = "projector-test"
-librdkafka_options = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }}
-[registry]
-url = "{registry}"
-[store]
-path = "{data}"
-batch_max_wait_ms = 50
-[http]
-listen = "{{HTTP_LISTEN}}"
-[schemas]
-dir = "{schemas}"
-"#,
-        brokers = broker.address(),
-        registry = registry.url(),
-        data = data.display(),
-        schemas = repo_root().join("schemas").display(),
-    );
-    for (name, topic) in projections {
-        text.push_str(&format!(
-            "[[projections]]\nname = \"{name}\"\nkind = \"order_summary\"\ntopics = [\"{topic}\"]\n"
-        ));
-    }
-    text
-}
-
-/// Waits until the projection has committed `events` events in total.
-fn wait_applied(
-    worker: &mut Worker,
-    projection: &str,
-    events: usize,
-    timeout: Duration,
-) -> Result<()> {
-    let mut last = 0;
-    let mut alive = Ok(());
-    let outcome = wait_until(
-        &format!("{projection} to apply {events} events"),
-        timeout,
-        || {
-            alive = worker.service.check_alive();
-            last = worker.applied_offsets(projection).unwrap_or(last);
-            alive.is_err() || last >= events as i64
-        },
-    );
-    alive?;
-    outcome.with_context(|| {
-        format!(
-            "{last} of {events} applied; worker log:\n{}",
-            worker.service.log()
-        )
-    })
-}
-
-/// Every placed order's state equals the oracle's; orders never placed are 404.
-fn assert_state_matches_oracle(worker: &Worker, stream: &OrderStream) -> Result<()> {
-    let expected = orders::oracle(&stream.lines);
-    ensure!(
-        expected.len() == stream.placed.len(),
-        "the oracle covers every placed order"
-    );
-    let mut mismatches = Vec::new();
-    for (order_id, want) in &expected {
-        let (status, got) = worker.get(&format!("/projections/order_summary/state/{order_id}"))?;
-        if status != 200 || &got != want {
-            mismatches.push(format!("{order_id}: got {status} {got}, want {want}"));
-        }
-    }
-    for ghost in &stream.ghosts {
-        let (status, body) = worker.get(&format!("/projections/order_summary/state/{ghost}"))?;
-        if status != 404 || body["error"].as_str().is_none() {
-            mismatches.push(format!("{ghost} was never placed: got {status} {body}"));
-        }
-    }
-    ensure!(
-        mismatches.is_empty(),
-        "{} of {} keys differ from the oracle, e.g.:\n{}",
-        mismatches.len(),
-        expected.len(),
-        mismatches
-            .iter()
-            .take(10)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    Ok(())
-}
 
 #[test]
 fn twenty_thousand_events_fold_to_the_oracle_state() -> Result<()> {
@@ -121,7 +23,7 @@ fn twenty_thousand_events_fold_to_the_oracle_state() -> Result<()> {
         &broker,
         &registry,
         &dir.path().join("data"),
-        &[("order_summary", "orders")],
+        &order_summary_projections(&[("order_summary", "orders")]),
     );
     let mut worker = Worker::start(dir.path(), &config)?;
 
@@ -166,7 +68,7 @@ fn sigkill_while_events_flow_loses_nothing_and_applies_nothing_twice() -> Result
         &broker,
         &registry,
         &dir.path().join("data"),
-        &[("order_summary", "orders")],
+        &order_summary_projections(&[("order_summary", "orders")]),
     );
     let mut worker = Worker::start(dir.path(), &config)?;
 
@@ -255,9 +157,13 @@ fn bad_messages_stop_the_projection_at_their_offset_and_reads_keep_serving() -> 
     let events = write_events(dir.path(), "events.jsonl", &lines)?;
     produce(&broker, &registry, &events)?;
 
-    let projections: Vec<(&str, &str)> =
-        cases.iter().map(|(topic, _, _)| (*topic, *topic)).collect();
-    let config = worker_config(&broker, &registry, &dir.path().join("data"), &projections);
+    let projections: Vec<(&str, &str)> = cases.iter().map(|(topic, _, _)| (*topic, *topic)).collect();
+    let config = worker_config(
+        &broker,
+        &registry,
+        &dir.path().join("data"),
+        &order_summary_projections(&projections),
+    );
     let mut worker = Worker::start(dir.path(), &config)?;
 
     for (topic, reason, _) in &cases {
@@ -275,10 +181,7 @@ fn bad_messages_stop_the_projection_at_their_offset_and_reads_keep_serving() -> 
         assert_eq!(status["reason"], *reason, "{description}");
         assert_eq!(status["topic"], *topic);
         assert_eq!(status["partition"], 0);
-        assert_eq!(
-            status["offset"], 2,
-            "stopped at the bad message: {description}"
-        );
+        assert_eq!(status["offset"], 2, "stopped at the bad message: {description}");
         assert_eq!(
             description["offsets"][format!("{topic}/0")],
             2,
@@ -290,10 +193,7 @@ fn bad_messages_stop_the_projection_at_their_offset_and_reads_keep_serving() -> 
             .lines()
             .find(|l| l.contains("poison event") && l.contains(&format!("{topic}/0 offset 2")))
             .with_context(|| format!("no log line names {topic}/0 offset 2:\n{log}"))?;
-        assert!(
-            line.contains(reason),
-            "the log line names the reason: {line}"
-        );
+        assert!(line.contains(reason), "the log line names the reason: {line}");
 
         let (status, before) = worker.get(&format!("/projections/{topic}/state/before-2"))?;
         assert_eq!(

@@ -30,17 +30,11 @@ fn data_directory_keeps_schemas_across_restarts() -> Result<()> {
     let start = || -> Result<Service> {
         let mut command = std::process::Command::new(projector_bin());
         command
-            .args([
-                "registry",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data",
-            ])
+            .args(["registry", "--listen", &format!("127.0.0.1:{port}"), "--data"])
             .arg(&data);
         let mut service = Service::start("registry", command, &dir.path().join("registry.log"))?;
         projector_tests::wait_until("registry", std::time::Duration::from_secs(20), || {
-            service.check_alive().is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            service.check_alive().is_ok() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         })?;
         Ok(service)
     };
@@ -56,10 +50,7 @@ fn data_directory_keeps_schemas_across_restarts() -> Result<()> {
     let id = registered["id"].as_u64().expect("an id");
     first.kill();
     let _second = start()?;
-    let fetched: serde_json::Value = http()
-        .get(format!("{url}/schemas/ids/{id}"))
-        .send()?
-        .json()?;
+    let fetched: serde_json::Value = http().get(format!("{url}/schemas/ids/{id}")).send()?.json()?;
     assert_eq!(fetched["schema"], schema);
     Ok(())
 }

@@ -30,10 +30,7 @@ pub fn router(subjects: Subjects) -> Router {
     Router::new()
         .route("/subjects", get(list_subjects))
         .route("/subjects/{subject}", axum::routing::post(lookup))
-        .route(
-            "/subjects/{subject}/versions",
-            get(list_versions).post(register),
-        )
+        .route("/subjects/{subject}/versions", get(list_versions).post(register))
         .route("/subjects/{subject}/versions/{version}", get(get_version))
         .route("/schemas/ids/{id}", get(get_schema))
         .route("/config", get(get_global_config).put(put_global_config))
@@ -60,12 +57,7 @@ pub fn open(data_dir: Option<PathBuf>) -> Result<Subjects, String> {
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 fn reply(status: StatusCode, body: Value) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        body.to_string(),
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, CONTENT_TYPE)], body.to_string()).into_response()
 }
 
 impl IntoResponse for RegistryFault {
@@ -121,9 +113,7 @@ fn schema_body(body: &[u8]) -> Result<SchemaBody, RegistryFault> {
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Subjects> {
-    shared
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn list_subjects(State(shared): State<Shared>) -> Answer {
@@ -142,17 +132,11 @@ async fn get_version(
 }
 
 async fn get_schema(State(shared): State<Shared>, Path(id): Path<String>) -> Answer {
-    let id: u32 = id
-        .parse()
-        .map_err(|_| RegistryFault::schema_not_found(&id))?;
+    let id: u32 = id.parse().map_err(|_| RegistryFault::schema_not_found(&id))?;
     ok(json!({ "schema": lock(&shared).schema(id)? }))
 }
 
-async fn register(
-    State(shared): State<Shared>,
-    Path(subject): Path<String>,
-    body: Bytes,
-) -> Answer {
+async fn register(State(shared): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Answer {
     let body = schema_body(&body)?;
     let id = lock(&shared).register(&subject, &body.schema)?;
     ok(json!({ "id": id }))
@@ -191,9 +175,7 @@ async fn get_subject_config(State(shared): State<Shared>, Path(subject): Path<St
         None => Err(RegistryFault {
             status: 404,
             code: 40408,
-            message: format!(
-                "Subject '{subject}' does not have subject-level compatibility configured"
-            ),
+            message: format!("Subject '{subject}' does not have subject-level compatibility configured"),
         }),
     }
 }

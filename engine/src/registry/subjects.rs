@@ -120,11 +120,7 @@ impl RegistryFault {
 
     /// 500 (storage).
     pub fn internal(message: impl std::fmt::Display) -> Self {
-        Self::new(
-            500,
-            50001,
-            format!("Error in the backend data store: {message}"),
-        )
+        Self::new(500, 50001, format!("Error in the backend data store: {message}"))
     }
 }
 
@@ -153,7 +149,9 @@ struct Stored {
 /// Subjects and schemas.
 pub struct Subjects {
     stored: Stored,
-    /// Parsing canonical form of each schema, by id - 1; for identity and lookup.
+    /// Identity of each schema, by id - 1: its JSON with whitespace normalized.
+    /// Like Confluent's, docs and field order count: a schema that differs only in
+    /// its docs is another schema with its own id.
     canonical: Vec<String>,
     file: Option<PathBuf>,
 }
@@ -164,8 +162,7 @@ impl Subjects {
     pub fn open(file: Option<PathBuf>) -> Result<Subjects, String> {
         let stored: Stored = match &file {
             Some(path) if path.exists() => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
             _ => Stored::default(),
@@ -173,9 +170,9 @@ impl Subjects {
         let canonical = stored
             .schemas
             .iter()
-            .map(|text| Schema::parse_str(text).map(|s| s.canonical_form()))
+            .map(|text| identity(text))
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("stored schema no longer parses: {e}"))?;
+            .map_err(|e| format!("stored schema no longer parses: {}", e.message))?;
         Ok(Subjects {
             stored,
             canonical,
@@ -248,7 +245,7 @@ impl Subjects {
     /// The version of `subject` that holds `schema`.
     pub fn lookup(&self, subject: &str, schema: &str) -> Result<SubjectVersion, RegistryFault> {
         let ids = self.ids(subject)?;
-        let canonical = parse(schema)?.canonical_form();
+        let canonical = identity(schema)?;
         ids.iter()
             .enumerate()
             .find(|(_, id)| self.canonical[**id as usize - 1] == canonical)
@@ -260,13 +257,8 @@ impl Subjects {
     /// is already there), after the subject's compatibility check.
     pub fn register(&mut self, subject: &str, schema: &str) -> Result<u32, RegistryFault> {
         let parsed = parse(schema)?;
-        let canonical = parsed.canonical_form();
-        let existing_ids = self
-            .stored
-            .subjects
-            .get(subject)
-            .cloned()
-            .unwrap_or_default();
+        let canonical = identity(schema)?;
+        let existing_ids = self.stored.subjects.get(subject).cloned().unwrap_or_default();
         if let Some(id) = existing_ids
             .iter()
             .find(|id| self.canonical[**id as usize - 1] == canonical)
@@ -291,12 +283,7 @@ impl Subjects {
         Ok(id)
     }
 
-    fn check_compatible(
-        &self,
-        subject: &str,
-        new: &Schema,
-        ids: &[u32],
-    ) -> Result<(), RegistryFault> {
+    fn check_compatible(&self, subject: &str, new: &Schema, ids: &[u32]) -> Result<(), RegistryFault> {
         let level = self.compatibility(subject);
         let earlier: &[u32] = if level.transitive() {
             ids
@@ -373,6 +360,14 @@ impl Subjects {
     }
 }
 
+/// The schema's JSON, re-serialized compactly: what makes two registrations the
+/// same schema.
+fn identity(schema: &str) -> Result<String, RegistryFault> {
+    parse(schema)?;
+    let json: serde_json::Value = serde_json::from_str(schema).map_err(RegistryFault::invalid_schema)?;
+    Ok(json.to_string())
+}
+
 fn parse(schema: &str) -> Result<Schema, RegistryFault> {
     Schema::parse_str(schema).map_err(RegistryFault::invalid_schema)
 }
@@ -395,6 +390,11 @@ mod tests {
         assert_eq!(subjects.register("other", V1).unwrap(), id);
         assert_eq!(subjects.versions("s-t.E").unwrap(), vec![1]);
         assert_eq!(subjects.schema(id).unwrap(), V1);
+        // Whitespace does not make another schema; docs do.
+        let spaced = V1.replace(",", ", ");
+        assert_eq!(subjects.register("s-t.E", &spaced).unwrap(), id);
+        let documented = V1.replace("\"name\":\"E\"", "\"name\":\"E\",\"doc\":\"d\"");
+        assert_ne!(subjects.register("s-t.E", &documented).unwrap(), id);
     }
 
     #[test]

@@ -112,10 +112,7 @@ impl SchemaSet {
         let mut types: HashMap<String, EventType> = HashMap::new();
         let mut upcast_files = Vec::new();
         for path in files {
-            let file_name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
+            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if let Some(type_name) = file_name.strip_suffix(".upcast.toml") {
                 upcast_files.push((path.clone(), type_name.to_owned()));
                 continue;
@@ -125,8 +122,7 @@ impl SchemaSet {
             }
             let version = version_from_file_name(&path)
                 .ok_or_else(|| error_at(&path, "file name must be `<Name>.v<N>.avsc`"))?;
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| error_at(&path, e.to_string()))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| error_at(&path, e.to_string()))?;
             let schema = Schema::parse_str(&text).map_err(|e| error_at(&path, e.to_string()))?;
             let name = match &schema {
                 Schema::Record(record) => record.name.fullname(None),
@@ -148,10 +144,7 @@ impl SchemaSet {
             if let Some(existing) = entry.versions.get(&version) {
                 return Err(error_at(
                     &path,
-                    format!(
-                        "{name} v{version} is also defined in {}",
-                        existing.path.display()
-                    ),
+                    format!("{name} v{version} is also defined in {}", existing.path.display()),
                 ));
             }
             entry.versions.insert(
@@ -177,9 +170,7 @@ impl SchemaSet {
                     format!("upcasters for {full_name}, which has no schema file here"),
                 )
             })?;
-            for step in
-                upcast::load_steps(&path, &full_name, rust).map_err(|e| error_at(&path, e))?
-            {
+            for step in upcast::load_steps(&path, &full_name, rust).map_err(|e| error_at(&path, e))? {
                 if !event_type.versions.contains_key(&step.from) {
                     return Err(error_at(
                         &path,
@@ -243,14 +234,10 @@ impl SchemaSet {
     }
 
     fn check_step(&self, step: &Step, input: &SchemaVersion) -> Result<(), SchemaSetError> {
-        let failed =
-            |message: String| error_at(&step.file, format!("{}: {message}", step.describe()));
+        let failed = |message: String| error_at(&step.file, format!("{}: {message}", step.describe()));
         for (event, version) in step.declared_targets() {
-            self.version(&event, version).ok_or_else(|| {
-                failed(format!(
-                    "produces {event} v{version}, which has no schema file"
-                ))
-            })?;
+            self.version(&event, version)
+                .ok_or_else(|| failed(format!("produces {event} v{version}, which has no schema file")))?;
         }
         let sample = avro_json::sample(&input.schema);
         for output in step
@@ -326,11 +313,7 @@ impl SchemaSet {
             return WriterMatch::Unregistered;
         };
         let canonical = writer.canonical_form();
-        if let Some(version) = event_type
-            .versions
-            .values()
-            .find(|v| v.canonical == canonical)
-        {
+        if let Some(version) = event_type.versions.values().find(|v| v.canonical == canonical) {
             return WriterMatch::Known {
                 name: event_type.name.clone(),
                 version: version.version,
@@ -345,11 +328,7 @@ impl SchemaSet {
             .collect();
         let same_fields = readable.iter().find(|v| match &v.schema {
             Schema::Record(r) => {
-                r.fields
-                    .iter()
-                    .map(|f| f.name.as_str())
-                    .collect::<HashSet<_>>()
-                    == writer_fields
+                r.fields.iter().map(|f| f.name.as_str()).collect::<HashSet<_>>() == writer_fields
             }
             _ => false,
         });
@@ -368,12 +347,7 @@ impl SchemaSet {
 
     /// Brings a decoded payload of `name` v`version` to the current version of its
     /// type (or of the types it becomes). Zero events when an upcaster dropped it.
-    pub fn upcast(
-        &self,
-        name: &Arc<str>,
-        version: u32,
-        payload: Value,
-    ) -> Result<Vec<CurrentEvent>, String> {
+    pub fn upcast(&self, name: &Arc<str>, version: u32, payload: Value) -> Result<Vec<CurrentEvent>, String> {
         let Some(event_type) = self.types.get(name.as_ref()) else {
             return Ok(vec![CurrentEvent {
                 name: name.clone(),
@@ -424,15 +398,14 @@ impl SchemaSet {
                             output.version
                         )
                     })?;
-                let value =
-                    avro_json::from_json(&output.payload, &target.1.schema).map_err(|e| {
-                        format!(
-                            "{}: output is not a valid {} v{}: {e}",
-                            step.describe(),
-                            output.event,
-                            output.version
-                        )
-                    })?;
+                let value = avro_json::from_json(&output.payload, &target.1.schema).map_err(|e| {
+                    format!(
+                        "{}: output is not a valid {} v{}: {e}",
+                        step.describe(),
+                        output.event,
+                        output.version
+                    )
+                })?;
                 metrics::UPCASTS
                     .with_label_values(&[
                         event_type.name.as_ref(),

@@ -87,8 +87,7 @@ fn a_valid_chain_checks_and_upcasts_v1_through_v3_in_order() {
 fn writers_are_identified_by_canonical_form_then_by_resolution() {
     let dir = Dir::new(&chain());
     let set = dir.load().unwrap();
-    let docs_differ =
-        Schema::parse_str(&V1.replace("\"doc\":\"v1\",", "\"doc\":\"other words\",")).unwrap();
+    let docs_differ = Schema::parse_str(&V1.replace("\"doc\":\"v1\",", "\"doc\":\"other words\",")).unwrap();
     assert!(matches!(
         set.identify(&docs_differ),
         WriterMatch::Known {
@@ -116,15 +115,13 @@ fn writers_are_identified_by_canonical_form_then_by_resolution() {
     assert!(matches!(set.identify(&stranger), WriterMatch::Unknown(_)));
     let other_type =
         Schema::parse_str(r#"{"type":"record","name":"New","namespace":"t","fields":[]}"#).unwrap();
-    assert!(matches!(
-        set.identify(&other_type),
-        WriterMatch::Unregistered
-    ));
+    assert!(matches!(set.identify(&other_type), WriterMatch::Unregistered));
 }
 
 #[test]
 fn rename_split_and_drop_of_event_types() {
-    let renamed = r#"{"type":"record","name":"Sent","namespace":"t","fields":[{"name":"id","type":"string"}]}"#;
+    let renamed =
+        r#"{"type":"record","name":"Sent","namespace":"t","fields":[{"name":"id","type":"string"}]}"#;
     let line = r#"{"type":"record","name":"Line","namespace":"t","fields":[{"name":"id","type":"string"},{"name":"n","type":"int"}]}"#;
     let old = r#"{"type":"record","name":"Shipped","namespace":"t","fields":[{"name":"id","type":"string"},{"name":"lines","type":"int"}]}"#;
     let dir = Dir::new(&[
@@ -149,10 +146,7 @@ split = [{ event = "t.Sent", version = 1, set = { id = "event.id" } },
     let names: Vec<&str> = events.iter().map(|e| e.name.as_ref()).collect();
     assert_eq!(names, ["t.Sent", "t.Line"]);
     let dropped = avro_json::from_json(&json!({"id": "x", "lines": -1}), schema).unwrap();
-    assert!(set
-        .upcast(&"t.Shipped".into(), 1, dropped)
-        .unwrap()
-        .is_empty());
+    assert!(set.upcast(&"t.Shipped".into(), 1, dropped).unwrap().is_empty());
 }
 
 #[test]
@@ -162,10 +156,7 @@ fn a_failing_expression_is_an_upcast_error_naming_the_step() {
     let schema = &set.event_type("t.Placed").unwrap().versions[&1].schema;
     let value = avro_json::from_json(&json!({"id": "a", "total": 1e300}), schema).unwrap();
     let error = set.upcast(&"t.Placed".into(), 1, value).unwrap_err();
-    assert!(
-        error.contains("Placed.upcast.toml: step 1 (from v1)"),
-        "{error}"
-    );
+    assert!(error.contains("Placed.upcast.toml: step 1 (from v1)"), "{error}");
 }
 
 // `projector check` refusals: each names the file at fault.
@@ -216,10 +207,7 @@ fn refuses_a_step_that_forgets_a_field() {
     let error = Dir::new(&[
         ("Placed.v1.avsc", V1),
         ("Placed.v2.avsc", V2),
-        (
-            "Placed.upcast.toml",
-            "[[step]]\nfrom = 1\ndrop = [\"total\"]\n",
-        ),
+        ("Placed.upcast.toml", "[[step]]\nfrom = 1\ndrop = [\"total\"]\n"),
     ])
     .check_error();
     assert!(
@@ -291,10 +279,8 @@ fn refuses_unknown_keys_in_upcast_files_and_steps_for_unknown_types() {
 
 #[test]
 fn refuses_a_cycle_between_types() {
-    let a =
-        r#"{"type":"record","name":"A","namespace":"t","fields":[{"name":"id","type":"string"}]}"#;
-    let b =
-        r#"{"type":"record","name":"B","namespace":"t","fields":[{"name":"id","type":"string"}]}"#;
+    let a = r#"{"type":"record","name":"A","namespace":"t","fields":[{"name":"id","type":"string"}]}"#;
+    let b = r#"{"type":"record","name":"B","namespace":"t","fields":[{"name":"id","type":"string"}]}"#;
     let error = Dir::new(&[
         ("A.v1.avsc", a),
         ("B.v1.avsc", b),

@@ -126,9 +126,7 @@ impl Step {
     pub fn declared_targets(&self) -> Vec<(String, u32)> {
         match &self.kind {
             StepKind::Transform {
-                to_event,
-                to_version,
-                ..
+                to_event, to_version, ..
             } => vec![(to_event.clone(), *to_version)],
             StepKind::Split(outputs) => outputs.iter().map(|(e, v, _)| (e.clone(), *v)).collect(),
             StepKind::Rust { .. } => Vec::new(),
@@ -232,9 +230,7 @@ fn compile_step(file: &Path, event: &str, index: usize, spec: StepSpec) -> Resul
             name,
             upcaster: |_| Err("not resolved".to_owned()),
         },
-        (Some(_), _) => {
-            return Err("`rust` cannot be combined with rename/set/drop/split/to_event".into())
-        }
+        (Some(_), _) => return Err("`rust` cannot be combined with rename/set/drop/split/to_event".into()),
         (None, false) if !transforms && spec.to_event.is_none() && spec.to_version.is_none() => {
             StepKind::Split(
                 spec.split
@@ -244,9 +240,7 @@ fn compile_step(file: &Path, event: &str, index: usize, spec: StepSpec) -> Resul
             )
         }
         (None, false) => {
-            return Err(
-                "`split` cannot be combined with rename/set/drop/to_event/to_version".into(),
-            )
+            return Err("`split` cannot be combined with rename/set/drop/to_event/to_version".into())
         }
         (None, true) => {
             let to_event = spec.to_event.clone().unwrap_or_else(|| event.to_owned());
