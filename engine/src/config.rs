@@ -205,8 +205,13 @@ fn default_schemas_dir() -> PathBuf {
 pub struct ProjectionConfig {
     /// Unique name; used in URLs, metrics and the consumer group.
     pub name: String,
-    /// Which built-in projection implements it (a name from the projections registry).
-    pub kind: String,
+    /// Which built-in projection implements it (a name from the projections
+    /// registry); set this or `declarative`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// A projection defined in config (CEL); set this or `kind`.
+    #[serde(default)]
+    pub declarative: Option<crate::declarative::DeclarativeConfig>,
     /// Source topics.
     pub topics: Vec<String>,
     /// Options of the built-in projection, checked by the projection itself.
@@ -314,6 +319,16 @@ impl Config {
                     file,
                     &key("name"),
                     format!("projection `{}` is defined twice", projection.name),
+                ));
+            }
+            if projection.kind.is_some() == projection.declarative.is_some() {
+                return Err(ConfigError::at(
+                    file,
+                    &key("kind"),
+                    format!(
+                        "projection `{}` needs exactly one of `kind` and `declarative`",
+                        projection.name
+                    ),
                 ));
             }
             if projection.topics.is_empty() {

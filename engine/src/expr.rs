@@ -48,16 +48,29 @@ impl Expr {
 
     /// Evaluates with `variables` bound; the result as JSON.
     pub fn eval(&self, variables: &[(&str, &Json)]) -> Result<Json, String> {
+        self.eval_optional(variables)?.ok_or_else(|| {
+            format!(
+                "`{}` failed: it reads a field the input does not have",
+                self.source
+            )
+        })
+    }
+
+    /// Like [`Expr::eval`], but `None` when the expression reads a field the input
+    /// does not have (`event.customerId` of an event without one).
+    pub fn eval_optional(&self, variables: &[(&str, &Json)]) -> Result<Option<Json>, String> {
         let mut context = Context::with_env(ENV.clone());
         for (name, value) in variables {
             context.add_variable_from_value(*name, to_cel(value));
         }
-        let result = self
-            .program
-            .execute(&context)
-            .map_err(|e| format!("`{}` failed: {e}", self.source))?;
+        let result = match self.program.execute(&context) {
+            Ok(result) => result,
+            Err(cel::ExecutionError::NoSuchKey(_)) => return Ok(None),
+            Err(e) => return Err(format!("`{}` failed: {e}", self.source)),
+        };
         result
             .json()
+            .map(Some)
             .map_err(|e| format!("`{}` gave a value that is not JSON: {e}", self.source))
     }
 
@@ -125,6 +138,8 @@ mod tests {
             .eval(&[("event", &json!({}))])
             .unwrap_err();
         assert!(error.contains("event.missing"), "{error}");
+        let missing = Expr::compile("event.missing + 1").unwrap();
+        assert_eq!(missing.eval_optional(&[("event", &json!({}))]).unwrap(), None);
         let not_bool = Expr::compile("1").unwrap().test(&[]).unwrap_err();
         assert!(not_bool.contains("expected true or false"));
     }

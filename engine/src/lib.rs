@@ -9,6 +9,7 @@
 pub mod avro_json;
 pub mod config;
 pub mod dead_letter;
+pub mod declarative;
 pub mod decode;
 pub mod expr;
 pub mod frame;

@@ -24,6 +24,8 @@ pub struct EventMeta {
     pub offset: i64,
     /// Kafka record timestamp, milliseconds since the epoch, when the record has one.
     pub timestamp_ms: Option<i64>,
+    /// The record's key, when it has one (as text; invalid UTF-8 replaced).
+    pub key: Option<Arc<str>>,
 }
 
 /// One decoded event, in the current version of its schema.
@@ -51,23 +53,62 @@ impl Event<'_> {
 #[error("{0}")]
 pub struct FoldError(pub String);
 
+/// The partial states of one source partition, as a fold sees and changes them.
+/// Changes are buffered in the batch and committed with its offsets.
+pub trait PartitionState {
+    /// A copy of `key`'s partial state in this partition.
+    fn get(&mut self, key: &str) -> Result<Option<Json>, FoldError>;
+
+    /// Changes `key`'s partial state in place (`None`: it has none; setting `None`
+    /// deletes it).
+    fn update(
+        &mut self,
+        key: &str,
+        change: &mut dyn FnMut(&mut Option<Json>) -> Result<(), FoldError>,
+    ) -> Result<(), FoldError>;
+}
+
 /// A read model maintained from events.
 ///
 /// Implementations must be deterministic: the same events in the same order give the
-/// same state, so that a replay rebuilds exactly what was there.
+/// same state, so that a replay rebuilds exactly what was there. When `apply` fails
+/// it must not have changed anything: validate the event before the first update.
 pub trait Projection: Send + Sync {
+    /// Folds `event` into the partial states of its source partition.
+    fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError>;
+
+    /// Combines the partial states of `key`, one per source partition, into the
+    /// value served to readers; `None` hides the key (internal bookkeeping). Called
+    /// only with at least one partial.
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json>;
+}
+
+/// The common shape: each event changes at most one key. Every `Entity` is a
+/// [`Projection`].
+pub trait Entity: Send + Sync {
     /// The key whose state `event` changes, or `None` when the projection ignores it.
     fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError>;
 
     /// Folds `event` into `state` (`None` when the key has no state in this source
-    /// partition yet). Setting `*state = None` deletes the key.
-    ///
-    /// On error `state` must be left as it was: validate before mutating.
+    /// partition yet). Setting `*state = None` deletes the key. On error `state`
+    /// must be left as it was.
     fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError>;
 
-    /// Combines the partial states of one key, one per source partition, into the
-    /// value served to readers. Called only with at least one partial.
-    fn merge(&self, partials: Vec<Json>) -> Json;
+    /// Combines the partial states of one key (see [`Projection::merge`]).
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json>;
+}
+
+impl<T: Entity> Projection for T {
+    fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
+        let Some(key) = self.key(event)? else {
+            return Ok(());
+        };
+        state.update(&key, &mut |current| self.fold(current, event))
+    }
+
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json> {
+        Entity::merge(self, key, partials)
+    }
 }
 
 /// Builds a projection from its `[projections.options]`; the error says what is wrong

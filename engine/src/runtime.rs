@@ -78,7 +78,7 @@ impl ProjectionRuntime {
     pub fn new(config: &ProjectionConfig, projection: Arc<dyn Projection>, generation: Generation) -> Self {
         ProjectionRuntime {
             name: config.name.clone(),
-            kind: config.kind.clone(),
+            kind: config.kind.clone().unwrap_or_else(|| "declarative".to_owned()),
             topics: config.topics.clone(),
             projection,
             on_poison: config.on_poison,

@@ -111,7 +111,16 @@ async fn read_key(
             format!("projection `{name}` has no state for key `{key}`"),
         ));
     }
-    Ok(Json(projection.projection.merge(partials)))
+    projection
+        .projection
+        .merge(&key, partials)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("projection `{name}` has no state for key `{key}`"),
+            )
+        })
 }
 
 impl ApiState {

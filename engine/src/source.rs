@@ -27,7 +27,7 @@ use crate::dead_letter::DeadLetters;
 use crate::decode::{DecodeError, Decoder};
 use crate::metrics;
 use crate::poison::PoisonReason;
-use crate::projection::{Event, EventMeta, FoldError};
+use crate::projection::{Event, EventMeta, FoldError, PartitionState};
 use crate::runtime::{ProjectionRuntime, RunState};
 use crate::schemas::CurrentEvent;
 use crate::store::{BatchWrite, SourcePartition, Store, StoreError};
@@ -452,6 +452,7 @@ impl OpenBatch {
             partition: partition.partition,
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
+            key: message.key().map(|k| String::from_utf8_lossy(k).into()),
         };
         if events.len() == 1 {
             return self.fold(&events[0], &meta, partition, None);
@@ -485,36 +486,20 @@ impl OpenBatch {
             payload: &current.payload,
             meta,
         };
-        let fold_failed = |e: FoldError| Stop::Poison {
-            reason: PoisonReason::FoldFailed,
-            error: e.0,
+        let mut state = BatchState {
+            cache: &mut self.cache,
+            store: &self.deps.store,
+            generation: self.runtime.generation(),
+            partition,
+            undo,
         };
-        let projection = &self.runtime.projection;
-        let Some(key) = projection.key(&event).map_err(fold_failed)? else {
-            return Ok(());
-        };
-        let cache_key = (key, partition.clone());
-        if let Some(undo) = undo {
-            if !undo.iter().any(|(k, _)| *k == cache_key) {
-                undo.push((cache_key.clone(), self.cache.get(&cache_key).cloned()));
-            }
-        }
-        let state = match self.cache.entry(cache_key) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let generation = self.runtime.generation();
-                let stored = self
-                    .deps
-                    .store
-                    .partial(&generation, &entry.key().0, partition)
-                    .map_err(|e| Stop::Poison {
-                        reason: PoisonReason::FoldFailed,
-                        error: format!("reading the current state: {e}"),
-                    })?;
-                entry.insert(stored)
-            }
-        };
-        projection.fold(state, &event).map_err(fold_failed)
+        self.runtime
+            .projection
+            .apply(&event, &mut state)
+            .map_err(|e| Stop::Poison {
+                reason: PoisonReason::FoldFailed,
+                error: e.0,
+            })
     }
 
     /// Commits the open batch to RocksDB; returns the offsets it committed, or `None`
@@ -547,6 +532,57 @@ impl OpenBatch {
             .inc_by(self.events);
         self.events = 0;
         Ok(Some(batch.offsets))
+    }
+}
+
+/// One source partition's states as a fold sees them: the batch's cache over the
+/// store.
+struct BatchState<'a> {
+    cache: &'a mut HashMap<CacheKey, Option<Json>>,
+    store: &'a Store,
+    generation: Arc<crate::store::Generation>,
+    partition: &'a SourcePartition,
+    undo: Option<&'a mut Vec<(CacheKey, Option<Option<Json>>)>>,
+}
+
+impl BatchState<'_> {
+    fn entry(&mut self, key: &str) -> Result<&mut Option<Json>, FoldError> {
+        let cache_key = (key.to_owned(), self.partition.clone());
+        if let Some(undo) = self.undo.as_deref_mut() {
+            if !undo.iter().any(|(k, _)| *k == cache_key) {
+                undo.push((cache_key.clone(), self.cache.get(&cache_key).cloned()));
+            }
+        }
+        Ok(match self.cache.entry(cache_key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let stored = self
+                    .store
+                    .partial(&self.generation, key, self.partition)
+                    .map_err(|e| FoldError(format!("reading the current state of `{key}`: {e}")))?;
+                entry.insert(stored)
+            }
+        })
+    }
+}
+
+impl PartitionState for BatchState<'_> {
+    fn get(&mut self, key: &str) -> Result<Option<Json>, FoldError> {
+        let cache_key = (key.to_owned(), self.partition.clone());
+        if let Some(cached) = self.cache.get(&cache_key) {
+            return Ok(cached.clone());
+        }
+        self.store
+            .partial(&self.generation, key, self.partition)
+            .map_err(|e| FoldError(format!("reading the current state of `{key}`: {e}")))
+    }
+
+    fn update(
+        &mut self,
+        key: &str,
+        change: &mut dyn FnMut(&mut Option<Json>) -> Result<(), FoldError>,
+    ) -> Result<(), FoldError> {
+        change(self.entry(key)?)
     }
 }
 

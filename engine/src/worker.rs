@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tracing::info;
 
 use crate::config::{Config, ConfigError};
+use crate::declarative::Declarative;
 use crate::decode::Decoder;
 use crate::projection::{Projection, ProjectionRegistry};
 use crate::registry_client::RegistryClient;
@@ -87,14 +88,25 @@ pub fn build_projections(
         .iter()
         .enumerate()
         .map(|(index, entry)| {
-            let factory = builtins.get(entry.kind.as_str()).ok_or_else(|| {
+            if let Some(declarative) = &entry.declarative {
+                let compiled = Declarative::compile(declarative).map_err(|e| {
+                    let (path, message) = e.split_once(": ").unwrap_or(("", &e));
+                    ConfigError::at(
+                        config_path,
+                        &format!("projections[{index}].declarative.{path}").trim_end_matches('.'),
+                        format!("projection `{}`: {message}", entry.name),
+                    )
+                })?;
+                return Ok(Arc::new(compiled) as Arc<dyn Projection>);
+            }
+            let kind = entry.kind.as_deref().unwrap_or_default();
+            let factory = builtins.get(kind).ok_or_else(|| {
                 let known: Vec<&str> = builtins.keys().copied().collect();
                 ConfigError::at(
                     config_path,
                     &format!("projections[{index}].kind"),
                     format!(
-                        "unknown projection kind `{}` (built-ins: {})",
-                        entry.kind,
+                        "unknown projection kind `{kind}` (built-ins: {})",
                         known.join(", ")
                     ),
                 )

@@ -5,7 +5,7 @@
 //! aggregate's stream version). Events of an order that was never placed are
 //! ignored; an order placed with a negative total is refused (`fold_failed`).
 
-use engine::projection::{Event, FoldError, Projection};
+use engine::projection::{Entity, Event, FoldError, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -81,7 +81,7 @@ struct OrderShipped {
     tracking_id: String,
 }
 
-impl Projection for OrderSummary {
+impl Entity for OrderSummary {
     fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
         match event.name {
             PLACED | CHARGED | SHIPPED | DELIVERED | CANCELLED => {
@@ -147,11 +147,10 @@ impl Projection for OrderSummary {
 
     /// Orders are keyed like the topic, so one partition holds them; should a key
     /// ever appear in several, the one with the most events wins.
-    fn merge(&self, partials: Vec<Json>) -> Json {
+    fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
         partials
             .into_iter()
             .max_by_key(|p| p.get("version").and_then(Json::as_u64).unwrap_or(0))
-            .unwrap_or(Json::Null)
     }
 }
 
@@ -168,6 +167,7 @@ mod tests {
             partition: 0,
             offset: 0,
             timestamp_ms: None,
+            key: None,
         }
     }
 

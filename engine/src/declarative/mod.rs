@@ -1,0 +1,540 @@
+//! Projections defined entirely in config, with CEL expressions:
+//!
+//! ```toml
+//! [[projections]]
+//! name = "customer_stats"
+//! topics = ["orders"]
+//! [projections.declarative]
+//! key = "event.customerId"        # null or missing: the event is ignored
+//! [[projections.declarative.on]]
+//! event = "shop.orders.OrderPlaced" # full name, or "*" for every event
+//! when = "event.totalCents > 0"     # optional guard
+//! set = { last_order = "event.orderId" }
+//! add = { revenue_cents = "event.totalCents" }
+//! min = { first_order_at = "event.placedAt" }
+//! max = { last_order_at = "event.placedAt" }
+//! count = ["orders"]
+//! append = { recent = { value = "event.orderId", max_len = 5 } }
+//! remove = { recent = "event.orderId" }
+//! delete = "event.reason == 'fraud'"  # drop the whole key
+//! ```
+//!
+//! Expressions see `event` (the payload in its current version), `meta` (`topic`,
+//! `partition`, `offset`, `timestamp`, `key`, `event`) and `state` (the key's
+//! partial state in this source partition before the event). Everything compiles at
+//! start-up; a failing evaluation is a `fold_failed` poison event.
+//!
+//! Each partition keeps a partial per key, and reads merge them by each field's
+//! operation: `add` and `count` sum, `min`/`max` take the min/max, `set` takes the
+//! value written by the event with the latest timestamp (then partition, then
+//! offset), `append` merges by event time and keeps the last `max_len`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json};
+
+use crate::avro_json;
+use crate::expr::Expr;
+use crate::projection::{Event, FoldError, PartitionState, Projection};
+
+/// `[projections.declarative]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclarativeConfig {
+    /// CEL expression giving the key; a null or missing value ignores the event.
+    pub key: String,
+    /// The rules, applied in order to each event they match.
+    #[serde(default)]
+    pub on: Vec<RuleConfig>,
+}
+
+/// One `[[projections.declarative.on]]` rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Full event type name, or `*`.
+    pub event: String,
+    /// Guard: the rule applies only when true.
+    #[serde(default)]
+    pub when: Option<String>,
+    /// field = expression: overwrite.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// field = expression: add a number.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// field = expression: keep the smallest.
+    #[serde(default)]
+    pub min: BTreeMap<String, String>,
+    /// field = expression: keep the largest.
+    #[serde(default)]
+    pub max: BTreeMap<String, String>,
+    /// Fields that count the matching events.
+    #[serde(default)]
+    pub count: Vec<String>,
+    /// field = { value, max_len }: append to a bounded list.
+    #[serde(default)]
+    pub append: BTreeMap<String, AppendConfig>,
+    /// field = expression: remove every equal element from the list.
+    #[serde(default)]
+    pub remove: BTreeMap<String, String>,
+    /// Delete the whole key when true.
+    #[serde(default)]
+    pub delete: Option<String>,
+}
+
+/// `append = { field = { value = "...", max_len = N } }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendConfig {
+    /// Expression of the element.
+    pub value: String,
+    /// The list keeps this many of the latest elements.
+    pub max_len: usize,
+}
+
+/// How a field is written, hence merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldOp {
+    Set,
+    Add,
+    Min,
+    Max,
+    Count,
+    Append { max_len: usize },
+}
+
+#[derive(Debug)]
+struct Rule {
+    event: String,
+    when: Option<Expr>,
+    writes: Vec<(String, FieldOp, Expr)>,
+    count: Vec<String>,
+    remove: Vec<(String, Expr)>,
+    delete: Option<Expr>,
+}
+
+/// A compiled declarative projection.
+#[derive(Debug)]
+pub struct Declarative {
+    key: Expr,
+    rules: Vec<Rule>,
+    fields: HashMap<String, FieldOp>,
+    uses_state: bool,
+}
+
+impl Declarative {
+    /// Compiles `config`; errors name the rule and the field (`on[1].add.revenue`).
+    pub fn compile(config: &DeclarativeConfig) -> Result<Declarative, String> {
+        let key = Expr::compile(&config.key).map_err(|e| format!("key: {e}"))?;
+        let mut fields: HashMap<String, FieldOp> = HashMap::new();
+        let mut rules = Vec::new();
+        let mut sources = vec![config.key.clone()];
+        for (index, rule) in config.on.iter().enumerate() {
+            let at = |what: &str| format!("on[{index}].{what}");
+            let compile =
+                |what: String, source: &str| Expr::compile(source).map_err(|e| format!("{what}: {e}"));
+            let mut writes = Vec::new();
+            let groups: [(&str, FieldOp, &BTreeMap<String, String>); 4] = [
+                ("set", FieldOp::Set, &rule.set),
+                ("add", FieldOp::Add, &rule.add),
+                ("min", FieldOp::Min, &rule.min),
+                ("max", FieldOp::Max, &rule.max),
+            ];
+            for (name, op, group) in groups {
+                for (field, source) in group {
+                    writes.push((
+                        field.clone(),
+                        op,
+                        compile(at(&format!("{name}.{field}")), source)?,
+                    ));
+                    sources.push(source.clone());
+                }
+            }
+            for (field, append) in &rule.append {
+                if append.max_len == 0 {
+                    return Err(format!(
+                        "{}: max_len must be at least 1",
+                        at(&format!("append.{field}"))
+                    ));
+                }
+                let op = FieldOp::Append {
+                    max_len: append.max_len,
+                };
+                writes.push((
+                    field.clone(),
+                    op,
+                    compile(at(&format!("append.{field}")), &append.value)?,
+                ));
+                sources.push(append.value.clone());
+            }
+            let declared = writes
+                .iter()
+                .map(|(field, op, _)| (field.clone(), *op))
+                .chain(rule.count.iter().map(|field| (field.clone(), FieldOp::Count)));
+            for (field, op) in declared {
+                if field.is_empty() {
+                    return Err(format!("{}: a field name cannot be empty", at("")));
+                }
+                match fields.get(&field) {
+                    Some(existing) if !same_merge(*existing, op) => {
+                        return Err(format!(
+                            "{}: field `{field}` is written as {op:?} here and as {existing:?} elsewhere; \
+                             a field needs one operation so partial states merge",
+                            at(&field)
+                        ))
+                    }
+                    _ => {
+                        fields.insert(field, op);
+                    }
+                }
+            }
+            let mut remove = Vec::new();
+            for (field, source) in &rule.remove {
+                remove.push((field.clone(), compile(at(&format!("remove.{field}")), source)?));
+                sources.push(source.clone());
+            }
+            let when = rule.when.as_deref().map(|s| compile(at("when"), s)).transpose()?;
+            let delete = rule
+                .delete
+                .as_deref()
+                .map(|s| compile(at("delete"), s))
+                .transpose()?;
+            sources.extend(rule.when.iter().chain(rule.delete.iter()).cloned());
+            rules.push(Rule {
+                event: rule.event.clone(),
+                when,
+                writes,
+                count: rule.count.clone(),
+                remove,
+                delete,
+            });
+        }
+        for rule in &rules {
+            for (field, _) in &rule.remove {
+                if !matches!(fields.get(field), Some(FieldOp::Append { .. })) {
+                    return Err(format!(
+                        "remove.{field}: `{field}` is not a list written by append"
+                    ));
+                }
+            }
+        }
+        let uses_state = sources.iter().any(|s| s.contains("state"));
+        Ok(Declarative {
+            key,
+            rules,
+            fields,
+            uses_state,
+        })
+    }
+}
+
+fn same_merge(a: FieldOp, b: FieldOp) -> bool {
+    matches!(
+        (a, b),
+        (FieldOp::Set, FieldOp::Set)
+            | (FieldOp::Add | FieldOp::Count, FieldOp::Add | FieldOp::Count)
+            | (FieldOp::Min, FieldOp::Min)
+            | (FieldOp::Max, FieldOp::Max)
+            | (FieldOp::Append { .. }, FieldOp::Append { .. })
+    )
+}
+
+/// A partial state: `{"v": {field: value}, "at": {field: [ts, partition, offset]},
+/// "lists": {field: [[ts, partition, offset, element], ...]}}`.
+fn empty_partial() -> Json {
+    json!({"v": {}, "at": {}, "lists": {}})
+}
+
+fn object<'a>(partial: &'a mut Json, part: &str) -> Result<&'a mut Map<String, Json>, FoldError> {
+    partial
+        .get_mut(part)
+        .and_then(Json::as_object_mut)
+        .ok_or_else(|| FoldError(format!("stored declarative state has no `{part}` object")))
+}
+
+/// The plain view of a partial (or merged) state: fields and list elements.
+fn view(partial: &Json) -> Json {
+    let mut out = partial
+        .get("v")
+        .and_then(Json::as_object)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(lists) = partial.get("lists").and_then(Json::as_object) {
+        for (field, entries) in lists {
+            let elements = entries
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| e.get(3).cloned().unwrap_or(Json::Null))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.insert(field.clone(), Json::Array(elements));
+        }
+    }
+    Json::Object(out)
+}
+
+fn add_numbers(a: &Json, b: &Json) -> Result<Json, String> {
+    match (a.as_i64(), b.as_i64()) {
+        (Some(x), Some(y)) => x
+            .checked_add(y)
+            .map(Json::from)
+            .ok_or_else(|| "integer overflow".to_owned()),
+        _ => match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => serde_json::Number::from_f64(x + y)
+                .map(Json::Number)
+                .ok_or_else(|| "not a finite number".to_owned()),
+            _ => Err(format!("cannot add {b} to {a}")),
+        },
+    }
+}
+
+fn compare(a: &Json, b: &Json) -> Option<std::cmp::Ordering> {
+    match (a, b) {
+        (Json::Number(x), Json::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) => Some(x.cmp(&y)),
+            _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        },
+        (Json::String(x), Json::String(y)) => Some(x.cmp(y)),
+        (Json::Bool(x), Json::Bool(y)) => Some(x.cmp(y)),
+        _ => None,
+    }
+}
+
+fn stamp_of(value: &Json) -> (i64, i64, i64) {
+    let n = |i: usize| value.get(i).and_then(Json::as_i64).unwrap_or(i64::MIN);
+    (n(0), n(1), n(2))
+}
+
+/// What a rule decided for one event, before any change is made.
+enum Change {
+    Write(String, FieldOp, Json),
+    Count(String),
+    Remove(String, Json),
+    Delete,
+}
+
+impl Projection for Declarative {
+    fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
+        let failed = |e: String| FoldError(format!("{}: {e}", event.name));
+        let payload = avro_json::to_json(event.payload.clone()).map_err(failed)?;
+        let meta = json!({
+            "topic": event.meta.topic.as_ref(),
+            "partition": event.meta.partition,
+            "offset": event.meta.offset,
+            "timestamp": event.meta.timestamp_ms,
+            "key": event.meta.key.as_deref(),
+            "event": event.name,
+        });
+        let key = match self
+            .key
+            .eval_optional(&[("event", &payload), ("meta", &meta)])
+            .map_err(failed)?
+        {
+            None | Some(Json::Null) => return Ok(()),
+            Some(Json::String(key)) => key,
+            Some(Json::Number(n)) => n.to_string(),
+            Some(other) => {
+                return Err(failed(format!(
+                    "key `{}` gave {other}, not a string",
+                    self.key.source()
+                )))
+            }
+        };
+        let current_view = if self.uses_state {
+            state.get(&key)?.as_ref().map(view).unwrap_or(Json::Null)
+        } else {
+            Json::Null
+        };
+        let variables = [("event", &payload), ("meta", &meta), ("state", &current_view)];
+        let mut changes = Vec::new();
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.event == "*" || r.event == event.name)
+        {
+            if let Some(when) = &rule.when {
+                if !when.test(&variables).map_err(failed)? {
+                    continue;
+                }
+            }
+            for (field, op, expr) in &rule.writes {
+                changes.push(Change::Write(
+                    field.clone(),
+                    *op,
+                    expr.eval(&variables).map_err(failed)?,
+                ));
+            }
+            changes.extend(rule.count.iter().map(|f| Change::Count(f.clone())));
+            for (field, expr) in &rule.remove {
+                changes.push(Change::Remove(
+                    field.clone(),
+                    expr.eval(&variables).map_err(failed)?,
+                ));
+            }
+            if let Some(delete) = &rule.delete {
+                if delete.test(&variables).map_err(failed)? {
+                    changes.push(Change::Delete);
+                }
+            }
+        }
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let stamp = json!([
+            event.meta.timestamp_ms.unwrap_or(0),
+            event.meta.partition,
+            event.meta.offset
+        ]);
+        state.update(&key, &mut |current| {
+            let mut partial = current.clone().unwrap_or_else(empty_partial);
+            let mut deleted = false;
+            for change in &changes {
+                match change {
+                    Change::Delete => {
+                        deleted = true;
+                        partial = empty_partial();
+                    }
+                    Change::Count(field) => {
+                        let values = object(&mut partial, "v")?;
+                        let next =
+                            add_numbers(values.get(field).unwrap_or(&json!(0)), &json!(1)).map_err(failed)?;
+                        values.insert(field.clone(), next);
+                    }
+                    Change::Write(field, FieldOp::Append { max_len }, element) => {
+                        let lists = object(&mut partial, "lists")?;
+                        let list = lists.entry(field.clone()).or_insert_with(|| json!([]));
+                        let entries = list
+                            .as_array_mut()
+                            .ok_or_else(|| failed(format!("{field} is not a list")))?;
+                        let mut entry = stamp.as_array().cloned().unwrap_or_default();
+                        entry.push(element.clone());
+                        entries.push(Json::Array(entry));
+                        if entries.len() > *max_len {
+                            entries.drain(..entries.len() - max_len);
+                        }
+                    }
+                    Change::Remove(field, element) => {
+                        let lists = object(&mut partial, "lists")?;
+                        if let Some(entries) = lists.get_mut(field).and_then(Json::as_array_mut) {
+                            entries.retain(|e| e.get(3) != Some(element));
+                        }
+                    }
+                    Change::Write(field, op, value) => {
+                        let values = object(&mut partial, "v")?;
+                        let next = match (op, values.get(field)) {
+                            (FieldOp::Add, Some(old)) => add_numbers(old, value).map_err(failed)?,
+                            (FieldOp::Add, None) => add_numbers(&json!(0), value).map_err(failed)?,
+                            (FieldOp::Min, Some(old))
+                                if compare(old, value) == Some(std::cmp::Ordering::Less) =>
+                            {
+                                old.clone()
+                            }
+                            (FieldOp::Max, Some(old))
+                                if compare(old, value) == Some(std::cmp::Ordering::Greater) =>
+                            {
+                                old.clone()
+                            }
+                            (FieldOp::Min | FieldOp::Max, Some(old)) if compare(old, value).is_none() => {
+                                return Err(failed(format!(
+                                    "cannot compare {value} with {old} for `{field}`"
+                                )))
+                            }
+                            _ => value.clone(),
+                        };
+                        values.insert(field.clone(), next);
+                        if *op == FieldOp::Set {
+                            object(&mut partial, "at")?.insert(field.clone(), stamp.clone());
+                        }
+                    }
+                }
+                deleted &= matches!(change, Change::Delete);
+            }
+            *current = if deleted { None } else { Some(partial) };
+            Ok(())
+        })
+    }
+
+    fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
+        let mut merged = empty_partial();
+        let mut set_at: HashMap<String, (i64, i64, i64)> = HashMap::new();
+        for partial in &partials {
+            let values = partial
+                .get("v")
+                .and_then(Json::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let stamps = partial
+                .get("at")
+                .and_then(Json::as_object)
+                .cloned()
+                .unwrap_or_default();
+            for (field, value) in values {
+                let op = self.fields.get(&field).copied().unwrap_or(FieldOp::Set);
+                let target = merged["v"].as_object_mut().expect("built above");
+                let next = match (op, target.get(&field)) {
+                    (_, None) => value,
+                    (FieldOp::Add | FieldOp::Count, Some(old)) => add_numbers(old, &value).unwrap_or(value),
+                    (FieldOp::Min, Some(old)) if compare(old, &value) == Some(std::cmp::Ordering::Less) => {
+                        old.clone()
+                    }
+                    (FieldOp::Max, Some(old))
+                        if compare(old, &value) == Some(std::cmp::Ordering::Greater) =>
+                    {
+                        old.clone()
+                    }
+                    (FieldOp::Set, Some(old)) => {
+                        let stamp =
+                            stamps
+                                .get(&field)
+                                .map(stamp_of)
+                                .unwrap_or((i64::MIN, i64::MIN, i64::MIN));
+                        if set_at.get(&field).is_some_and(|best| *best > stamp) {
+                            old.clone()
+                        } else {
+                            value
+                        }
+                    }
+                    _ => value,
+                };
+                if op == FieldOp::Set {
+                    let stamp = stamps
+                        .get(&field)
+                        .map(stamp_of)
+                        .unwrap_or((i64::MIN, i64::MIN, i64::MIN));
+                    let best = set_at.entry(field.clone()).or_insert(stamp);
+                    *best = (*best).max(stamp);
+                }
+                target.insert(field, next);
+            }
+            if let Some(lists) = partial.get("lists").and_then(Json::as_object) {
+                for (field, entries) in lists {
+                    let target = merged["lists"].as_object_mut().expect("built above");
+                    let list = target.entry(field.clone()).or_insert_with(|| json!([]));
+                    if let (Some(list), Some(entries)) = (list.as_array_mut(), entries.as_array()) {
+                        list.extend(entries.iter().cloned());
+                    }
+                }
+            }
+        }
+        if let Some(lists) = merged["lists"].as_object_mut() {
+            for (field, list) in lists.iter_mut() {
+                if let Some(entries) = list.as_array_mut() {
+                    entries.sort_by_key(stamp_of);
+                    if let Some(FieldOp::Append { max_len }) = self.fields.get(field) {
+                        if entries.len() > *max_len {
+                            entries.drain(..entries.len() - max_len);
+                        }
+                    }
+                }
+            }
+        }
+        Some(view(&merged))
+    }
+}
+
+#[cfg(test)]
+mod tests;

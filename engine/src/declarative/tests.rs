@@ -1,0 +1,257 @@
+//! Declarative projections: folding with each operation, and merging partial
+//! states per operation, including ties and deletes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use apache_avro::types::Value;
+use serde_json::{json, Value as Json};
+
+use super::*;
+use crate::projection::EventMeta;
+
+/// Partial states of one partition, in memory.
+#[derive(Default)]
+struct Memory(HashMap<String, Json>);
+
+impl PartitionState for Memory {
+    fn get(&mut self, key: &str) -> Result<Option<Json>, FoldError> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn update(
+        &mut self,
+        key: &str,
+        change: &mut dyn FnMut(&mut Option<Json>) -> Result<(), FoldError>,
+    ) -> Result<(), FoldError> {
+        let mut current = self.0.get(key).cloned();
+        change(&mut current)?;
+        match current {
+            Some(value) => self.0.insert(key.to_owned(), value),
+            None => self.0.remove(key),
+        };
+        Ok(())
+    }
+}
+
+fn projection(toml_text: &str) -> Declarative {
+    let config: DeclarativeConfig = toml::from_str(toml_text).unwrap();
+    Declarative::compile(&config).unwrap()
+}
+
+const STATS: &str = r#"
+key = "event.customerId"
+[[on]]
+event = "shop.orders.OrderPlaced"
+when = "event.totalCents > 0"
+set = { last_order = "event.orderId" }
+add = { revenue_cents = "event.totalCents" }
+min = { first_at = "event.placedAt" }
+max = { last_at = "event.placedAt" }
+count = ["orders"]
+append = { recent = { value = "event.orderId", max_len = 2 } }
+[[on]]
+event = "shop.orders.OrderCancelled"
+remove = { recent = "event.orderId" }
+delete = "event.reason == 'forget me'"
+"#;
+
+fn placed(
+    partition: i32,
+    offset: i64,
+    ts: i64,
+    customer: &str,
+    order: &str,
+    cents: i64,
+) -> (String, Value, EventMeta) {
+    let payload = Value::Record(vec![
+        ("orderId".into(), Value::String(order.into())),
+        ("customerId".into(), Value::String(customer.into())),
+        ("totalCents".into(), Value::Long(cents)),
+        ("placedAt".into(), Value::TimestampMillis(ts)),
+    ]);
+    (
+        "shop.orders.OrderPlaced".into(),
+        payload,
+        meta(partition, offset, ts),
+    )
+}
+
+fn cancelled(
+    partition: i32,
+    offset: i64,
+    ts: i64,
+    customer: &str,
+    order: &str,
+    reason: &str,
+) -> (String, Value, EventMeta) {
+    let payload = Value::Record(vec![
+        ("orderId".into(), Value::String(order.into())),
+        ("customerId".into(), Value::String(customer.into())),
+        ("reason".into(), Value::String(reason.into())),
+    ]);
+    (
+        "shop.orders.OrderCancelled".into(),
+        payload,
+        meta(partition, offset, ts),
+    )
+}
+
+fn meta(partition: i32, offset: i64, ts: i64) -> EventMeta {
+    EventMeta {
+        topic: Arc::from("orders"),
+        partition,
+        offset,
+        timestamp_ms: Some(ts),
+        key: None,
+    }
+}
+
+fn fold(projection: &Declarative, state: &mut Memory, event: &(String, Value, EventMeta)) {
+    let event = Event {
+        name: &event.0,
+        payload: &event.1,
+        meta: &event.2,
+    };
+    projection.apply(&event, state).unwrap();
+}
+
+#[test]
+fn each_operation_folds_within_a_partition() {
+    let p = projection(STATS);
+    let mut state = Memory::default();
+    fold(&p, &mut state, &placed(0, 1, 100, "c", "o1", 500));
+    fold(&p, &mut state, &placed(0, 2, 50, "c", "o2", 250));
+    fold(&p, &mut state, &placed(0, 3, 300, "c", "o3", 0)); // `when` is false
+    fold(&p, &mut state, &placed(0, 4, 200, "c", "o4", 100));
+    let merged = p.merge("c", vec![state.0["c"].clone()]).unwrap();
+    assert_eq!(
+        merged,
+        json!({"last_order": "o4", "revenue_cents": 850, "first_at": 50, "last_at": 200, "orders": 3,
+               "recent": ["o2", "o4"]})
+    );
+    fold(&p, &mut state, &cancelled(0, 5, 210, "c", "o4", "changed mind"));
+    assert_eq!(
+        p.merge("c", vec![state.0["c"].clone()]).unwrap()["recent"],
+        json!(["o2"])
+    );
+    fold(&p, &mut state, &cancelled(0, 6, 220, "c", "o2", "forget me"));
+    assert!(!state.0.contains_key("c"), "delete removes the key");
+}
+
+#[test]
+fn events_without_the_key_field_are_ignored() {
+    let p = projection(STATS);
+    let mut state = Memory::default();
+    let payload = Value::Record(vec![("orderId".into(), Value::String("o".into()))]);
+    let event = ("shop.orders.PaymentCharged".to_owned(), payload, meta(0, 1, 1));
+    fold(&p, &mut state, &event);
+    assert!(state.0.is_empty());
+}
+
+/// Folds each event into the memory of its partition, then merges the partials.
+fn merged(p: &Declarative, events: &[(String, Value, EventMeta)]) -> Json {
+    let mut partitions: HashMap<i32, Memory> = HashMap::new();
+    for event in events {
+        fold(p, partitions.entry(event.2.partition).or_default(), event);
+    }
+    let partials = partitions
+        .values()
+        .filter_map(|m| m.0.get("c").cloned())
+        .collect();
+    p.merge("c", partials).unwrap()
+}
+
+#[test]
+fn partials_merge_by_operation_across_partitions() {
+    let p = projection(STATS);
+    let events = [
+        placed(0, 1, 100, "c", "a", 500),
+        placed(1, 1, 400, "c", "b", 7),
+        placed(0, 2, 300, "c", "d", 3),
+        placed(2, 9, 200, "c", "e", 10),
+    ];
+    let value = merged(&p, &events);
+    assert_eq!(value["revenue_cents"], 520, "add sums");
+    assert_eq!(value["orders"], 4, "count sums");
+    assert_eq!(value["first_at"], 100, "min of mins");
+    assert_eq!(value["last_at"], 400, "max of maxes");
+    assert_eq!(value["last_order"], "b", "set: latest event timestamp wins");
+    assert_eq!(
+        value["recent"],
+        json!(["d", "b"]),
+        "append: by event time, last max_len"
+    );
+}
+
+#[test]
+fn set_ties_break_by_partition_then_offset() {
+    let p = projection(STATS);
+    // Same timestamp everywhere: partition 1 beats partition 0; within a partition
+    // the later offset wins.
+    let events = [
+        placed(1, 5, 100, "c", "from-p1", 1),
+        placed(0, 9, 100, "c", "from-p0", 1),
+    ];
+    assert_eq!(merged(&p, &events)["last_order"], "from-p1");
+    let events = [
+        placed(0, 5, 100, "c", "first", 1),
+        placed(0, 6, 100, "c", "second", 1),
+    ];
+    assert_eq!(merged(&p, &events)["last_order"], "second");
+}
+
+#[test]
+fn a_delete_in_one_partition_leaves_the_others() {
+    let p = projection(STATS);
+    let events = [
+        placed(0, 1, 100, "c", "a", 5),
+        placed(1, 1, 200, "c", "b", 7),
+        cancelled(0, 2, 300, "c", "a", "forget me"),
+    ];
+    let value = merged(&p, &events);
+    assert_eq!(
+        (value["revenue_cents"].clone(), value["recent"].clone()),
+        (json!(7), json!(["b"]))
+    );
+}
+
+#[test]
+fn a_failing_expression_changes_nothing() {
+    let p = projection(
+        r#"
+key = "event.customerId"
+[[on]]
+event = "*"
+add = { n = "1" }
+set = { ratio = "event.totalCents / (event.totalCents - 5)" }
+"#,
+    );
+    let mut state = Memory::default();
+    fold(&p, &mut state, &placed(0, 1, 1, "c", "o", 10));
+    let before = state.0.clone();
+    let bad = placed(0, 2, 2, "c", "o", 5);
+    let event = Event {
+        name: &bad.0,
+        payload: &bad.1,
+        meta: &bad.2,
+    };
+    assert!(
+        p.apply(&event, &mut state).is_err(),
+        "division by zero fails the fold"
+    );
+    assert_eq!(state.0, before);
+}
+
+#[test]
+fn compile_errors_name_the_rule_and_field() {
+    let compile =
+        |text: &str| Declarative::compile(&toml::from_str::<DeclarativeConfig>(text).unwrap()).unwrap_err();
+    let error = compile("key = \"event.id\"\n[[on]]\nevent = \"*\"\nadd = { total = \"event.(\" }\n");
+    assert!(error.starts_with("on[0].add.total: "), "{error}");
+    let error = compile("key = \"event.id\"\n[[on]]\nevent = \"*\"\nadd = { x = \"1\" }\n[[on]]\nevent = \"*\"\nset = { x = \"2\" }\n");
+    assert!(error.starts_with("on[1].x: "), "{error}");
+    let error = compile("key = \"event.id\"\n[[on]]\nevent = \"*\"\nremove = { x = \"1\" }\n");
+    assert!(error.contains("remove.x"), "{error}");
+    assert!(compile("key = \")\"\n").starts_with("key: "));
+}

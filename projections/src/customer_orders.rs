@@ -1,0 +1,101 @@
+//! `customer_orders`: per customer (keyed by `customerId`), the orders placed, how
+//! many, their lifetime value in cents and the last order time:
+//! `{customer_id, order_ids, order_count, lifetime_value_cents, last_order_at}`.
+//!
+//! Orders are keyed by order id on the topic, so one customer's orders are spread
+//! over partitions: each partition keeps a partial, and reads merge them (sums,
+//! maximum, and the order ids sorted).
+
+use engine::projection::{Entity, Event, FoldError, Projection};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+const PLACED: &str = "shop.orders.OrderPlaced";
+
+/// `customer_orders` takes no options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {}
+
+/// Builds the projection from its options.
+pub fn build(options: &Json) -> Result<Box<dyn Projection>, String> {
+    let _: Options = serde_json::from_value(options.clone()).map_err(|e| e.to_string())?;
+    Ok(Box::new(CustomerOrders))
+}
+
+/// The customer orders projection.
+pub struct CustomerOrders;
+
+/// One customer's orders (a partial, or the merged whole).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orders {
+    /// The customer.
+    pub customer_id: String,
+    /// Their orders, sorted.
+    pub order_ids: Vec<String>,
+    /// How many.
+    pub order_count: u64,
+    /// Sum of the orders' totals, in cents.
+    pub lifetime_value_cents: i64,
+    /// `placedAt` of the latest order (ms since the epoch).
+    pub last_order_at: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Placed {
+    order_id: String,
+    customer_id: String,
+    total_cents: i64,
+    placed_at: i64,
+}
+
+fn read(json: &Json) -> Result<Orders, FoldError> {
+    serde_json::from_value(json.clone())
+        .map_err(|e| FoldError(format!("stored customer orders unreadable: {e}")))
+}
+
+impl Entity for CustomerOrders {
+    fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
+        if event.name != PLACED {
+            return Ok(None);
+        }
+        Ok(Some(crate::fields::string_field(event, "customerId")?.to_owned()))
+    }
+
+    fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError> {
+        let placed: Placed = event.parse()?;
+        let mut orders = match state.as_ref() {
+            Some(json) => read(json)?,
+            None => Orders {
+                customer_id: placed.customer_id,
+                order_ids: Vec::new(),
+                order_count: 0,
+                lifetime_value_cents: 0,
+                last_order_at: i64::MIN,
+            },
+        };
+        if let Err(position) = orders.order_ids.binary_search(&placed.order_id) {
+            orders.order_ids.insert(position, placed.order_id);
+        }
+        orders.order_count += 1;
+        orders.lifetime_value_cents += placed.total_cents;
+        orders.last_order_at = orders.last_order_at.max(placed.placed_at);
+        *state = Some(serde_json::to_value(orders).map_err(|e| FoldError(e.to_string()))?);
+        Ok(())
+    }
+
+    fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
+        let mut parts = partials.iter().filter_map(|p| read(p).ok());
+        let mut merged = parts.next()?;
+        for part in parts {
+            merged.order_ids.extend(part.order_ids);
+            merged.order_count += part.order_count;
+            merged.lifetime_value_cents += part.lifetime_value_cents;
+            merged.last_order_at = merged.last_order_at.max(part.last_order_at);
+        }
+        merged.order_ids.sort();
+        merged.order_ids.dedup();
+        serde_json::to_value(merged).ok()
+    }
+}
