@@ -31,6 +31,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/projections", get(list_projections))
         .route("/projections/{name}", get(show_projection))
+        .route("/projections/{name}/state", get(scan_keys))
         .route("/projections/{name}/state/{*key}", get(read_key))
         .route("/projections/{name}/resume", post(resume))
         .route("/projections/{name}/skip", post(skip))
@@ -96,31 +97,89 @@ async fn show_projection(
     Ok(Json(state.describe(projection)?))
 }
 
+/// `as_of`: the next offset of each source partition that the answer reflects.
+fn as_of(offsets: BTreeMap<crate::store::SourcePartition, i64>) -> Value {
+    Value::Object(
+        offsets
+            .into_iter()
+            .map(|(p, next)| (p.to_string(), json!(next)))
+            .collect(),
+    )
+}
+
 async fn read_key(
     State(state): State<ApiState>,
     Path((name, key)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let projection = state.projection(&name)?;
-    let partials = state
-        .store
-        .partials(&projection.generation(), &key)
-        .map_err(internal)?;
-    if partials.is_empty() {
-        return Err(ApiError(
+    let generation = projection.generation();
+    let view = state.store.read_view(&generation).map_err(internal)?;
+    let partials = view.partials(&key).map_err(internal)?;
+    let not_found = || {
+        ApiError(
             StatusCode::NOT_FOUND,
             format!("projection `{name}` has no state for key `{key}`"),
-        ));
+        )
+    };
+    if partials.is_empty() {
+        return Err(not_found());
     }
-    projection
+    let mut value = projection
         .projection
         .merge(&key, partials)
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("projection `{name}` has no state for key `{key}`"),
-            )
-        })
+        .ok_or_else(not_found)?;
+    if let Value::Object(fields) = &mut value {
+        fields.insert("as_of".into(), as_of(view.offsets().map_err(internal)?));
+    }
+    Ok(Json(value))
+}
+
+/// Query of a scan.
+#[derive(serde::Deserialize)]
+struct ScanQuery {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Most keys one scan returns.
+const MAX_SCAN_LIMIT: usize = 1000;
+
+async fn scan_keys(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<ScanQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let projection = state.projection(&name)?;
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_SCAN_LIMIT);
+    let view = state
+        .store
+        .read_view(&projection.generation())
+        .map_err(internal)?;
+    let mut items = Vec::new();
+    let found = view
+        .scan(
+            &query.prefix,
+            query.after.as_deref(),
+            limit,
+            &mut |key, partials| match projection.projection.merge(key, partials.to_vec()) {
+                Some(value) => {
+                    items.push(json!({ "key": key, "value": value }));
+                    true
+                }
+                None => false,
+            },
+        )
+        .map_err(internal)?;
+    let next = (found.len() == limit)
+        .then(|| found.last().map(|(k, _)| k.clone()))
+        .flatten();
+    Ok(Json(json!({
+        "items": items,
+        "next": next,
+        "as_of": as_of(view.offsets().map_err(internal)?),
+    })))
 }
 
 impl ApiState {

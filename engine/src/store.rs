@@ -206,24 +206,6 @@ impl Store {
             .transpose()
     }
 
-    /// Every partial state of `key`, one per source partition that has one.
-    pub fn partials(&self, generation: &Generation, key: &str) -> Result<Vec<Json>, StoreError> {
-        let cf = self.cf(generation)?;
-        let prefix = state_prefix(key);
-        let mut partials = Vec::new();
-        let iter = self
-            .db
-            .iterator_cf(&cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward));
-        for item in iter {
-            let (row, value) = item.map_err(failed(format!("reading `{key}`")))?;
-            if !row.starts_with(&prefix) {
-                break;
-            }
-            partials.push(serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?);
-        }
-        Ok(partials)
-    }
-
     /// Writes one batch atomically: state rows and offsets together.
     pub fn commit(&self, generation: &Generation, batch: &BatchWrite) -> Result<(), StoreError> {
         let cf = self.cf(generation)?;
@@ -245,6 +227,137 @@ impl Store {
         self.db
             .write_opt(write, &self.write_options)
             .map_err(failed(format!("committing a batch of {}", generation.projection)))
+    }
+}
+
+/// A consistent view of one generation for reads: every value and offset it
+/// returns comes from the same RocksDB snapshot.
+pub struct ReadView<'a> {
+    snapshot: rocksdb::SnapshotWithThreadMode<'a, Db>,
+    cf: Arc<BoundColumnFamily<'a>>,
+}
+
+/// The partial states of one key, as stored.
+pub type KeyPartials = (String, Vec<Json>);
+
+impl Store {
+    /// A snapshot of `generation` for reads.
+    pub fn read_view(&self, generation: &Generation) -> Result<ReadView<'_>, StoreError> {
+        Ok(ReadView {
+            cf: self.cf(generation)?,
+            snapshot: self.db.snapshot(),
+        })
+    }
+}
+
+impl ReadView<'_> {
+    /// Every committed next offset, as of the snapshot.
+    pub fn offsets(&self) -> Result<BTreeMap<SourcePartition, i64>, StoreError> {
+        let mut offsets = BTreeMap::new();
+        let rows = self
+            .snapshot
+            .iterator_cf(&self.cf, IteratorMode::From(b"o", rocksdb::Direction::Forward));
+        for item in rows {
+            let (key, value) = item.map_err(failed("scanning offsets"))?;
+            if !key.starts_with(b"o") {
+                break;
+            }
+            let mut rest = &key[1..];
+            let topic = unescape_next(&mut rest);
+            let partition = rest.try_into().ok().map(i32::from_be_bytes);
+            if let (Some(topic), Some(partition), Some(next)) = (topic, partition, decode_u64(&value)) {
+                let topic = String::from_utf8_lossy(&topic).into_owned();
+                offsets.insert(
+                    SourcePartition {
+                        topic: topic.into(),
+                        partition,
+                    },
+                    next as i64,
+                );
+            }
+        }
+        Ok(offsets)
+    }
+
+    /// The partial states of `key`.
+    pub fn partials(&self, key: &str) -> Result<Vec<Json>, StoreError> {
+        let prefix = state_prefix(key);
+        let mut partials = Vec::new();
+        let rows = self
+            .snapshot
+            .iterator_cf(&self.cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in rows {
+            let (row, value) = item.map_err(failed(format!("reading `{key}`")))?;
+            if !row.starts_with(&prefix) {
+                break;
+            }
+            partials.push(serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?);
+        }
+        Ok(partials)
+    }
+
+    /// Keys starting with `prefix`, in key order, strictly after `after` when given;
+    /// at most `limit` keys, each with its partials. `accept` filters keys (hidden
+    /// bookkeeping keys do not count toward the limit).
+    pub fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        accept: &mut dyn FnMut(&str, &[Json]) -> bool,
+    ) -> Result<Vec<KeyPartials>, StoreError> {
+        let mut start = vec![b's'];
+        let mut escaped_prefix = Vec::new();
+        push_escaped(&mut escaped_prefix, prefix.as_bytes());
+        escaped_prefix.truncate(escaped_prefix.len() - 2);
+        start.extend_from_slice(&escaped_prefix);
+        if let Some(after) = after {
+            let after_start = state_prefix(after);
+            if after_start > start {
+                start = after_start;
+            }
+        }
+        let rows = self
+            .snapshot
+            .iterator_cf(&self.cf, IteratorMode::From(&start, rocksdb::Direction::Forward));
+        let mut found: Vec<KeyPartials> = Vec::new();
+        let mut current: Option<KeyPartials> = None;
+        for item in rows {
+            let (row, value) = item.map_err(failed("scanning state"))?;
+            if !row.starts_with(b"s") || !row[1..].starts_with(&escaped_prefix) {
+                break;
+            }
+            let mut rest = &row[1..];
+            let Some(key) = unescape_next(&mut rest) else {
+                continue;
+            };
+            let key = String::from_utf8_lossy(&key).into_owned();
+            if Some(key.as_str()) == after {
+                continue;
+            }
+            let partial: Json =
+                serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?;
+            match &mut current {
+                Some((k, partials)) if *k == key => partials.push(partial),
+                _ => {
+                    if let Some((k, partials)) = current.take() {
+                        if accept(&k, &partials) {
+                            found.push((k, partials));
+                            if found.len() == limit {
+                                return Ok(found);
+                            }
+                        }
+                    }
+                    current = Some((key, vec![partial]));
+                }
+            }
+        }
+        if let Some((k, partials)) = current {
+            if found.len() < limit && accept(&k, &partials) {
+                found.push((k, partials));
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -344,7 +457,7 @@ mod tests {
         let generation = store.live_generation("p").unwrap();
         assert_eq!(generation.number, 1);
         assert_eq!(
-            store.partials(&generation, "a").unwrap(),
+            store.read_view(&generation).unwrap().partials("a").unwrap(),
             vec![json!({"n": 1}), json!({"n": 2})],
             "the partials of `a` and only those"
         );
@@ -359,6 +472,42 @@ mod tests {
     }
 
     #[test]
+    fn scans_group_partials_by_key_in_order_with_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let generation = store.live_generation("p").unwrap();
+        let mut batch = BatchWrite::default();
+        for key in ["b1", "a", "b2", "b3", "c"] {
+            batch.rows.push((key.into(), partition("t", 0), Some(json!(key))));
+            batch.rows.push((key.into(), partition("t", 1), Some(json!(1))));
+        }
+        batch.offsets.insert(partition("t", 0), 9);
+        store.commit(&generation, &batch).unwrap();
+        let view = store.read_view(&generation).unwrap();
+        let keys = |prefix: &str, after: Option<&str>, limit: usize| -> Vec<String> {
+            view.scan(prefix, after, limit, &mut |_, _| true)
+                .unwrap()
+                .into_iter()
+                .map(|(k, partials)| {
+                    assert_eq!(partials.len(), 2, "every partial of {k}");
+                    k
+                })
+                .collect()
+        };
+        assert_eq!(keys("b", None, 10), ["b1", "b2", "b3"]);
+        assert_eq!(keys("b", None, 2), ["b1", "b2"]);
+        assert_eq!(keys("b", Some("b2"), 10), ["b3"]);
+        assert_eq!(keys("", Some("b3"), 10), ["c"]);
+        assert_eq!(keys("", None, 100).len(), 5);
+        let hidden = view.scan("", None, 2, &mut |k, _| k != "a").unwrap();
+        assert_eq!(
+            hidden.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["b1", "b2"]
+        );
+        assert_eq!(view.offsets().unwrap()[&partition("t", 0)], 9);
+    }
+
+    #[test]
     fn delete_removes_a_partial() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), false).unwrap();
@@ -369,7 +518,12 @@ mod tests {
         let mut batch = BatchWrite::default();
         batch.rows.push(("k".into(), partition("t", 0), None));
         store.commit(&generation, &batch).unwrap();
-        assert!(store.partials(&generation, "k").unwrap().is_empty());
+        assert!(store
+            .read_view(&generation)
+            .unwrap()
+            .partials("k")
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -385,7 +539,13 @@ mod tests {
             .rows
             .push(("a".into(), partition("t", 0), Some(json!("plain"))));
         store.commit(&generation, &batch).unwrap();
-        assert_eq!(store.partials(&generation, "a").unwrap(), vec![json!("plain")]);
-        assert_eq!(store.partials(&generation, "a\0").unwrap(), vec![json!("nul")]);
+        assert_eq!(
+            store.read_view(&generation).unwrap().partials("a").unwrap(),
+            vec![json!("plain")]
+        );
+        assert_eq!(
+            store.read_view(&generation).unwrap().partials("a\0").unwrap(),
+            vec![json!("nul")]
+        );
     }
 }

@@ -27,7 +27,7 @@ pub fn generate(topic: &str, orders: usize, seed: u64) -> OrderStream {
     let mut pending: Vec<(String, Vec<Value>)> = (0..orders)
         .map(|i| {
             let order_id = format!("order-{seed}-{i:06}");
-            let events = lifecycle(&mut rng, &order_id, 1_700_000_000_000 + i as i64 * 1000);
+            let events = lifecycle(&mut rng, &order_id, 1_700_000_000_000 + i as i64 * 37_000);
             (order_id, events)
         })
         .collect();

@@ -4,8 +4,8 @@ Reads JSON lines from --events. Each line is one record:
   {"topic": "orders", "key": "o-1", "type": "OrderPlaced", "value": {...}}
 serialized with AvroSerializer (TopicRecordNameStrategy, auto-register, the schema
 from --schemas <namespace>/<type>.v<N>.avsc, newest N unless "version" is given).
-"schema_file" serializes with that schema file instead (a variant of a version).
-"headers": {"k": "v"} adds record headers.
+"namespace" overrides --namespace for one record; "schema_file" serializes with that schema file instead (a variant of a version).
+"headers": {"k": "v"} adds record headers; "timestamp": ms sets the record's timestamp.
 Corruptions for poison tests, applied to the serialized bytes:
   "raw_hex": "..."        write these bytes instead (no serializer)
   "null_value": true      a tombstone
@@ -70,10 +70,10 @@ def main():
         if err is not None:
             failures.append(str(err))
 
-    def serializer(event_type, version, schema_path=None):
-        cache_key = (event_type, version, schema_path)
+    def serializer(namespace, event_type, version, schema_path=None):
+        cache_key = (namespace, event_type, version, schema_path)
         if cache_key not in serializers:
-            path = schema_path or schema_file(args.schemas, args.namespace, event_type, version)
+            path = schema_path or schema_file(args.schemas, namespace, event_type, version)
             with open(path) as f:
                 schema = f.read()
             serializers[cache_key] = AvroSerializer(registry, schema, conf={
@@ -95,7 +95,8 @@ def main():
             elif record.get("null_value"):
                 value = None
             else:
-                ser = serializer(record["type"], record.get("version"), record.get("schema_file"))
+                namespace = record.get("namespace", args.namespace)
+                ser = serializer(namespace, record["type"], record.get("version"), record.get("schema_file"))
                 value = ser(record["value"], SerializationContext(topic, MessageField.VALUE))
                 schema_ids.setdefault(record["type"], value[1:5])
                 if "schema_id" in record:
@@ -111,7 +112,7 @@ def main():
                 if "append_hex" in record:
                     value = value + bytes.fromhex(record["append_hex"])
             headers = [(k, v.encode()) for k, v in record.get("headers", {}).items()]
-            records.append((topic, key, value, headers))
+            records.append((topic, key, value, headers, record.get("timestamp")))
 
     if args.hold_until:
         print("serialized", flush=True)
@@ -121,10 +122,11 @@ def main():
     record_file = open(args.record, "w") if args.record else None
     produced = 0
     started = time.monotonic()
-    for topic, key, value, headers in records:
+    for topic, key, value, headers, timestamp in records:
         while True:
             try:
-                producer.produce(topic, key=key, value=value, headers=headers or None, on_delivery=delivered)
+                extra = {"timestamp": timestamp} if timestamp is not None else {}
+                producer.produce(topic, key=key, value=value, headers=headers or None, on_delivery=delivered, **extra)
                 break
             except BufferError:
                 producer.poll(0.05)

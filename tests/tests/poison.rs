@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use projector_tests::orders::{self, OrderStream};
 use projector_tests::{
     metric_value, produce_command, python, repo_root, run_to_completion, set_compatibility, wait_applied,
-    wait_until, worker_config, write_events, Broker, Registry, Worker,
+    wait_until, without_as_of, worker_config, write_events, Broker, Registry, Worker,
 };
 use serde_json::{json, Value};
 
@@ -209,6 +209,7 @@ fn assert_good_state(worker: &Worker, projection: &str, good: &OrderStream) -> R
     let expected = orders::oracle(&good.lines);
     for (order_id, want) in &expected {
         let (status, got) = worker.get(&format!("/projections/{projection}/state/{order_id}"))?;
+        let got = without_as_of(got)?;
         ensure!(
             status == 200 && &got == want,
             "{projection} {order_id}: got {status} {got}, want {want}"
