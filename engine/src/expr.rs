@@ -21,6 +21,9 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
 pub struct Expr {
     source: String,
     program: Program,
+    /// The value of an expression that reads no variable (`'EUR'`, `1`), computed
+    /// once at compile time.
+    constant: Option<Json>,
 }
 
 impl std::fmt::Debug for Expr {
@@ -35,10 +38,16 @@ impl Expr {
         let program = ENV
             .compile(source)
             .map_err(|e| format!("`{source}` does not compile: {e}"))?;
-        Ok(Expr {
+        let mut expr = Expr {
             source: source.to_owned(),
             program,
-        })
+            constant: None,
+        };
+        let references = expr.program.references();
+        if references.variables().is_empty() {
+            expr.constant = expr.eval_in(&Scope::default()).ok().flatten();
+        }
+        Ok(expr)
     }
 
     /// The expression as written.
@@ -74,12 +83,116 @@ impl Expr {
             .map_err(|e| format!("`{}` gave a value that is not JSON: {e}", self.source))
     }
 
+    /// Whether the expression reads the variable `name`.
+    pub fn reads(&self, name: &str) -> bool {
+        self.program.references().has_variable(name)
+    }
+
+    /// Evaluates against variables bound once in `scope` (cheaper than
+    /// [`Expr::eval_optional`] when several expressions read the same input).
+    pub fn eval_in(&self, scope: &Scope) -> Result<Option<Json>, String> {
+        if let Some(constant) = &self.constant {
+            return Ok(Some(constant.clone()));
+        }
+        let result = match self.program.execute(&scope.context) {
+            Ok(result) => result,
+            Err(cel::ExecutionError::NoSuchKey(_)) => return Ok(None),
+            Err(e) => return Err(format!("`{}` failed: {e}", self.source)),
+        };
+        result
+            .json()
+            .map(Some)
+            .map_err(|e| format!("`{}` gave a value that is not JSON: {e}", self.source))
+    }
+
+    /// [`Expr::eval_in`] for a value that must be there.
+    pub fn value_in(&self, scope: &Scope) -> Result<Json, String> {
+        self.eval_in(scope)?.ok_or_else(|| {
+            format!(
+                "`{}` failed: it reads a field the input does not have",
+                self.source
+            )
+        })
+    }
+
+    /// [`Expr::eval_in`] for a guard: true or false.
+    pub fn test_in(&self, scope: &Scope) -> Result<bool, String> {
+        match self.value_in(scope)? {
+            Json::Bool(b) => Ok(b),
+            other => Err(format!("`{}` gave {other}, expected true or false", self.source)),
+        }
+    }
+
     /// Evaluates a guard: true, false, or an error when the result is not a bool.
     pub fn test(&self, variables: &[(&str, &Json)]) -> Result<bool, String> {
         match self.eval(variables)? {
             Json::Bool(b) => Ok(b),
             other => Err(format!("`{}` gave {other}, expected true or false", self.source)),
         }
+    }
+}
+
+/// Variables bound once for several evaluations.
+pub struct Scope {
+    context: Context<'static, 'static>,
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            context: Context::with_env(ENV.clone()),
+        }
+    }
+}
+
+impl Scope {
+    /// Binds `name` to a JSON value.
+    pub fn bind_json(&mut self, name: &str, value: &Json) {
+        self.context.add_variable_from_value(name, to_cel(value));
+    }
+
+    /// Binds `name` to an Avro value, converted directly (records and maps become
+    /// CEL maps, unions their branch, timestamps and enums their number and symbol).
+    pub fn bind_avro(&mut self, name: &str, value: &apache_avro::types::Value) {
+        self.context.add_variable_from_value(name, avro_to_cel(value));
+    }
+}
+
+fn avro_to_cel(value: &apache_avro::types::Value) -> cel::Value {
+    use apache_avro::types::Value as Avro;
+    match value {
+        Avro::Null => cel::Value::Null,
+        Avro::Boolean(b) => cel::Value::Bool(*b),
+        Avro::Int(i) | Avro::Date(i) | Avro::TimeMillis(i) => cel::Value::Int(i64::from(*i)),
+        Avro::Long(i)
+        | Avro::TimeMicros(i)
+        | Avro::TimestampMillis(i)
+        | Avro::TimestampMicros(i)
+        | Avro::TimestampNanos(i)
+        | Avro::LocalTimestampMillis(i)
+        | Avro::LocalTimestampMicros(i)
+        | Avro::LocalTimestampNanos(i) => cel::Value::Int(*i),
+        Avro::Float(f) => cel::Value::Float(f64::from(*f)),
+        Avro::Double(f) => cel::Value::Float(*f),
+        Avro::String(s) | Avro::Enum(_, s) => cel::Value::String(Arc::new(s.clone())),
+        Avro::Uuid(u) => cel::Value::String(Arc::new(u.to_string())),
+        Avro::Bytes(b) | Avro::Fixed(_, b) => cel::Value::Bytes(Arc::new(b.clone())),
+        Avro::Union(_, inner) => avro_to_cel(inner),
+        Avro::Array(items) => cel::Value::List(Arc::new(items.iter().map(avro_to_cel).collect())),
+        Avro::Map(fields) => {
+            let map: std::collections::HashMap<String, cel::Value> =
+                fields.iter().map(|(k, v)| (k.clone(), avro_to_cel(v))).collect();
+            cel::Value::from(map)
+        }
+        Avro::Record(fields) => {
+            let map: std::collections::HashMap<String, cel::Value> =
+                fields.iter().map(|(k, v)| (k.clone(), avro_to_cel(v))).collect();
+            cel::Value::from(map)
+        }
+        other => match crate::avro_json::to_json(other.clone()) {
+            Ok(json) => to_cel(&json),
+            Err(_) => cel::Value::Null,
+        },
     }
 }
 

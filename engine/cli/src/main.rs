@@ -8,6 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use engine::config::Config;
 
+/// The fold loop allocates per event (decoded values, JSON state); mimalloc's
+/// thread-local free lists make that markedly cheaper than glibc's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Projector: Kafka event streams into read models in RocksDB.
 #[derive(Parser)]
 #[command(name = "projector", version)]

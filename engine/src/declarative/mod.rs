@@ -32,10 +32,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
-use serde_json::{json, Map, Value as Json};
+use serde_json::{json, Value as Json};
 
-use crate::avro_json;
-use crate::expr::Expr;
+use crate::expr::{Expr, Scope};
 use crate::projection::{Event, FoldError, PartitionState, Projection};
 
 /// `[projections.declarative]`
@@ -122,6 +121,7 @@ pub struct Declarative {
     rules: Vec<Rule>,
     fields: HashMap<String, FieldOp>,
     uses_state: bool,
+    uses_meta: bool,
 }
 
 impl Declarative {
@@ -220,12 +220,24 @@ impl Declarative {
                 }
             }
         }
-        let uses_state = sources.iter().any(|s| s.contains("state"));
+        let all: Vec<&Expr> = std::iter::once(&key)
+            .chain(rules.iter().flat_map(|r| {
+                r.when
+                    .iter()
+                    .chain(r.delete.iter())
+                    .chain(r.writes.iter().map(|(_, _, e)| e))
+                    .chain(r.remove.iter().map(|(_, e)| e))
+            }))
+            .collect();
+        let uses_state = all.iter().any(|e| e.reads("state"));
+        let uses_meta = all.iter().any(|e| e.reads("meta"));
+        drop(sources);
         Ok(Declarative {
             key,
             rules,
             fields,
             uses_state,
+            uses_meta,
         })
     }
 }
@@ -245,13 +257,6 @@ fn same_merge(a: FieldOp, b: FieldOp) -> bool {
 /// "lists": {field: [[ts, partition, offset, element], ...]}}`.
 fn empty_partial() -> Json {
     json!({"v": {}, "at": {}, "lists": {}})
-}
-
-fn object<'a>(partial: &'a mut Json, part: &str) -> Result<&'a mut Map<String, Json>, FoldError> {
-    partial
-        .get_mut(part)
-        .and_then(Json::as_object_mut)
-        .ok_or_else(|| FoldError(format!("stored declarative state has no `{part}` object")))
 }
 
 /// The plain view of a partial (or merged) state: fields and list elements.
@@ -310,30 +315,98 @@ fn stamp_of(value: &Json) -> (i64, i64, i64) {
 }
 
 /// What a rule decided for one event, before any change is made.
-enum Change {
-    Write(String, FieldOp, Json),
-    Count(String),
-    Remove(String, Json),
+enum Change<'a> {
+    Write(&'a str, FieldOp, Json),
+    Count(&'a str),
+    Remove(&'a str, Json),
     Delete,
+}
+
+/// The number and comparison results of an event's changes, computed against the
+/// current partial before anything is written, so a failure changes nothing.
+fn resolve_values<'a>(partial: Option<&Json>, changes: &mut [Change<'a>]) -> Result<(), String> {
+    let mut overlay: HashMap<&'a str, Json> = HashMap::new();
+    let mut cleared = false;
+    for change in changes.iter_mut() {
+        let (field, op, value) = match change {
+            Change::Delete => {
+                overlay.clear();
+                cleared = true;
+                continue;
+            }
+            Change::Count(field) => (*field, FieldOp::Count, None),
+            Change::Write(field, op @ (FieldOp::Add | FieldOp::Min | FieldOp::Max), value) => {
+                (*field, *op, Some(value))
+            }
+            _ => continue,
+        };
+        let stored = if cleared {
+            None
+        } else {
+            partial.and_then(|p| p.get("v")).and_then(|v| v.get(field))
+        };
+        let old = overlay.get(field).or(stored);
+        let next = match (op, old, &value) {
+            (FieldOp::Count, old, _) => add_numbers(old.unwrap_or(&json!(0)), &json!(1))?,
+            (FieldOp::Add, old, Some(value)) => add_numbers(old.unwrap_or(&json!(0)), value)?,
+            (FieldOp::Min | FieldOp::Max, Some(old), Some(value)) => match compare(old, value) {
+                None => return Err(format!("cannot compare {value} with {old} for `{field}`")),
+                Some(std::cmp::Ordering::Less) if op == FieldOp::Min => old.clone(),
+                Some(std::cmp::Ordering::Greater) if op == FieldOp::Max => old.clone(),
+                _ => (*value).clone(),
+            },
+            (_, None, Some(value)) => (*value).clone(),
+            _ => continue,
+        };
+        overlay.insert(field, next.clone());
+        match change {
+            Change::Write(_, _, value) => *value = next,
+            Change::Count(field) => {
+                let field = *field;
+                *change = Change::Write(field, FieldOp::Count, next);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Writes `partial[part][field] = value`, reusing the key when present.
+fn set_field(partial: &mut Json, part: &str, field: &str, value: Json) {
+    let Some(fields) = partial.get_mut(part).and_then(Json::as_object_mut) else {
+        return;
+    };
+    match fields.get_mut(field) {
+        Some(slot) => *slot = value,
+        None => {
+            fields.insert(field.to_owned(), value);
+        }
+    }
+}
+
+fn is_partial(json: &Json) -> bool {
+    ["v", "at", "lists"]
+        .iter()
+        .all(|part| json.get(part).is_some_and(Json::is_object))
 }
 
 impl Projection for Declarative {
     fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
         let failed = |e: String| FoldError(format!("{}: {e}", event.name));
-        let payload = avro_json::to_json(event.payload.clone()).map_err(failed)?;
-        let meta = json!({
-            "topic": event.meta.topic.as_ref(),
-            "partition": event.meta.partition,
-            "offset": event.meta.offset,
-            "timestamp": event.meta.timestamp_ms,
-            "key": event.meta.key.as_deref(),
-            "event": event.name,
-        });
-        let key = match self
-            .key
-            .eval_optional(&[("event", &payload), ("meta", &meta)])
-            .map_err(failed)?
-        {
+        let mut scope = Scope::default();
+        scope.bind_avro("event", event.payload);
+        if self.uses_meta {
+            let meta = json!({
+                "topic": event.meta.topic.as_ref(),
+                "partition": event.meta.partition,
+                "offset": event.meta.offset,
+                "timestamp": event.meta.timestamp_ms,
+                "key": event.meta.key.as_deref(),
+                "event": event.name,
+            });
+            scope.bind_json("meta", &meta);
+        }
+        let key = match self.key.eval_in(&scope).map_err(failed)? {
             None | Some(Json::Null) => return Ok(()),
             Some(Json::String(key)) => key,
             Some(Json::Number(n)) => n.to_string(),
@@ -344,12 +417,10 @@ impl Projection for Declarative {
                 )))
             }
         };
-        let current_view = if self.uses_state {
-            state.get(&key)?.as_ref().map(view).unwrap_or(Json::Null)
-        } else {
-            Json::Null
-        };
-        let variables = [("event", &payload), ("meta", &meta), ("state", &current_view)];
+        if self.uses_state {
+            let current_view = state.get(&key)?.as_ref().map(view).unwrap_or(Json::Null);
+            scope.bind_json("state", &current_view);
+        }
         let mut changes = Vec::new();
         for rule in self
             .rules
@@ -357,26 +428,19 @@ impl Projection for Declarative {
             .filter(|r| r.event == "*" || r.event == event.name)
         {
             if let Some(when) = &rule.when {
-                if !when.test(&variables).map_err(failed)? {
+                if !when.test_in(&scope).map_err(failed)? {
                     continue;
                 }
             }
             for (field, op, expr) in &rule.writes {
-                changes.push(Change::Write(
-                    field.clone(),
-                    *op,
-                    expr.eval(&variables).map_err(failed)?,
-                ));
+                changes.push(Change::Write(field, *op, expr.value_in(&scope).map_err(failed)?));
             }
-            changes.extend(rule.count.iter().map(|f| Change::Count(f.clone())));
+            changes.extend(rule.count.iter().map(|f| Change::Count(f)));
             for (field, expr) in &rule.remove {
-                changes.push(Change::Remove(
-                    field.clone(),
-                    expr.eval(&variables).map_err(failed)?,
-                ));
+                changes.push(Change::Remove(field, expr.value_in(&scope).map_err(failed)?));
             }
             if let Some(delete) = &rule.delete {
-                if delete.test(&variables).map_err(failed)? {
+                if delete.test_in(&scope).map_err(failed)? {
                     changes.push(Change::Delete);
                 }
             }
@@ -384,76 +448,56 @@ impl Projection for Declarative {
         if changes.is_empty() {
             return Ok(());
         }
+        let mut changes_cell = changes;
         let stamp = json!([
             event.meta.timestamp_ms.unwrap_or(0),
             event.meta.partition,
             event.meta.offset
         ]);
         state.update(&key, &mut |current| {
-            let mut partial = current.clone().unwrap_or_else(empty_partial);
+            if current.as_ref().is_some_and(|p| !is_partial(p)) {
+                return Err(failed(format!(
+                    "stored state of `{key}` is not a declarative partial"
+                )));
+            }
+            let mut resolved = std::mem::take(&mut changes_cell);
+            resolve_values(current.as_ref(), &mut resolved).map_err(failed)?;
+            let partial = current.get_or_insert_with(empty_partial);
             let mut deleted = false;
-            for change in &changes {
+            for change in resolved {
+                deleted = matches!(change, Change::Delete);
                 match change {
-                    Change::Delete => {
-                        deleted = true;
-                        partial = empty_partial();
-                    }
-                    Change::Count(field) => {
-                        let values = object(&mut partial, "v")?;
-                        let next =
-                            add_numbers(values.get(field).unwrap_or(&json!(0)), &json!(1)).map_err(failed)?;
-                        values.insert(field.clone(), next);
-                    }
+                    Change::Delete => *partial = empty_partial(),
                     Change::Write(field, FieldOp::Append { max_len }, element) => {
-                        let lists = object(&mut partial, "lists")?;
-                        let list = lists.entry(field.clone()).or_insert_with(|| json!([]));
-                        let entries = list
-                            .as_array_mut()
-                            .ok_or_else(|| failed(format!("{field} is not a list")))?;
-                        let mut entry = stamp.as_array().cloned().unwrap_or_default();
-                        entry.push(element.clone());
-                        entries.push(Json::Array(entry));
-                        if entries.len() > *max_len {
-                            entries.drain(..entries.len() - max_len);
+                        let lists = partial["lists"].as_object_mut().expect("checked to be a partial");
+                        let list = lists.entry(field.to_owned()).or_insert_with(|| json!([]));
+                        if let Some(entries) = list.as_array_mut() {
+                            let mut entry = stamp.as_array().cloned().unwrap_or_default();
+                            entry.push(element);
+                            entries.push(Json::Array(entry));
+                            if entries.len() > max_len {
+                                entries.drain(..entries.len() - max_len);
+                            }
                         }
                     }
                     Change::Remove(field, element) => {
-                        let lists = object(&mut partial, "lists")?;
-                        if let Some(entries) = lists.get_mut(field).and_then(Json::as_array_mut) {
-                            entries.retain(|e| e.get(3) != Some(element));
+                        if let Some(entries) = partial["lists"].get_mut(field).and_then(Json::as_array_mut) {
+                            entries.retain(|e| e.get(3) != Some(&element));
                         }
                     }
                     Change::Write(field, op, value) => {
-                        let values = object(&mut partial, "v")?;
-                        let next = match (op, values.get(field)) {
-                            (FieldOp::Add, Some(old)) => add_numbers(old, value).map_err(failed)?,
-                            (FieldOp::Add, None) => add_numbers(&json!(0), value).map_err(failed)?,
-                            (FieldOp::Min, Some(old))
-                                if compare(old, value) == Some(std::cmp::Ordering::Less) =>
-                            {
-                                old.clone()
-                            }
-                            (FieldOp::Max, Some(old))
-                                if compare(old, value) == Some(std::cmp::Ordering::Greater) =>
-                            {
-                                old.clone()
-                            }
-                            (FieldOp::Min | FieldOp::Max, Some(old)) if compare(old, value).is_none() => {
-                                return Err(failed(format!(
-                                    "cannot compare {value} with {old} for `{field}`"
-                                )))
-                            }
-                            _ => value.clone(),
-                        };
-                        values.insert(field.clone(), next);
-                        if *op == FieldOp::Set {
-                            object(&mut partial, "at")?.insert(field.clone(), stamp.clone());
+                        set_field(partial, "v", field, value);
+                        if op == FieldOp::Set {
+                            set_field(partial, "at", field, stamp.clone());
                         }
                     }
+                    // Resolved into writes of the new totals above.
+                    Change::Count(_) => {}
                 }
-                deleted &= matches!(change, Change::Delete);
             }
-            *current = if deleted { None } else { Some(partial) };
+            if deleted {
+                *current = None;
+            }
             Ok(())
         })
     }
