@@ -13,6 +13,7 @@ pub mod declarative;
 pub mod decode;
 pub mod expr;
 pub mod frame;
+pub mod lag;
 pub mod metrics;
 pub mod poison;
 pub mod projection;

@@ -7,7 +7,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -103,6 +104,48 @@ pub static REGISTRY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `projector_consumer_lag_events{projection,topic,partition}`
+pub static CONSUMER_LAG_EVENTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register(
+        IntGaugeVec::new(
+            Opts::new(
+                "projector_consumer_lag_events",
+                "High watermark minus the next offset to apply (offsets stored with state).",
+            ),
+            &["projection", "topic", "partition"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `projector_consumer_lag_seconds{projection,topic,partition}`
+pub static CONSUMER_LAG_SECONDS: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register(
+        GaugeVec::new(
+            Opts::new(
+                "projector_consumer_lag_seconds",
+                "Age of the oldest event not yet applied; 0 when caught up.",
+            ),
+            &["projection", "topic", "partition"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `projector_projection_up{projection}`
+pub static PROJECTION_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register(
+        IntGaugeVec::new(
+            Opts::new(
+                "projector_projection_up",
+                "1 while the projection's fold loop runs; 0 when stopped on a poison event or a failure.",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// `projector_last_progress_timestamp_seconds{projection}`
 pub static LAST_PROGRESS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register(
@@ -148,17 +191,36 @@ pub fn registry_request(outcome: &str) {
     REGISTRY_REQUESTS.with_label_values(&[outcome]).inc();
 }
 
-/// Makes every metric visible in the scrape before its first sample.
+/// Every metric, for `init` and `names`.
+fn all() -> Vec<&'static dyn prometheus::core::Collector> {
+    vec![
+        &*EVENTS_APPLIED,
+        &*POISON_EVENTS,
+        &*DEAD_LETTERS,
+        &*OPERATOR_SKIPS,
+        &*UPCASTS,
+        &*REGISTRY_REQUESTS,
+        &*CONSUMER_LAG_EVENTS,
+        &*CONSUMER_LAG_SECONDS,
+        &*PROJECTION_UP,
+        &*LAST_PROGRESS,
+        &*BATCH_COMMIT_SECONDS,
+        &*BATCH_EVENTS,
+    ]
+}
+
+/// Registers every metric, so each is in the registry before its first sample.
 pub fn init() {
-    LazyLock::force(&EVENTS_APPLIED);
-    LazyLock::force(&POISON_EVENTS);
-    LazyLock::force(&DEAD_LETTERS);
-    LazyLock::force(&OPERATOR_SKIPS);
-    LazyLock::force(&UPCASTS);
-    LazyLock::force(&REGISTRY_REQUESTS);
-    LazyLock::force(&LAST_PROGRESS);
-    LazyLock::force(&BATCH_COMMIT_SECONDS);
-    LazyLock::force(&BATCH_EVENTS);
+    all();
+}
+
+/// The name of every metric Projector exports.
+pub fn names() -> Vec<String> {
+    all()
+        .iter()
+        .flat_map(|c| c.desc())
+        .map(|d| d.fq_name.clone())
+        .collect()
 }
 
 /// The Prometheus text exposition of every metric.
@@ -168,4 +230,57 @@ pub fn render() -> String {
         .encode(&REGISTRY.gather(), &mut buffer)
         .expect("text encoding into memory cannot fail");
     String::from_utf8(buffer).expect("Prometheus text format is UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names;
+
+    /// Every query of the Grafana dashboard in `config/` names a metric we export.
+    #[test]
+    fn the_dashboard_uses_only_exported_metrics() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/grafana-dashboard.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut queries = Vec::new();
+        collect_exprs(&dashboard, &mut queries);
+        assert!(queries.len() >= 8, "the dashboard has its panels");
+        let exported = names();
+        let mut used = 0;
+        for query in &queries {
+            for word in query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("projector_") {
+                    continue;
+                }
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| {
+                        word.strip_suffix(suffix)
+                            .filter(|b| exported.iter().any(|e| e == b))
+                    })
+                    .unwrap_or(word);
+                assert!(
+                    exported.iter().any(|e| e == base),
+                    "`{word}` in `{query}` is not exported: {exported:?}"
+                );
+                used += 1;
+            }
+        }
+        assert!(used >= queries.len(), "every query names a metric");
+    }
+
+    fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (key, field) in fields {
+                    match (key.as_str(), field) {
+                        ("expr" | "query", serde_json::Value::String(text)) => out.push(text.clone()),
+                        _ => collect_exprs(field, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| collect_exprs(i, out)),
+            _ => {}
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! What the worker knows about each running projection, shared by its fold loop and
 //! the HTTP API.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
@@ -8,7 +10,7 @@ use serde::Serialize;
 use crate::config::{PoisonPolicy, ProjectionConfig};
 use crate::poison::PoisonReason;
 use crate::projection::Projection;
-use crate::store::Generation;
+use crate::store::{Generation, SourcePartition};
 
 /// Where a projection's fold loop is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -71,6 +73,9 @@ pub struct ProjectionRuntime {
     state: Mutex<RunState>,
     skip_once: Mutex<Option<Position>>,
     respawn: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Record timestamp of the oldest polled-but-uncommitted event per partition.
+    unapplied: Mutex<HashMap<SourcePartition, i64>>,
+    assigned: AtomicBool,
 }
 
 impl ProjectionRuntime {
@@ -88,6 +93,8 @@ impl ProjectionRuntime {
             state: Mutex::new(RunState::Starting),
             skip_once: Mutex::new(None),
             respawn: OnceLock::new(),
+            unapplied: Mutex::new(HashMap::new()),
+            assigned: AtomicBool::new(false),
         }
     }
 
@@ -156,6 +163,60 @@ impl ProjectionRuntime {
 
     /// Records where the fold loop is.
     pub fn set_state(&self, state: RunState) {
+        let up = matches!(state, RunState::Running);
+        if !up {
+            self.assigned.store(false, Ordering::Relaxed);
+        }
+        crate::metrics::PROJECTION_UP
+            .with_label_values(&[&self.name])
+            .set(i64::from(up));
         *self.state.lock().expect("state lock") = state;
+    }
+
+    /// Records that the group assigned partitions (and the loop positioned them at
+    /// the stored offsets).
+    pub fn set_assigned(&self) {
+        self.assigned.store(true, Ordering::Relaxed);
+    }
+
+    /// `None` when the projection is ready to serve: running, partitions assigned
+    /// and positioned; otherwise why not.
+    pub fn not_ready(&self) -> Option<String> {
+        match self.state() {
+            RunState::Running if self.assigned.load(Ordering::Relaxed) => None,
+            RunState::Running => Some(format!("{}: waiting for its partition assignment", self.name)),
+            other => Some(format!(
+                "{}: {}",
+                self.name,
+                serde_json::to_string(&other).unwrap_or_default()
+            )),
+        }
+    }
+
+    /// Notes the record timestamp of an event polled but not yet committed, unless
+    /// an older one of that partition is already noted.
+    pub fn note_unapplied(&self, partition: &SourcePartition, timestamp_ms: i64) {
+        self.unapplied
+            .lock()
+            .expect("unapplied lock")
+            .entry(partition.clone())
+            .or_insert(timestamp_ms);
+    }
+
+    /// Forgets the noted timestamps of partitions whose events were committed.
+    pub fn clear_unapplied<'a>(&self, partitions: impl Iterator<Item = &'a SourcePartition>) {
+        let mut unapplied = self.unapplied.lock().expect("unapplied lock");
+        for partition in partitions {
+            unapplied.remove(partition);
+        }
+    }
+
+    /// The oldest noted unapplied event's timestamp in `partition`.
+    pub fn oldest_unapplied(&self, partition: &SourcePartition) -> Option<i64> {
+        self.unapplied
+            .lock()
+            .expect("unapplied lock")
+            .get(partition)
+            .copied()
     }
 }

@@ -36,6 +36,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/projections/{name}/resume", post(resume))
         .route("/projections/{name}/skip", post(skip))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readiness))
         .route("/metrics", get(|| async { metrics::render() }))
         .with_state(state)
 }
@@ -73,6 +74,20 @@ impl ApiState {
             "status": projection.state(),
             "offsets": offsets,
         }))
+    }
+}
+
+/// 200 when every projection runs with its partitions assigned and positioned at
+/// their stored offsets; 503 with the reasons otherwise.
+async fn readiness(State(state): State<ApiState>) -> (StatusCode, Json<Value>) {
+    let waiting: Vec<String> = state.projections.values().filter_map(|p| p.not_ready()).collect();
+    if waiting.is_empty() {
+        (StatusCode::OK, Json(json!({ "ready": true })))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reasons": waiting })),
+        )
     }
 }
 

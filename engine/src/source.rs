@@ -108,8 +108,9 @@ impl ConsumerContext for SourceContext {
                 } else {
                     consumer.assign(tpl)
                 };
-                if let Err(e) = assigned {
-                    *self.assignment_error.lock().expect("lock") = Some(e.to_string());
+                match assigned {
+                    Ok(()) => self.runtime.set_assigned(),
+                    Err(e) => *self.assignment_error.lock().expect("lock") = Some(e.to_string()),
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -182,6 +183,8 @@ struct OpenBatch {
     offsets: BTreeMap<SourcePartition, i64>,
     events: u64,
     started: Option<Instant>,
+    /// Partitions whose first unapplied event of this batch was noted for lag.
+    unapplied_noted: std::collections::HashSet<SourcePartition>,
 }
 
 /// How processing one message ended, when it did not end in a fold.
@@ -231,6 +234,7 @@ impl FoldLoop {
                 offsets: BTreeMap::new(),
                 events: 0,
                 started: None,
+                unapplied_noted: Default::default(),
             },
         })
     }
@@ -268,6 +272,9 @@ impl FoldLoop {
                 partition: message.partition(),
             };
             let offset = message.offset();
+            if batch.unapplied_noted.insert(partition.clone()) {
+                runtime.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
+            }
             let next = batch.position(&partition)?;
             if offset < next {
                 debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
@@ -301,8 +308,11 @@ impl FoldLoop {
                 Outcome::Applied => {}
                 Outcome::Retry => continue,
                 Outcome::Halt => {
+                    let timestamp = message.timestamp().to_millis().unwrap_or(0);
                     drop(message);
                     commit(consumer, batch)?;
+                    // The event it stopped at stays unapplied: its age is the lag.
+                    runtime.note_unapplied(&partition, timestamp);
                     return Ok(());
                 }
             }
@@ -523,6 +533,8 @@ impl OpenBatch {
             offsets: std::mem::take(&mut self.offsets),
         };
         self.deps.store.commit(&self.runtime.generation(), &batch)?;
+        self.runtime.clear_unapplied(self.unapplied_noted.iter());
+        self.unapplied_noted.clear();
         metrics::BATCH_COMMIT_SECONDS
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());

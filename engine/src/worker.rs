@@ -174,6 +174,13 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
         runtime.set_respawn(Box::new(start));
     }
 
+    let lag_monitor = crate::lag::spawn(
+        &config.kafka,
+        store.clone(),
+        runtimes.values().cloned().collect(),
+        shutdown.clone(),
+    )
+    .map_err(|e| WorkerError::Startup(format!("lag monitor: {e}")))?;
     let api = serve::router(ApiState {
         projections: Arc::new(runtimes),
         store,
@@ -194,6 +201,7 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
         for thread in threads {
             let _ = thread.join();
         }
+        let _ = lag_monitor.join();
     })
     .await
     .map_err(|e| WorkerError::Startup(format!("joining fold loops: {e}")))?;

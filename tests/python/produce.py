@@ -15,6 +15,7 @@ Corruptions for poison tests, applied to the serialized bytes:
   "schema_id_of": "Type"  rewrite it to the id another type was serialized with
   "corrupt": "text"       overwrite these UTF-8 bytes with invalid UTF-8
 --record FILE writes what was produced (key, value and headers in hex), a line each.
+--flush-each sends one record per batch.
 --hold-until FILE serializes everything first (registering schemas), prints
 "serialized", and sends only once FILE exists.
 Prints one JSON line at the end: {"produced": N}.
@@ -54,6 +55,8 @@ def main():
     parser.add_argument("--rate", type=float, default=0, help="events per second; 0 = as fast as possible")
     parser.add_argument("--record")
     parser.add_argument("--hold-until")
+    parser.add_argument("--flush-each", action="store_true",
+                        help="one record per batch (Tansu reports a multi-record last batch's high watermark short)")
     args = parser.parse_args()
 
     registry = SchemaRegistryClient({"url": args.registry})
@@ -139,6 +142,8 @@ def main():
             }) + "\n")
         produced += 1
         producer.poll(0)
+        if args.flush_each:
+            producer.flush(30)
         if args.rate > 0:
             ahead = produced / args.rate - (time.monotonic() - started)
             if ahead > 0:

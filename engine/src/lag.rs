@@ -1,0 +1,115 @@
+//! Consumer lag, in events and in seconds, refreshed on a timer so a stalled
+//! projection shows growing lag even when nothing arrives.
+//!
+//! Lag is measured against the offsets stored with state (the truth), not the
+//! group's committed offsets: events = high watermark − next offset to apply;
+//! seconds = age of the oldest event not yet applied (its record timestamp, when
+//! the fold loop has seen it; otherwise how long the lag has been there), 0 when
+//! caught up.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tracing::debug;
+
+use crate::config::KafkaConfig;
+use crate::metrics;
+use crate::runtime::ProjectionRuntime;
+use crate::store::{SourcePartition, Store};
+
+/// How often lag is refreshed.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// Starts the lag monitor on its own thread; it stops when `shutdown` is set.
+pub fn spawn(
+    kafka: &KafkaConfig,
+    store: Arc<Store>,
+    projections: Vec<Arc<ProjectionRuntime>>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, rdkafka::error::KafkaError> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    for (key, value) in &kafka.librdkafka_options {
+        config.set(key, value);
+    }
+    // Only metadata and watermark queries: no group, no subscription.
+    config.remove("group.id");
+    let client: BaseConsumer = config.create()?;
+    Ok(std::thread::Builder::new()
+        .name("lag-monitor".into())
+        .spawn(move || {
+            let mut lagging_since: HashMap<(String, SourcePartition), Instant> = HashMap::new();
+            while !shutdown.load(Ordering::Relaxed) {
+                for projection in &projections {
+                    refresh(&client, &store, projection, &mut lagging_since);
+                }
+                let deadline = Instant::now() + REFRESH;
+                while Instant::now() < deadline && !shutdown.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+        .expect("spawning a thread"))
+}
+
+fn refresh(
+    client: &BaseConsumer,
+    store: &Store,
+    projection: &ProjectionRuntime,
+    lagging_since: &mut HashMap<(String, SourcePartition), Instant>,
+) {
+    let Ok(stored) = store.offsets(&projection.generation()) else {
+        return;
+    };
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    for topic in &projection.topics {
+        let partitions = match client.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+            Ok(metadata) => metadata
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect::<Vec<_>>(),
+            Err(e) => {
+                debug!(topic = %topic, error = %e, "lag: no metadata");
+                continue;
+            }
+        };
+        for partition in partitions {
+            let Ok((low, high)) = client.fetch_watermarks(topic, partition, Duration::from_secs(2)) else {
+                continue;
+            };
+            let source = SourcePartition {
+                topic: topic.as_str().into(),
+                partition,
+            };
+            let next = stored.get(&source).copied().unwrap_or(low);
+            let lag_events = (high - next).max(0);
+            let since_key = (projection.name.clone(), source.clone());
+            let lag_seconds = if lag_events == 0 {
+                lagging_since.remove(&since_key);
+                0.0
+            } else {
+                let since = *lagging_since.entry(since_key).or_insert_with(Instant::now);
+                match projection.oldest_unapplied(&source) {
+                    Some(timestamp_ms) => ((now_ms - timestamp_ms).max(0) as f64) / 1000.0,
+                    None => since.elapsed().as_secs_f64(),
+                }
+            };
+            let partition_label = partition.to_string();
+            let labels = [projection.name.as_str(), topic.as_str(), partition_label.as_str()];
+            metrics::CONSUMER_LAG_EVENTS
+                .with_label_values(&labels)
+                .set(lag_events);
+            metrics::CONSUMER_LAG_SECONDS
+                .with_label_values(&labels)
+                .set(lag_seconds);
+        }
+    }
+}
