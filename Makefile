@@ -1,5 +1,6 @@
-# Projector: `make demo` runs a worker against a broker and registry it starts itself;
-# `make test` runs every test. Both install what is missing first.
+# Projector: `make demo` runs everything in one process (in-process Kafka cluster,
+# schema registry, producer, worker); `make test` runs every test. Both install
+# what is missing first.
 
 SHELL := /bin/bash
 CACHE ?= $(HOME)/.cache/projector
@@ -16,13 +17,13 @@ export TANSU_BIN := $(TANSU)
 
 .PHONY: demo test build setup debian-packages venv
 
-demo: setup build
-	scripts/demo.sh
+demo: build
+	$(PROJECTOR) demo --config config/demo.toml
 
 test: setup build
 	cargo test --release --workspace --locked
 
-build:
+build: debian-packages
 	cargo build --release --workspace --locked
 
 setup: debian-packages venv

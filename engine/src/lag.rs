@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
@@ -20,6 +20,20 @@ use crate::config::KafkaConfig;
 use crate::metrics;
 use crate::runtime::ProjectionRuntime;
 use crate::store::{SourcePartition, Store};
+
+/// Total lag in events and the largest lag in seconds of each projection, as of
+/// the last refresh (for summaries such as the demo's).
+static SUMMARY: LazyLock<Mutex<HashMap<String, (i64, f64)>>> = LazyLock::new(Default::default);
+
+/// The projection's total lag in events and largest lag in seconds.
+pub fn summary(projection: &str) -> (i64, f64) {
+    SUMMARY
+        .lock()
+        .expect("summary lock")
+        .get(projection)
+        .copied()
+        .unwrap_or((0, 0.0))
+}
 
 /// How often lag is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(2);
@@ -65,6 +79,7 @@ fn refresh(
     let Ok(stored) = store.offsets(&projection.generation()) else {
         return;
     };
+    let mut total = (0, 0.0_f64);
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -110,6 +125,11 @@ fn refresh(
             metrics::CONSUMER_LAG_SECONDS
                 .with_label_values(&labels)
                 .set(lag_seconds);
+            total = (total.0 + lag_events, total.1.max(lag_seconds));
         }
     }
+    SUMMARY
+        .lock()
+        .expect("summary lock")
+        .insert(projection.name.clone(), total);
 }

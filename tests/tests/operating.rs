@@ -209,3 +209,73 @@ fn the_production_example_config_passes_check() -> Result<()> {
     ensure!(!text.contains("s3cret"), "no secret in the output: {text}");
     Ok(())
 }
+
+#[test]
+fn projector_demo_serves_its_projections() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = projector_tests::free_port();
+    let mut command = std::process::Command::new(projector_bin());
+    command
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(repo_root());
+    let mut demo = projector_tests::Service::start("projector demo", command, &dir.path().join("demo.log"))?;
+    let get = |path: &str| -> Result<(u16, serde_json::Value)> {
+        let response = projector_tests::http()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()?;
+        Ok((response.status().as_u16(), response.json().unwrap_or_default()))
+    };
+    let mut order = json!(null);
+    wait_until("the demo to fold order-000042", Duration::from_secs(90), || {
+        demo.check_alive().is_ok()
+            && get("/projections/order_summary/state/order-000042")
+                .map(|(status, body)| {
+                    order = body;
+                    status == 200
+                })
+                .unwrap_or(false)
+    })
+    .map_err(|e| anyhow::anyhow!("{e}; demo output:\n{}", demo.log()))?;
+    ensure!(
+        order["order_id"] == "order-000042" && order["as_of"].is_object(),
+        "{order}"
+    );
+    // order-000040 was written as OrderPlaced v1 (euros as a double) and upcast.
+    let mut upcast = json!(null);
+    wait_until("an upcast order", Duration::from_secs(30), || {
+        get("/projections/order_summary/state/order-000040")
+            .map(|(s, b)| {
+                upcast = b;
+                s == 200
+            })
+            .unwrap_or(false)
+    })?;
+    ensure!(
+        upcast["currency"] == "EUR" && upcast["total_cents"].as_i64() > Some(0),
+        "{upcast}"
+    );
+    let (status, days) = get("/projections/revenue_by_day/state?limit=5")?;
+    ensure!(
+        status == 200 && !days["items"].as_array().map(Vec::is_empty).unwrap_or(true),
+        "{days}"
+    );
+    wait_until(
+        "every demo projection to be ready",
+        Duration::from_secs(60),
+        || get("/readyz").map(|(s, _)| s == 200).unwrap_or(false),
+    )?;
+    let (status, projections) = get("/projections")?;
+    ensure!(
+        status == 200 && projections["projections"].as_array().map(Vec::len) == Some(5),
+        "{projections}"
+    );
+    let output = demo.log();
+    ensure!(
+        output.contains("curl -s http://127.0.0.1:"),
+        "it prints what to try:\n{output}"
+    );
+    demo.signal("INT")?;
+    let status = demo.wait_exit(Duration::from_secs(60))?;
+    ensure!(status.success(), "Ctrl-C stops the demo cleanly: {status}");
+    Ok(())
+}

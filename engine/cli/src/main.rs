@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use engine::config::Config;
 
+mod demo;
+
 /// The fold loop allocates per event (decoded values, JSON state); mimalloc's
 /// thread-local free lists make that markedly cheaper than glibc's allocator.
 #[global_allocator]
@@ -38,6 +40,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run everything in one process: an in-process Kafka cluster, the schema
+    /// registry, a producer of demo events and a worker with its HTTP API.
+    Demo {
+        /// The worker's config (brokers, registry and store are replaced by the demo's).
+        #[arg(long, short, default_value = "config/demo.toml")]
+        config: PathBuf,
+        /// Address of the HTTP API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
     /// Validate the config, schemas and upcasters without touching Kafka.
     Check {
         /// The deployment's TOML config.
@@ -57,7 +69,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo's screen is its summary; its logs default to warnings only.
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -81,6 +99,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let loaded = Config::load(&config)?;
             engine::worker::run(loaded, &config, &builtins()).await?;
         }
+        Command::Demo { config, listen } => demo::run(&config, listen, builtins()).await?,
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             let summary = engine::worker::check(&loaded, &config, &builtins())?;
@@ -114,9 +133,9 @@ fn builtins() -> engine::worker::Builtins {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
