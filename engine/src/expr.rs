@@ -68,19 +68,11 @@ impl Expr {
     /// Like [`Expr::eval`], but `None` when the expression reads a field the input
     /// does not have (`event.customerId` of an event without one).
     pub fn eval_optional(&self, variables: &[(&str, &Json)]) -> Result<Option<Json>, String> {
-        let mut context = Context::with_env(ENV.clone());
+        let mut scope = Scope::default();
         for (name, value) in variables {
-            context.add_variable_from_value(*name, to_cel(value));
+            scope.bind_json(name, value);
         }
-        let result = match self.program.execute(&context) {
-            Ok(result) => result,
-            Err(cel::ExecutionError::NoSuchKey(_)) => return Ok(None),
-            Err(e) => return Err(format!("`{}` failed: {e}", self.source)),
-        };
-        result
-            .json()
-            .map(Some)
-            .map_err(|e| format!("`{}` gave a value that is not JSON: {e}", self.source))
+        self.eval_in(&scope)
     }
 
     /// Whether the expression reads the variable `name`.

@@ -68,6 +68,32 @@ pub trait PartitionState {
     ) -> Result<(), FoldError>;
 }
 
+/// Partial states of one partition held in a map: for unit tests and benchmarks
+/// of projections, without RocksDB. A failed change is kept as the projection left
+/// it, so a test sees a projection that breaks the "validate before mutating"
+/// contract.
+#[derive(Debug, Default)]
+pub struct InMemoryState(pub std::collections::HashMap<String, Json>);
+
+impl PartitionState for InMemoryState {
+    fn get(&mut self, key: &str) -> Result<Option<Json>, FoldError> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn update(
+        &mut self,
+        key: &str,
+        change: &mut dyn FnMut(&mut Option<Json>) -> Result<(), FoldError>,
+    ) -> Result<(), FoldError> {
+        let mut current = self.0.remove(key);
+        let outcome = change(&mut current);
+        if let Some(value) = current {
+            self.0.insert(key.to_owned(), value);
+        }
+        outcome
+    }
+}
+
 /// A read model maintained from events.
 ///
 /// Implementations must be deterministic: the same events in the same order give the

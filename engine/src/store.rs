@@ -165,28 +165,7 @@ impl Store {
 
     /// Every committed offset of a generation.
     pub fn offsets(&self, generation: &Generation) -> Result<BTreeMap<SourcePartition, i64>, StoreError> {
-        let cf = self.cf(generation)?;
-        let mut offsets = BTreeMap::new();
-        for item in self.db.prefix_iterator_cf(&cf, b"o") {
-            let (key, value) = item.map_err(failed("scanning offsets"))?;
-            if !key.starts_with(b"o") {
-                break;
-            }
-            let mut rest = &key[1..];
-            let topic = unescape_next(&mut rest);
-            let partition = rest.try_into().ok().map(i32::from_be_bytes);
-            if let (Some(topic), Some(partition), Some(next)) = (topic, partition, decode_u64(&value)) {
-                let topic = String::from_utf8_lossy(&topic).into_owned();
-                offsets.insert(
-                    SourcePartition {
-                        topic: topic.into(),
-                        partition,
-                    },
-                    next as i64,
-                );
-            }
-        }
-        Ok(offsets)
+        self.read_view(generation)?.offsets()
     }
 
     /// The partial state of `key` from one source partition.

@@ -5,7 +5,6 @@
 //! Both pay the same decode (apache-avro, writer = reader schema) and fold into an
 //! in-memory state map; no Kafka, no RocksDB, so the difference is the fold.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +12,7 @@ use std::time::Instant;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 use engine::declarative::{Declarative, DeclarativeConfig};
-use engine::projection::{Event, EventMeta, FoldError, PartitionState, Projection};
+use engine::projection::{Event, EventMeta, InMemoryState, Projection};
 use serde_json::Value as Json;
 
 #[global_allocator]
@@ -39,29 +38,6 @@ set = { status = "'shipped'", tracking_id = "event.trackingId" }
 event = "shop.orders.OrderDelivered"
 set = { status = "'delivered'" }
 "#;
-
-#[derive(Default)]
-struct Memory(HashMap<String, Json>);
-
-impl PartitionState for Memory {
-    fn get(&mut self, key: &str) -> Result<Option<Json>, FoldError> {
-        Ok(self.0.get(key).cloned())
-    }
-
-    fn update(
-        &mut self,
-        key: &str,
-        change: &mut dyn FnMut(&mut Option<Json>) -> Result<(), FoldError>,
-    ) -> Result<(), FoldError> {
-        let slot = self.0.remove(key);
-        let mut current = slot;
-        change(&mut current)?;
-        if let Some(value) = current {
-            self.0.insert(key.to_owned(), value);
-        }
-        Ok(())
-    }
-}
 
 fn schema(name: &str) -> Schema {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/shop.orders");
@@ -126,7 +102,7 @@ fn encoded_events(schemas: &[(String, Schema)]) -> Vec<(usize, Vec<u8>)> {
 }
 
 fn run(projection: &dyn Projection, schemas: &[(String, Schema)], events: &[(usize, Vec<u8>)]) -> f64 {
-    let mut state = Memory::default();
+    let mut state = InMemoryState::default();
     let started = Instant::now();
     for (offset, (index, body)) in events.iter().enumerate() {
         let (name, schema) = &schemas[*index];

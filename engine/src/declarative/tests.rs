@@ -10,29 +10,7 @@ use serde_json::{json, Value as Json};
 use super::*;
 use crate::projection::EventMeta;
 
-/// Partial states of one partition, in memory.
-#[derive(Default)]
-struct Memory(HashMap<String, Json>);
-
-impl PartitionState for Memory {
-    fn get(&mut self, key: &str) -> Result<Option<Json>, FoldError> {
-        Ok(self.0.get(key).cloned())
-    }
-
-    fn update(
-        &mut self,
-        key: &str,
-        change: &mut dyn FnMut(&mut Option<Json>) -> Result<(), FoldError>,
-    ) -> Result<(), FoldError> {
-        let mut current = self.0.get(key).cloned();
-        change(&mut current)?;
-        match current {
-            Some(value) => self.0.insert(key.to_owned(), value),
-            None => self.0.remove(key),
-        };
-        Ok(())
-    }
-}
+type Memory = crate::projection::InMemoryState;
 
 fn projection(toml_text: &str) -> Declarative {
     let config: DeclarativeConfig = toml::from_str(toml_text).unwrap();
