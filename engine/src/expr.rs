@@ -75,6 +75,71 @@ impl Expr {
         self.eval_in(&scope)
     }
 
+    /// The fields of `variable` the expression reads, when it only ever reads
+    /// `variable.<field>`; `None` when it uses the variable in another way (whole,
+    /// indexed, in a macro), so all of it must be bound.
+    pub fn fields_read(&self, variable: &str) -> Option<Vec<String>> {
+        let bytes = self.source.as_bytes();
+        let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        let mut fields = Vec::new();
+        let mut start = 0;
+        while let Some(found) = self.source[start..].find(variable) {
+            let at = start + found;
+            let end = at + variable.len();
+            start = end;
+            let whole_word = (at == 0 || !is_ident(bytes[at - 1]) && bytes[at - 1] != b'.')
+                && (end == bytes.len() || !is_ident(bytes[end]));
+            if !whole_word || self.inside_string(at) {
+                continue;
+            }
+            if bytes.get(end) != Some(&b'.') {
+                return None;
+            }
+            let field: String = self.source[end + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if field.is_empty() {
+                return None;
+            }
+            fields.push(field);
+        }
+        Some(fields)
+    }
+
+    /// Whether byte `at` of the source lies inside a string literal.
+    fn inside_string(&self, at: usize) -> bool {
+        let mut quote: Option<u8> = None;
+        let mut escaped = false;
+        for &b in &self.source.as_bytes()[..at] {
+            match quote {
+                Some(q) if !escaped && b == q => quote = None,
+                Some(_) => escaped = !escaped && b == b'\\',
+                None if b == b'\'' || b == b'"' => quote = Some(b),
+                None => {}
+            }
+        }
+        quote.is_some()
+    }
+
+    /// `(variable, field)` when the whole expression is `variable.field`, the most
+    /// common shape, which callers can read without the interpreter.
+    pub fn field_access(&self) -> Option<(&str, &str)> {
+        let (variable, field) = self.source.trim().split_once('.')?;
+        let is_ident = |s: &str| {
+            s.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        (is_ident(variable) && is_ident(field)).then_some((variable, field))
+    }
+
+    /// The value of an expression that reads no variable, if it has one.
+    pub fn constant(&self) -> Option<&Json> {
+        self.constant.as_ref()
+    }
+
     /// Whether the expression reads the variable `name`.
     pub fn reads(&self, name: &str) -> bool {
         self.program.references().has_variable(name)
@@ -141,6 +206,27 @@ impl Scope {
     /// Binds `name` to a JSON value.
     pub fn bind_json(&mut self, name: &str, value: &Json) {
         self.context.add_variable_from_value(name, to_cel(value));
+    }
+
+    /// Binds `name` to the given fields of an Avro record (all of them when
+    /// `fields` is `None`), converted directly.
+    pub fn bind_avro_fields(
+        &mut self,
+        name: &str,
+        value: &apache_avro::types::Value,
+        fields: Option<&[String]>,
+    ) {
+        match (value, fields) {
+            (apache_avro::types::Value::Record(record), Some(fields)) => {
+                let map: std::collections::HashMap<String, cel::Value> = record
+                    .iter()
+                    .filter(|(k, _)| fields.iter().any(|f| f == k))
+                    .map(|(k, v)| (k.clone(), avro_to_cel(v)))
+                    .collect();
+                self.context.add_variable_from_value(name, cel::Value::from(map));
+            }
+            _ => self.bind_avro(name, value),
+        }
     }
 
     /// Binds `name` to an Avro value, converted directly (records and maps become
@@ -243,6 +329,22 @@ mod tests {
             .eval(&[("event", &json!({}))])
             .unwrap_err();
         assert!(error.contains("event.missing"), "{error}");
+        let fields = Expr::compile("event.a + size(event.items) + (event.b == 'event.x' ? 1 : 0)").unwrap();
+        assert_eq!(fields.fields_read("event").unwrap(), ["a", "items", "b"]);
+        assert_eq!(Expr::compile("size(event)").unwrap().fields_read("event"), None);
+        assert_eq!(
+            Expr::compile("state.event.x")
+                .unwrap()
+                .fields_read("event")
+                .unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            Expr::compile(" event.orderId ").unwrap().field_access(),
+            Some(("event", "orderId"))
+        );
+        assert_eq!(Expr::compile("event.a.b").unwrap().field_access(), None);
+        assert_eq!(Expr::compile("event.a + 1").unwrap().field_access(), None);
         let missing = Expr::compile("event.missing + 1").unwrap();
         assert_eq!(missing.eval_optional(&[("event", &json!({}))]).unwrap(), None);
         let not_bool = Expr::compile("1").unwrap().test(&[]).unwrap_err();

@@ -272,10 +272,10 @@ impl FoldLoop {
                 partition: message.partition(),
             };
             let offset = message.offset();
-            if batch.unapplied_noted.insert(partition.clone()) {
+            let next = batch.position(&partition)?;
+            if offset >= next && batch.unapplied_noted.insert(partition.clone()) {
                 runtime.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
             }
-            let next = batch.position(&partition)?;
             if offset < next {
                 debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
                 continue;

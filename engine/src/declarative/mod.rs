@@ -122,6 +122,9 @@ pub struct Declarative {
     fields: HashMap<String, FieldOp>,
     uses_state: bool,
     uses_meta: bool,
+    /// The event fields the expressions read, when that is all they read of it;
+    /// only those are converted for CEL.
+    event_fields: Option<Vec<String>>,
 }
 
 impl Declarative {
@@ -231,6 +234,14 @@ impl Declarative {
             .collect();
         let uses_state = all.iter().any(|e| e.reads("state"));
         let uses_meta = all.iter().any(|e| e.reads("meta"));
+        let event_fields = all.iter().try_fold(Vec::new(), |mut fields, e| {
+            for field in e.fields_read("event")? {
+                if !fields.contains(&field) {
+                    fields.push(field);
+                }
+            }
+            Some(fields)
+        });
         drop(sources);
         Ok(Declarative {
             key,
@@ -238,6 +249,7 @@ impl Declarative {
             fields,
             uses_state,
             uses_meta,
+            event_fields,
         })
     }
 }
@@ -314,6 +326,77 @@ fn stamp_of(value: &Json) -> (i64, i64, i64) {
     (n(0), n(1), n(2))
 }
 
+/// What expressions of one event read: plain `event.field` reads and constants go
+/// straight to the Avro record; anything else builds the CEL scope, once.
+struct Inputs<'p, 'e> {
+    projection: &'p Declarative,
+    event: &'e Event<'e>,
+    scope: Option<Scope>,
+    state_view: Option<Json>,
+}
+
+impl Inputs<'_, '_> {
+    fn eval(&mut self, expr: &Expr) -> Result<Option<Json>, String> {
+        if let Some(constant) = expr.constant() {
+            return Ok(Some(constant.clone()));
+        }
+        if let (Some(("event", field)), apache_avro::types::Value::Record(fields)) =
+            (expr.field_access(), self.event.payload)
+        {
+            return match fields.iter().find(|(name, _)| name == field) {
+                Some((_, value)) => crate::avro_json::to_json(value.clone()).map(Some),
+                None => Ok(None),
+            };
+        }
+        expr.eval_in(self.scope())
+    }
+
+    fn scope(&mut self) -> &Scope {
+        let (projection, event, state_view) = (self.projection, self.event, &self.state_view);
+        self.scope.get_or_insert_with(|| {
+            let mut scope = Scope::default();
+            scope.bind_avro_fields("event", event.payload, projection.event_fields.as_deref());
+            if projection.uses_meta {
+                let meta = json!({
+                    "topic": event.meta.topic.as_ref(),
+                    "partition": event.meta.partition,
+                    "offset": event.meta.offset,
+                    "timestamp": event.meta.timestamp_ms,
+                    "key": event.meta.key.as_deref(),
+                    "event": event.name,
+                });
+                scope.bind_json("meta", &meta);
+            }
+            if let Some(view) = state_view {
+                scope.bind_json("state", view);
+            }
+            scope
+        })
+    }
+
+    /// Makes the key's partial state (before the event) visible as `state`.
+    fn bind_state(&mut self, key: &str, state: &mut dyn PartitionState) -> Result<(), FoldError> {
+        if self.projection.uses_state {
+            let view = state.get(key)?.as_ref().map(view).unwrap_or(Json::Null);
+            if let Some(scope) = self.scope.as_mut() {
+                scope.bind_json("state", &view);
+            }
+            self.state_view = Some(view);
+        }
+        Ok(())
+    }
+}
+
+fn truth(expr: &Expr, value: Json) -> Result<bool, String> {
+    match value {
+        Json::Bool(b) => Ok(b),
+        other => Err(format!(
+            "`{}` gave {other}, expected true or false",
+            expr.source()
+        )),
+    }
+}
+
 /// What a rule decided for one event, before any change is made.
 enum Change<'a> {
     Write(&'a str, FieldOp, Json),
@@ -324,49 +407,46 @@ enum Change<'a> {
 
 /// The number and comparison results of an event's changes, computed against the
 /// current partial before anything is written, so a failure changes nothing.
-fn resolve_values<'a>(partial: Option<&Json>, changes: &mut [Change<'a>]) -> Result<(), String> {
-    let mut overlay: HashMap<&'a str, Json> = HashMap::new();
-    let mut cleared = false;
-    for change in changes.iter_mut() {
-        let (field, op, value) = match change {
-            Change::Delete => {
-                overlay.clear();
-                cleared = true;
-                continue;
-            }
-            Change::Count(field) => (*field, FieldOp::Count, None),
-            Change::Write(field, op @ (FieldOp::Add | FieldOp::Min | FieldOp::Max), value) => {
-                (*field, *op, Some(value))
-            }
+fn resolve_values(partial: Option<&Json>, changes: &mut [Change<'_>]) -> Result<(), String> {
+    for index in 0..changes.len() {
+        let (field, op) = match &changes[index] {
+            Change::Count(field) => (*field, FieldOp::Count),
+            Change::Write(field, op @ (FieldOp::Add | FieldOp::Min | FieldOp::Max), _) => (*field, *op),
             _ => continue,
         };
-        let stored = if cleared {
-            None
-        } else {
-            partial.and_then(|p| p.get("v")).and_then(|v| v.get(field))
-        };
-        let old = overlay.get(field).or(stored);
-        let next = match (op, old, &value) {
+        // The field's value before this change: an earlier change of this event
+        // (changes are few, so a backwards scan beats a map), else the stored one.
+        let (earlier, later) = changes.split_at_mut(index);
+        let mut old = partial.and_then(|p| p.get("v")).and_then(|v| v.get(field));
+        for previous in earlier.iter().rev() {
+            match previous {
+                Change::Delete => {
+                    old = None;
+                    break;
+                }
+                Change::Write(f, FieldOp::Add | FieldOp::Min | FieldOp::Max | FieldOp::Count, value)
+                    if *f == field =>
+                {
+                    old = Some(value);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let change = &mut later[0];
+        let next = match (op, old, &*change) {
             (FieldOp::Count, old, _) => add_numbers(old.unwrap_or(&json!(0)), &json!(1))?,
-            (FieldOp::Add, old, Some(value)) => add_numbers(old.unwrap_or(&json!(0)), value)?,
-            (FieldOp::Min | FieldOp::Max, Some(old), Some(value)) => match compare(old, value) {
+            (FieldOp::Add, old, Change::Write(_, _, value)) => add_numbers(old.unwrap_or(&json!(0)), value)?,
+            (FieldOp::Min | FieldOp::Max, Some(old), Change::Write(_, _, value)) => match compare(old, value)
+            {
                 None => return Err(format!("cannot compare {value} with {old} for `{field}`")),
                 Some(std::cmp::Ordering::Less) if op == FieldOp::Min => old.clone(),
                 Some(std::cmp::Ordering::Greater) if op == FieldOp::Max => old.clone(),
-                _ => (*value).clone(),
+                _ => value.clone(),
             },
-            (_, None, Some(value)) => (*value).clone(),
             _ => continue,
         };
-        overlay.insert(field, next.clone());
-        match change {
-            Change::Write(_, _, value) => *value = next,
-            Change::Count(field) => {
-                let field = *field;
-                *change = Change::Write(field, FieldOp::Count, next);
-            }
-            _ => {}
-        }
+        *change = Change::Write(field, op, next);
     }
     Ok(())
 }
@@ -393,20 +473,13 @@ fn is_partial(json: &Json) -> bool {
 impl Projection for Declarative {
     fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
         let failed = |e: String| FoldError(format!("{}: {e}", event.name));
-        let mut scope = Scope::default();
-        scope.bind_avro("event", event.payload);
-        if self.uses_meta {
-            let meta = json!({
-                "topic": event.meta.topic.as_ref(),
-                "partition": event.meta.partition,
-                "offset": event.meta.offset,
-                "timestamp": event.meta.timestamp_ms,
-                "key": event.meta.key.as_deref(),
-                "event": event.name,
-            });
-            scope.bind_json("meta", &meta);
-        }
-        let key = match self.key.eval_in(&scope).map_err(failed)? {
+        let mut inputs = Inputs {
+            projection: self,
+            event,
+            scope: None,
+            state_view: None,
+        };
+        let key = match inputs.eval(&self.key).map_err(failed)? {
             None | Some(Json::Null) => return Ok(()),
             Some(Json::String(key)) => key,
             Some(Json::Number(n)) => n.to_string(),
@@ -417,10 +490,15 @@ impl Projection for Declarative {
                 )))
             }
         };
-        if self.uses_state {
-            let current_view = state.get(&key)?.as_ref().map(view).unwrap_or(Json::Null);
-            scope.bind_json("state", &current_view);
-        }
+        inputs.bind_state(&key, state)?;
+        let value = |inputs: &mut Inputs<'_, '_>, expr: &Expr| {
+            inputs.eval(expr).map_err(failed)?.ok_or_else(|| {
+                failed(format!(
+                    "`{}` failed: it reads a field the input does not have",
+                    expr.source()
+                ))
+            })
+        };
         let mut changes = Vec::new();
         for rule in self
             .rules
@@ -428,19 +506,19 @@ impl Projection for Declarative {
             .filter(|r| r.event == "*" || r.event == event.name)
         {
             if let Some(when) = &rule.when {
-                if !when.test_in(&scope).map_err(failed)? {
+                if !truth(when, value(&mut inputs, when)?).map_err(failed)? {
                     continue;
                 }
             }
             for (field, op, expr) in &rule.writes {
-                changes.push(Change::Write(field, *op, expr.value_in(&scope).map_err(failed)?));
+                changes.push(Change::Write(field, *op, value(&mut inputs, expr)?));
             }
             changes.extend(rule.count.iter().map(|f| Change::Count(f)));
             for (field, expr) in &rule.remove {
-                changes.push(Change::Remove(field, expr.value_in(&scope).map_err(failed)?));
+                changes.push(Change::Remove(field, value(&mut inputs, expr)?));
             }
             if let Some(delete) = &rule.delete {
-                if delete.test_in(&scope).map_err(failed)? {
+                if truth(delete, value(&mut inputs, delete)?).map_err(failed)? {
                     changes.push(Change::Delete);
                 }
             }
