@@ -199,7 +199,8 @@ enum Outcome {
     Applied,
     /// Stop here (policy `stop`); nothing at or after it is committed.
     Halt,
-    /// Shutting down mid-message; leave it for the next run.
+    /// Shutting down mid-message (waiting for the registry or a dead-letter
+    /// acknowledgement); the message is left for the next run.
     Retry,
 }
 
@@ -306,7 +307,15 @@ impl FoldLoop {
             };
             match outcome {
                 Outcome::Applied => {}
-                Outcome::Retry => continue,
+                Outcome::Retry => {
+                    // Never go on to later messages past one left unapplied: stop
+                    // here, committed up to it, and let the next run start from it.
+                    drop(message);
+                    commit(consumer, batch)?;
+                    info!("stopping mid-message: batch committed");
+                    runtime.set_state(RunState::Stopped);
+                    return Ok(());
+                }
                 Outcome::Halt => {
                     let timestamp = message.timestamp().to_millis().unwrap_or(0);
                     drop(message);
