@@ -163,6 +163,10 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<SourcePartition> {
 /// One key's partial state in the current batch.
 type CacheKey = (String, SourcePartition);
 
+/// Cache entries as they were before a message changed them (`None`: not cached),
+/// to restore when a later event of the same message fails.
+type UndoLog = Vec<(CacheKey, Option<Option<Json>>)>;
+
 struct FoldLoop {
     consumer: BaseConsumer<SourceContext>,
     dead_letters: Option<DeadLetters>,
@@ -498,7 +502,7 @@ impl OpenBatch {
         current: &CurrentEvent,
         meta: &EventMeta,
         partition: &SourcePartition,
-        undo: Option<&mut Vec<(CacheKey, Option<Option<Json>>)>>,
+        undo: Option<&mut UndoLog>,
     ) -> Result<(), Stop> {
         let event = Event {
             name: &current.name,
@@ -563,7 +567,7 @@ struct BatchState<'a> {
     store: &'a Store,
     generation: Arc<crate::store::Generation>,
     partition: &'a SourcePartition,
-    undo: Option<&'a mut Vec<(CacheKey, Option<Option<Json>>)>>,
+    undo: Option<&'a mut UndoLog>,
 }
 
 impl BatchState<'_> {

@@ -93,7 +93,7 @@ pub fn build_projections(
                     let (path, message) = e.split_once(": ").unwrap_or(("", &e));
                     ConfigError::at(
                         config_path,
-                        &format!("projections[{index}].declarative.{path}").trim_end_matches('.'),
+                        format!("projections[{index}].declarative.{path}").trim_end_matches('.'),
                         format!("projection `{}`: {message}", entry.name),
                     )
                 })?;

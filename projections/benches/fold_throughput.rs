@@ -146,6 +146,15 @@ fn run(
     rate
 }
 
+/// (built-in name, built-in, declarative name, declarative, keys it ends with)
+type Pair = (
+    &'static str,
+    Box<dyn Projection>,
+    &'static str,
+    Box<dyn Projection>,
+    usize,
+);
+
 fn main() {
     let schemas: Vec<(String, Schema)> = ["OrderPlaced", "PaymentCharged", "OrderShipped", "OrderDelivered"]
         .iter()
@@ -155,7 +164,7 @@ fn main() {
     let none = Json::Object(Default::default());
     let declarative =
         |text: &str| Declarative::compile(&toml::from_str::<DeclarativeConfig>(text).unwrap()).unwrap();
-    let pairs: [(&str, Box<dyn Projection>, &str, Box<dyn Projection>, usize); 2] = [
+    let pairs: [Pair; 2] = [
         (
             "order_summary",
             projections::registry()["order_summary"](&none).unwrap(),

@@ -94,6 +94,9 @@ pub struct Step {
     kind: StepKind,
 }
 
+/// One output of a split: event type, version, and its fields' expressions.
+type SplitOutput = (String, u32, Vec<(String, Expr)>);
+
 #[derive(Debug)]
 enum StepKind {
     Transform {
@@ -103,7 +106,7 @@ enum StepKind {
         set: Vec<(String, Expr)>,
         drop: Vec<String>,
     },
-    Split(Vec<(String, u32, Vec<(String, Expr)>)>),
+    Split(Vec<SplitOutput>),
     Rust {
         name: String,
         upcaster: RustUpcaster,
