@@ -158,6 +158,15 @@ pub fn assert_state_matches_oracle(worker: &Worker, stream: &OrderStream) -> Res
     Ok(())
 }
 
+/// A worker folding topic `orders` into `order_summary`, its data in `dir/data`.
+pub fn start_order_summary_worker(dir: &Path, broker: &Broker, registry: &Registry) -> Result<Worker> {
+    let projections = order_summary_projections(&[("order_summary", "orders")]);
+    Worker::start(
+        dir,
+        &worker_config(broker, registry, &dir.join("data"), &projections),
+    )
+}
+
 /// `[[projections]]` blocks of kind `order_summary`, one per (name, topic).
 pub fn order_summary_projections(projections: &[(&str, &str)]) -> String {
     projections

@@ -8,9 +8,8 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use projector_tests::orders;
 use projector_tests::{
-    assert_state_matches_oracle, free_port, metric_value, order_summary_projections, produce,
-    produce_command, set_compatibility, wait_applied, wait_until, worker_config, write_events, Broker,
-    Registry, Service, Worker,
+    assert_state_matches_oracle, free_port, metric_value, produce, produce_command, set_compatibility,
+    start_order_summary_worker, wait_applied, wait_until, write_events, Broker, Registry, Service,
 };
 
 #[test]
@@ -35,13 +34,7 @@ fn mixed_schema_versions_fold_to_the_upcasting_oracle() -> Result<()> {
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;
     produce(&broker, &registry, &events)?;
 
-    let config = worker_config(
-        &broker,
-        &registry,
-        &dir.path().join("data"),
-        &order_summary_projections(&[("order_summary", "orders")]),
-    );
-    let mut worker = Worker::start(dir.path(), &config)?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
     wait_applied(
         &mut worker,
         "order_summary",
@@ -103,13 +96,7 @@ fn registry_outage_when_a_new_schema_id_appears_is_waited_out() -> Result<()> {
         &registry,
         &write_events(dir.path(), "first.jsonl", &first)?,
     )?;
-    let config = worker_config(
-        &broker,
-        &registry,
-        &dir.path().join("data"),
-        &order_summary_projections(&[("order_summary", "orders")]),
-    );
-    let mut worker = Worker::start(dir.path(), &config)?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
     wait_applied(&mut worker, "order_summary", first.len(), Duration::from_secs(90))?;
 
     // Phase 2: the rest is serialized (registering new schemas), the registry goes

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use projector_tests::orders;
 use projector_tests::{
-    assert_state_matches_oracle, order_summary_projections, produce, produce_command, wait_applied,
-    wait_until, worker_config, write_events, Broker, Registry, Service, Worker,
+    assert_state_matches_oracle, order_summary_projections, produce, produce_command,
+    start_order_summary_worker, wait_applied, wait_until, worker_config, write_events, Broker, Registry,
+    Service, Worker,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -19,13 +20,7 @@ fn twenty_thousand_events_fold_to_the_oracle_state() -> Result<()> {
     let broker = Broker::start(dir.path())?;
     broker.create_topic("orders", 4)?;
     let registry = Registry::start(dir.path())?;
-    let config = worker_config(
-        &broker,
-        &registry,
-        &dir.path().join("data"),
-        &order_summary_projections(&[("order_summary", "orders")]),
-    );
-    let mut worker = Worker::start(dir.path(), &config)?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
 
     let stream = orders::generate("orders", 5_000, 2);
     assert!(stream.lines.len() >= 20_000);
@@ -64,13 +59,7 @@ fn sigkill_while_events_flow_loses_nothing_and_applies_nothing_twice() -> Result
     let broker = Broker::start(dir.path())?;
     broker.create_topic("orders", 4)?;
     let registry = Registry::start(dir.path())?;
-    let config = worker_config(
-        &broker,
-        &registry,
-        &dir.path().join("data"),
-        &order_summary_projections(&[("order_summary", "orders")]),
-    );
-    let mut worker = Worker::start(dir.path(), &config)?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
 
     let stream = orders::generate("orders", 5_000, seed);
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use projector_tests::{
-    metric_value, order_summary_projections, orders, produce, produce_command, projector_bin, repo_root,
-    run_to_completion, wait_applied, wait_until, worker_config, write_events, Broker, Registry, Worker,
+    metric_value, orders, produce, produce_command, projector_bin, repo_root, run_to_completion,
+    start_order_summary_worker, wait_applied, wait_until, write_events, Broker, Registry,
 };
 use serde_json::json;
 
@@ -32,13 +32,7 @@ fn metrics_and_readiness_follow_the_projection() -> Result<()> {
     let broker = Broker::start(dir.path())?;
     broker.create_topic("orders", 4)?;
     let registry = Registry::start(dir.path())?;
-    let config = worker_config(
-        &broker,
-        &registry,
-        &dir.path().join("data"),
-        &order_summary_projections(&[("order_summary", "orders")]),
-    );
-    let mut worker = Worker::start(dir.path(), &config)?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
     wait_until("/readyz to answer 200", Duration::from_secs(60), || {
         worker
             .get("/readyz")
