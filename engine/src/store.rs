@@ -85,6 +85,8 @@ pub struct BatchWrite {
 pub struct Store {
     db: Db,
     write_options: WriteOptions,
+    /// Names of the column families, which RocksDB does not list on an open handle.
+    column_families: std::sync::Mutex<Vec<String>>,
 }
 
 const LIVE_PREFIX: &[u8] = b"live/";
@@ -101,11 +103,15 @@ impl Store {
         } else {
             Vec::new()
         };
-        let db =
-            Db::open_cf(&options, path, existing).map_err(failed(format!("opening {}", path.display())))?;
+        let db = Db::open_cf(&options, path, existing.clone())
+            .map_err(failed(format!("opening {}", path.display())))?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync_writes);
-        Ok(Store { db, write_options })
+        Ok(Store {
+            db,
+            write_options,
+            column_families: std::sync::Mutex::new(existing),
+        })
     }
 
     /// The live generation of `projection`, creating generation 1 on first use.
@@ -131,12 +137,40 @@ impl Store {
         Ok(generation)
     }
 
+    /// Drops every generation of `projection` (state and offsets) and forgets which
+    /// was live, so its next run rebuilds it from offset 0. Returns the column
+    /// families dropped.
+    pub fn reset(&self, projection: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{projection}@");
+        let mut dropped = Vec::new();
+        for name in self.column_families.lock().expect("cf list lock").clone() {
+            if name
+                .strip_prefix(&prefix)
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+            {
+                self.db
+                    .drop_cf(&name)
+                    .map_err(failed(format!("dropping column family {name}")))?;
+                dropped.push(name);
+            }
+        }
+        self.column_families
+            .lock()
+            .expect("cf list lock")
+            .retain(|n| !dropped.contains(n));
+        self.db
+            .delete([LIVE_PREFIX, projection.as_bytes()].concat())
+            .map_err(failed("forgetting the live generation"))?;
+        Ok(dropped)
+    }
+
     fn ensure_column_family(&self, generation: &Generation) -> Result<(), StoreError> {
         let name = generation.column_family();
         if self.db.cf_handle(&name).is_none() {
             self.db
                 .create_cf(&name, &Options::default())
                 .map_err(failed(format!("creating column family {name}")))?;
+            self.column_families.lock().expect("cf list lock").push(name);
         }
         Ok(())
     }
@@ -484,6 +518,28 @@ mod tests {
             ["b1", "b2"]
         );
         assert_eq!(view.offsets().unwrap()[&partition("t", 0)], 9);
+    }
+
+    #[test]
+    fn reset_drops_every_generation_and_the_live_pointer() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), false).unwrap();
+            let generation = store.live_generation("p").unwrap();
+            let other = store.live_generation("p2").unwrap();
+            let mut batch = BatchWrite::default();
+            batch.rows.push(("k".into(), partition("t", 0), Some(json!(1))));
+            batch.offsets.insert(partition("t", 0), 5);
+            store.commit(&generation, &batch).unwrap();
+            store.commit(&other, &batch).unwrap();
+        }
+        let store = Store::open(dir.path(), false).unwrap();
+        assert_eq!(store.reset("p").unwrap(), ["p@1"]);
+        assert!(store.reset("p").unwrap().is_empty(), "nothing left to drop");
+        let generation = store.live_generation("p").unwrap();
+        assert!(store.offsets(&generation).unwrap().is_empty(), "p starts over");
+        let other = store.live_generation("p2").unwrap();
+        assert_eq!(store.offsets(&other).unwrap().len(), 1, "p2 is untouched");
     }
 
     #[test]

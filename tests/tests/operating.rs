@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use projector_tests::{
-    metric_value, orders, produce, produce_command, projector_bin, repo_root, run_to_completion,
-    start_order_summary_worker, wait_applied, wait_until, write_events, Broker, Registry,
+    assert_state_matches_oracle, metric_value, order_summary_projections, orders, produce, produce_command,
+    projector_bin, repo_root, run_to_completion, start_order_summary_worker, wait_applied, wait_until,
+    worker_config, write_events, Broker, Registry, Worker,
 };
 use serde_json::json;
 
@@ -278,4 +279,81 @@ fn projector_demo_serves_its_projections() -> Result<()> {
     let status = demo.wait_exit(Duration::from_secs(60))?;
     ensure!(status.success(), "Ctrl-C stops the demo cleanly: {status}");
     Ok(())
+}
+
+#[test]
+fn reset_rebuilds_one_projection_from_offset_zero() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 2)?;
+    let registry = Registry::start(dir.path())?;
+    let stream = orders::generate("orders", 300, 4);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "events.jsonl", &stream.lines)?,
+    )?;
+    let projections = order_summary_projections(&[("order_summary", "orders"), ("untouched", "orders")]);
+    let config = worker_config(&broker, &registry, &dir.path().join("data"), &projections);
+    let mut worker = Worker::start(dir.path(), &config)?;
+    wait_applied(
+        &mut worker,
+        "order_summary",
+        stream.lines.len(),
+        Duration::from_secs(60),
+    )?;
+    wait_applied(
+        &mut worker,
+        "untouched",
+        stream.lines.len(),
+        Duration::from_secs(60),
+    )?;
+
+    let reset = || {
+        std::process::Command::new(projector_bin())
+            .args(["reset", "order_summary", "--config"])
+            .arg(dir.path().join("projector.toml"))
+            .output()
+    };
+    let refused = reset()?;
+    ensure!(
+        !refused.status.success(),
+        "reset refuses while the worker holds the store"
+    );
+    ensure!(
+        String::from_utf8_lossy(&refused.stderr).contains("still running"),
+        "{refused:?}"
+    );
+
+    worker.service.signal("TERM")?;
+    ensure!(worker.service.wait_exit(Duration::from_secs(30))?.success());
+    let done = reset()?;
+    ensure!(done.status.success(), "reset: {done:?}");
+
+    let mut worker = Worker::start(dir.path(), &config)?;
+    wait_applied(
+        &mut worker,
+        "order_summary",
+        stream.lines.len(),
+        Duration::from_secs(60),
+    )?;
+    let metrics = worker.metrics()?;
+    let applied = |name: &str| {
+        metric_value(
+            &metrics,
+            "projector_events_applied_total",
+            &[("projection", name)],
+        )
+    };
+    assert_eq!(
+        applied("order_summary"),
+        Some(stream.lines.len() as f64),
+        "refolded from offset 0"
+    );
+    assert_eq!(
+        applied("untouched").unwrap_or(0.0),
+        0.0,
+        "the other projection went on from its offsets"
+    );
+    assert_state_matches_oracle(&worker, &stream)
 }

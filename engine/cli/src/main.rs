@@ -56,6 +56,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Drop a projection's state and offsets in a stopped deployment, so the next
+    /// `run` rebuilds it from offset 0 (the worker must not be running).
+    Reset {
+        /// The projection.
+        name: String,
+        /// The deployment's TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Run a development schema registry (Confluent REST API).
     Registry {
         /// Address to listen on.
@@ -100,6 +109,25 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             engine::worker::run(loaded, &config, &builtins()).await?;
         }
         Command::Demo { config, listen } => demo::run(&config, listen, builtins()).await?,
+        Command::Reset { name, config } => {
+            let loaded = Config::load(&config)?;
+            anyhow::ensure!(
+                loaded.projections.iter().any(|p| p.name == name),
+                "{}: no projection named `{name}`",
+                config.display()
+            );
+            let store = engine::store::Store::open(&loaded.store.path, true).with_context(|| {
+                format!(
+                    "opening {} (is a worker still running on it?)",
+                    loaded.store.path.display()
+                )
+            })?;
+            let dropped = store.reset(&name)?;
+            println!(
+                "{name}: dropped {} (state and offsets); the next run rebuilds it from offset 0",
+                dropped.join(", ")
+            );
+        }
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             let summary = engine::worker::check(&loaded, &config, &builtins())?;
