@@ -127,6 +127,13 @@ pub fn wait_applied(worker: &mut Worker, projection: &str, events: usize, timeou
     })
 }
 
+/// Waits until `order_summary` has applied every event of `stream`, then checks
+/// its state against the oracle on every key.
+pub fn wait_for_oracle(worker: &mut Worker, stream: &OrderStream, timeout: Duration) -> Result<()> {
+    wait_applied(worker, "order_summary", stream.lines.len(), timeout)?;
+    assert_state_matches_oracle(worker, stream)
+}
+
 /// Every placed order's state equals the oracle's; orders never placed are 404.
 pub fn assert_state_matches_oracle(worker: &Worker, stream: &OrderStream) -> Result<()> {
     let expected = orders::oracle(&stream.lines);

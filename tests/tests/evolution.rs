@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use projector_tests::orders;
 use projector_tests::{
-    assert_state_matches_oracle, free_port, metric_value, produce, produce_command, set_compatibility,
-    start_order_summary_worker, wait_applied, wait_until, write_events, Broker, Registry, Service,
+    free_port, metric_value, produce, produce_command, set_compatibility, start_order_summary_worker,
+    wait_applied, wait_for_oracle, wait_until, write_events, Broker, Registry, Service,
 };
 
 #[test]
@@ -35,13 +35,7 @@ fn mixed_schema_versions_fold_to_the_upcasting_oracle() -> Result<()> {
     produce(&broker, &registry, &events)?;
 
     let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
-    wait_applied(
-        &mut worker,
-        "order_summary",
-        stream.lines.len(),
-        Duration::from_secs(120),
-    )?;
-    assert_state_matches_oracle(&worker, &stream)?;
+    wait_for_oracle(&mut worker, &stream, Duration::from_secs(120))?;
 
     let metrics = worker.metrics()?;
     let upcasts = |from: &str, to: &str, event: &str| {
@@ -141,13 +135,7 @@ fn registry_outage_when_a_new_schema_id_appears_is_waited_out() -> Result<()> {
     );
 
     registry = Registry::start_at(dir.path(), registry_port, Some(&registry_data))?;
-    wait_applied(
-        &mut worker,
-        "order_summary",
-        stream.lines.len(),
-        Duration::from_secs(120),
-    )?;
-    assert_state_matches_oracle(&worker, &stream)?;
+    wait_for_oracle(&mut worker, &stream, Duration::from_secs(120))?;
     drop(registry);
     Ok(())
 }

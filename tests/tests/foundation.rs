@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use projector_tests::orders;
 use projector_tests::{
-    assert_state_matches_oracle, order_summary_projections, produce, produce_command,
-    start_order_summary_worker, wait_applied, wait_until, worker_config, write_events, Broker, Registry,
-    Service, Worker,
+    order_summary_projections, produce, produce_command, start_order_summary_worker, wait_for_oracle,
+    wait_until, worker_config, write_events, Broker, Registry, Service, Worker,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -27,13 +26,7 @@ fn twenty_thousand_events_fold_to_the_oracle_state() -> Result<()> {
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;
     produce(&broker, &registry, &events)?;
 
-    wait_applied(
-        &mut worker,
-        "order_summary",
-        stream.lines.len(),
-        Duration::from_secs(180),
-    )?;
-    assert_state_matches_oracle(&worker, &stream)?;
+    wait_for_oracle(&mut worker, &stream, Duration::from_secs(180))?;
 
     let (status, listing) = worker.get("/projections")?;
     assert_eq!(status, 200);
@@ -95,13 +88,7 @@ fn sigkill_while_events_flow_loses_nothing_and_applies_nothing_twice() -> Result
     );
     let status = producer.wait_exit(Duration::from_secs(120))?;
     ensure!(status.success(), "producer failed: {}", producer.log());
-    wait_applied(
-        &mut worker,
-        "order_summary",
-        stream.lines.len(),
-        Duration::from_secs(180),
-    )?;
-    assert_state_matches_oracle(&worker, &stream)
+    wait_for_oracle(&mut worker, &stream, Duration::from_secs(180))
 }
 
 #[test]

@@ -330,7 +330,7 @@ fn reset_rebuilds_one_projection_from_offset_zero() -> Result<()> {
     let done = reset()?;
     ensure!(done.status.success(), "reset: {done:?}");
 
-    let mut worker = Worker::start(dir.path(), &config)?;
+    worker.restart(dir.path())?;
     wait_applied(
         &mut worker,
         "order_summary",
