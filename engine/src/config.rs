@@ -32,9 +32,39 @@ pub struct Config {
     /// Where the reader (current) event schemas live.
     #[serde(default)]
     pub schemas: SchemasConfig,
+    /// How replays run and when they switch.
+    #[serde(default)]
+    pub replay: ReplayConfig,
     /// The projections this worker maintains.
     #[serde(default)]
     pub projections: Vec<ProjectionConfig>,
+}
+
+/// `[replay]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// A replay hands over to become live once its lag behind the high watermarks,
+    /// summed over partitions, is at most this many events.
+    #[serde(default = "default_switch_lag_events")]
+    pub switch_lag_events: i64,
+    /// Caps a replay's fold rate so it leaves the broker and disk to the live
+    /// generations; unlimited when absent.
+    #[serde(default)]
+    pub max_events_per_second: Option<u32>,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            switch_lag_events: default_switch_lag_events(),
+            max_events_per_second: None,
+        }
+    }
+}
+
+fn default_switch_lag_events() -> i64 {
+    1_000
 }
 
 /// `[kafka]`
@@ -226,6 +256,45 @@ pub struct ProjectionConfig {
     /// Values larger than this are poison (`bad_frame`) rather than decoded.
     #[serde(default = "default_max_event_bytes")]
     pub max_event_bytes: usize,
+}
+
+/// What decides a projection's state: the parts of its config a generation is
+/// built with and recorded with (see [`crate::store`]). Changing any of them
+/// takes a replay to reach the state already folded.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct ProjectionDefinition {
+    /// Built-in kind.
+    pub kind: Option<String>,
+    /// Declarative definition.
+    pub declarative: Option<crate::declarative::DeclarativeConfig>,
+    /// Options of the built-in.
+    pub options: serde_json::Value,
+    /// Source topics.
+    pub topics: Vec<String>,
+}
+
+impl ProjectionConfig {
+    /// The definition this entry configures.
+    pub fn definition(&self) -> serde_json::Value {
+        let definition = ProjectionDefinition {
+            kind: self.kind.clone(),
+            declarative: self.declarative.clone(),
+            options: if self.options.is_null() {
+                serde_json::Value::Object(Default::default())
+            } else {
+                self.options.clone()
+            },
+            topics: self.topics.clone(),
+        };
+        serde_json::to_value(definition).expect("a definition serializes")
+    }
+}
+
+/// The source topics of a recorded definition.
+pub fn definition_topics(definition: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value::<ProjectionDefinition>(definition.clone())
+        .map(|d| d.topics)
+        .unwrap_or_default()
 }
 
 fn default_max_event_bytes() -> usize {

@@ -6,8 +6,11 @@
 //! seconds = age of the oldest event not yet applied (its record timestamp, when
 //! the fold loop has seen it; otherwise how long the lag has been there), 0 when
 //! caught up.
+//!
+//! The same refresh measures each running replay's progress against the high
+//! watermarks, which decides when it hands over (see [`crate::replay`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,6 +21,7 @@ use tracing::debug;
 
 use crate::config::KafkaConfig;
 use crate::metrics;
+use crate::replay::Replay;
 use crate::runtime::ProjectionRuntime;
 use crate::store::{SourcePartition, Store};
 
@@ -41,6 +45,7 @@ pub const REFRESH: Duration = Duration::from_secs(2);
 /// Starts the lag monitor on its own thread; it stops when `shutdown` is set.
 pub fn spawn(
     kafka: &KafkaConfig,
+    switch_lag_events: i64,
     store: Arc<Store>,
     projections: Vec<Arc<ProjectionRuntime>>,
     shutdown: Arc<AtomicBool>,
@@ -60,6 +65,9 @@ pub fn spawn(
             while !shutdown.load(Ordering::Relaxed) {
                 for projection in &projections {
                     refresh(&client, &store, projection, &mut lagging_since);
+                    if let Some(replay) = projection.replay() {
+                        refresh_replay(&client, &store, &replay, switch_lag_events);
+                    }
                 }
                 let deadline = Instant::now() + REFRESH;
                 while Instant::now() < deadline && !shutdown.load(Ordering::Relaxed) {
@@ -70,21 +78,10 @@ pub fn spawn(
         .expect("spawning a thread"))
 }
 
-fn refresh(
-    client: &BaseConsumer,
-    store: &Store,
-    projection: &ProjectionRuntime,
-    lagging_since: &mut HashMap<(String, SourcePartition), Instant>,
-) {
-    let Ok(stored) = store.offsets(&projection.generation()) else {
-        return;
-    };
-    let mut total = (0, 0.0_f64);
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    for topic in &projection.topics {
+/// The (low, high) watermarks of every partition of `topics` that answered.
+fn watermarks(client: &BaseConsumer, topics: &[String]) -> Vec<(SourcePartition, i64, i64)> {
+    let mut found = Vec::new();
+    for topic in topics {
         let partitions = match client.fetch_metadata(Some(topic), Duration::from_secs(2)) {
             Ok(metadata) => metadata
                 .topics()
@@ -97,36 +94,73 @@ fn refresh(
             }
         };
         for partition in partitions {
-            let Ok((low, high)) = client.fetch_watermarks(topic, partition, Duration::from_secs(2)) else {
-                continue;
-            };
-            let source = SourcePartition {
-                topic: topic.as_str().into(),
-                partition,
-            };
-            let next = stored.get(&source).copied().unwrap_or(low);
-            let lag_events = (high - next).max(0);
-            let since_key = (projection.name.clone(), source.clone());
-            let lag_seconds = if lag_events == 0 {
-                lagging_since.remove(&since_key);
-                0.0
-            } else {
-                let since = *lagging_since.entry(since_key).or_insert_with(Instant::now);
-                match projection.oldest_unapplied(&source) {
-                    Some(timestamp_ms) => ((now_ms - timestamp_ms).max(0) as f64) / 1000.0,
-                    None => since.elapsed().as_secs_f64(),
-                }
-            };
-            let partition_label = partition.to_string();
-            let labels = [projection.name.as_str(), topic.as_str(), partition_label.as_str()];
-            metrics::CONSUMER_LAG_EVENTS
-                .with_label_values(&labels)
-                .set(lag_events);
-            metrics::CONSUMER_LAG_SECONDS
-                .with_label_values(&labels)
-                .set(lag_seconds);
-            total = (total.0 + lag_events, total.1.max(lag_seconds));
+            if let Ok((low, high)) = client.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
+                let source = SourcePartition {
+                    topic: topic.as_str().into(),
+                    partition,
+                };
+                found.push((source, low, high));
+            }
         }
+    }
+    found
+}
+
+fn refresh_replay(client: &BaseConsumer, store: &Store, replay: &Replay, switch_lag_events: i64) {
+    let Ok(stored) = store.offsets(&replay.fold.generation) else {
+        return;
+    };
+    let positions: BTreeMap<SourcePartition, (i64, i64, i64)> = watermarks(client, &replay.fold.topics)
+        .into_iter()
+        .map(|(source, low, high)| {
+            let next = stored.get(&source).copied().unwrap_or(low);
+            (source, (next, low, high))
+        })
+        .collect();
+    if positions.is_empty() {
+        return;
+    }
+    replay.record_progress(&positions, switch_lag_events);
+}
+
+fn refresh(
+    client: &BaseConsumer,
+    store: &Store,
+    projection: &ProjectionRuntime,
+    lagging_since: &mut HashMap<(String, SourcePartition), Instant>,
+) {
+    let live = projection.live();
+    let Ok(stored) = store.offsets(&live.generation) else {
+        return;
+    };
+    let mut total = (0, 0.0_f64);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    for (source, low, high) in watermarks(client, &live.topics) {
+        let next = stored.get(&source).copied().unwrap_or(low);
+        let lag_events = (high - next).max(0);
+        let since_key = (projection.name.clone(), source.clone());
+        let lag_seconds = if lag_events == 0 {
+            lagging_since.remove(&since_key);
+            0.0
+        } else {
+            let since = *lagging_since.entry(since_key).or_insert_with(Instant::now);
+            match live.oldest_unapplied(&source) {
+                Some(timestamp_ms) => ((now_ms - timestamp_ms).max(0) as f64) / 1000.0,
+                None => since.elapsed().as_secs_f64(),
+            }
+        };
+        let partition_label = source.partition.to_string();
+        let labels = [projection.name.as_str(), &source.topic, partition_label.as_str()];
+        metrics::CONSUMER_LAG_EVENTS
+            .with_label_values(&labels)
+            .set(lag_events);
+        metrics::CONSUMER_LAG_SECONDS
+            .with_label_values(&labels)
+            .set(lag_seconds);
+        total = (total.0 + lag_events, total.1.max(lag_seconds));
     }
     SUMMARY
         .lock()

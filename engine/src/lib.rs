@@ -19,6 +19,7 @@ pub mod poison;
 pub mod projection;
 pub mod registry;
 pub mod registry_client;
+pub mod replay;
 pub mod runtime;
 pub mod schemas;
 pub mod serve;

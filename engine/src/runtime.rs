@@ -1,18 +1,23 @@
-//! What the worker knows about each running projection, shared by its fold loop and
-//! the HTTP API.
+//! What the worker knows about each projection and each of its fold loops, shared
+//! by the loops and the HTTP API.
+//!
+//! A projection has one live generation, whose fold loop serves reads, and at most
+//! one replay building the next generation beside it (see [`crate::replay`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
+use serde_json::Value as Json;
 
 use crate::config::{PoisonPolicy, ProjectionConfig};
 use crate::poison::PoisonReason;
 use crate::projection::Projection;
+use crate::replay::{Replay, ReplayOutcome};
 use crate::store::{Generation, SourcePartition};
 
-/// Where a projection's fold loop is.
+/// Where a fold loop is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum RunState {
@@ -38,7 +43,7 @@ pub enum RunState {
         /// The error.
         error: String,
     },
-    /// Stopped on shutdown.
+    /// Stopped on shutdown, or handed over to a replayed generation.
     Stopped,
 }
 
@@ -53,90 +58,131 @@ pub struct Position {
     pub offset: i64,
 }
 
-/// One projection of this worker.
-pub struct ProjectionRuntime {
-    /// Configured name.
-    pub name: String,
-    /// Kind (built-in name).
-    pub kind: String,
-    /// Source topics.
-    pub topics: Vec<String>,
-    /// The fold.
+/// One generation of a projection and its fold loop: what it folds with and
+/// where the loop is.
+pub struct Fold {
+    /// The generation it writes.
+    pub generation: Generation,
+    /// The fold, built from the generation's recorded definition.
     pub projection: Arc<dyn Projection>,
-    /// What happens to poison events.
-    pub on_poison: PoisonPolicy,
-    /// Where dead letters go.
-    pub dead_letter_topic: Option<String>,
-    /// Larger values are poison.
-    pub max_event_bytes: usize,
-    generation: Mutex<Arc<Generation>>,
+    /// Source topics of that definition.
+    pub topics: Vec<String>,
     state: Mutex<RunState>,
     skip_once: Mutex<Option<Position>>,
-    respawn: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Record timestamp of the oldest polled-but-uncommitted event per partition.
     unapplied: Mutex<HashMap<SourcePartition, i64>>,
     assigned: AtomicBool,
+    live: AtomicBool,
+    stop_requested: AtomicBool,
+    loop_running: AtomicBool,
 }
 
-impl ProjectionRuntime {
-    /// A projection that has not started consuming yet.
-    pub fn new(config: &ProjectionConfig, projection: Arc<dyn Projection>, generation: Generation) -> Self {
-        ProjectionRuntime {
-            name: config.name.clone(),
-            kind: config.kind.clone().unwrap_or_else(|| "declarative".to_owned()),
-            topics: config.topics.clone(),
+impl Fold {
+    /// A fold that has not started consuming yet.
+    pub fn new(
+        generation: Generation,
+        projection: Arc<dyn Projection>,
+        topics: Vec<String>,
+        live: bool,
+    ) -> Self {
+        Fold {
+            generation,
             projection,
-            on_poison: config.on_poison,
-            dead_letter_topic: config.dead_letter_topic.clone(),
-            max_event_bytes: config.max_event_bytes,
-            generation: Mutex::new(Arc::new(generation)),
+            topics,
             state: Mutex::new(RunState::Starting),
             skip_once: Mutex::new(None),
-            respawn: OnceLock::new(),
             unapplied: Mutex::new(HashMap::new()),
             assigned: AtomicBool::new(false),
+            live: AtomicBool::new(live),
+            stop_requested: AtomicBool::new(false),
+            loop_running: AtomicBool::new(false),
         }
     }
 
-    /// Sets how to start the fold loop again (once, by the worker).
-    pub fn set_respawn(&self, respawn: Box<dyn Fn() + Send + Sync>) {
-        let _ = self.respawn.set(respawn);
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.generation.projection
     }
 
-    /// Starts the fold loop again after it stopped on a poison event or a failure;
-    /// false when it is not stopped.
-    pub fn resume(&self) -> bool {
-        {
-            let mut state = self.state.lock().expect("state lock");
-            if !matches!(*state, RunState::Poisoned { .. } | RunState::Failed { .. }) {
-                return false;
-            }
-            *state = RunState::Starting;
+    /// True when this generation serves reads.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Marks this generation as the one serving reads (after a switch).
+    pub(crate) fn set_live(&self) {
+        self.live.store(true, Ordering::SeqCst);
+        self.publish_up();
+    }
+
+    /// Asks the fold loop to commit its batch and stop.
+    pub(crate) fn request_stop(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Withdraws a stop request (a handover that did not happen).
+    pub(crate) fn cancel_stop(&self) {
+        self.stop_requested.store(false, Ordering::SeqCst);
+    }
+
+    /// True once a stop was requested.
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// Records whether a thread runs this fold's loop.
+    pub(crate) fn set_loop_running(&self, running: bool) {
+        self.loop_running.store(running, Ordering::SeqCst);
+    }
+
+    /// True while a thread runs this fold's loop.
+    pub fn loop_running(&self) -> bool {
+        self.loop_running.load(Ordering::SeqCst)
+    }
+
+    /// Where the fold loop is.
+    pub fn state(&self) -> RunState {
+        self.state.lock().expect("state lock").clone()
+    }
+
+    /// Records where the fold loop is.
+    pub fn set_state(&self, state: RunState) {
+        if !matches!(state, RunState::Running) {
+            self.assigned.store(false, Ordering::Relaxed);
         }
-        if let Some(respawn) = self.respawn.get() {
-            respawn();
+        *self.state.lock().expect("state lock") = state;
+        self.publish_up();
+    }
+
+    fn publish_up(&self) {
+        if self.is_live() {
+            let up = matches!(self.state(), RunState::Running);
+            crate::metrics::PROJECTION_UP
+                .with_label_values(&[self.name()])
+                .set(i64::from(up));
         }
+    }
+
+    /// Records that the group assigned partitions (and the loop positioned them at
+    /// the stored offsets).
+    pub fn set_assigned(&self) {
+        self.assigned.store(true, Ordering::Relaxed);
+    }
+
+    /// True when the loop runs with its partitions assigned and positioned.
+    pub fn is_assigned(&self) -> bool {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// Marks the fold to start again after a poison event or a failure; false when
+    /// it is not stopped that way, or is being stopped for good.
+    fn mark_resumed(&self) -> bool {
+        let mut state = self.state.lock().expect("state lock");
+        if self.stop_requested() || !matches!(*state, RunState::Poisoned { .. } | RunState::Failed { .. }) {
+            return false;
+        }
+        *state = RunState::Starting;
         true
-    }
-
-    /// Resumes past exactly the event the projection stopped at; that event's
-    /// position, or `None` when the projection is not stopped on a poison event.
-    pub fn skip_poison(&self) -> Option<Position> {
-        let position = match self.state() {
-            RunState::Poisoned {
-                topic,
-                partition,
-                offset,
-                ..
-            } => Position {
-                topic,
-                partition,
-                offset,
-            },
-            _ => return None,
-        };
-        *self.skip_once.lock().expect("skip lock") = Some(position.clone());
-        self.resume().then_some(position)
     }
 
     /// True (once) when the operator asked to skip the event at this position.
@@ -149,48 +195,6 @@ impl ProjectionRuntime {
             *skip = None;
         }
         matches
-    }
-
-    /// The generation reads and folds go to.
-    pub fn generation(&self) -> Arc<Generation> {
-        self.generation.lock().expect("generation lock").clone()
-    }
-
-    /// Where the fold loop is.
-    pub fn state(&self) -> RunState {
-        self.state.lock().expect("state lock").clone()
-    }
-
-    /// Records where the fold loop is.
-    pub fn set_state(&self, state: RunState) {
-        let up = matches!(state, RunState::Running);
-        if !up {
-            self.assigned.store(false, Ordering::Relaxed);
-        }
-        crate::metrics::PROJECTION_UP
-            .with_label_values(&[&self.name])
-            .set(i64::from(up));
-        *self.state.lock().expect("state lock") = state;
-    }
-
-    /// Records that the group assigned partitions (and the loop positioned them at
-    /// the stored offsets).
-    pub fn set_assigned(&self) {
-        self.assigned.store(true, Ordering::Relaxed);
-    }
-
-    /// `None` when the projection is ready to serve: running, partitions assigned
-    /// and positioned; otherwise why not.
-    pub fn not_ready(&self) -> Option<String> {
-        match self.state() {
-            RunState::Running if self.assigned.load(Ordering::Relaxed) => None,
-            RunState::Running => Some(format!("{}: waiting for its partition assignment", self.name)),
-            other => Some(format!(
-                "{}: {}",
-                self.name,
-                serde_json::to_string(&other).unwrap_or_default()
-            )),
-        }
     }
 
     /// Notes the record timestamp of an event polled but not yet committed, unless
@@ -218,5 +222,166 @@ impl ProjectionRuntime {
             .expect("unapplied lock")
             .get(partition)
             .copied()
+    }
+}
+
+/// Starts a thread running a fold's loop (set once by the worker).
+pub type Spawner = Box<dyn Fn(Arc<Fold>) + Send + Sync>;
+
+/// One configured projection of this worker.
+pub struct ProjectionRuntime {
+    /// Configured name.
+    pub name: String,
+    /// Kind (built-in name, or `declarative`).
+    pub kind: String,
+    /// What happens to poison events.
+    pub on_poison: PoisonPolicy,
+    /// Where dead letters go.
+    pub dead_letter_topic: Option<String>,
+    /// Larger values are poison.
+    pub max_event_bytes: usize,
+    /// The definition in the config, which a replay folds with.
+    pub configured_definition: Json,
+    /// The fold built from the configured definition.
+    pub configured_projection: Arc<dyn Projection>,
+    live: Mutex<Arc<Fold>>,
+    replay: Mutex<Option<Arc<Replay>>>,
+    last_replay: Mutex<Option<ReplayOutcome>>,
+    spawner: OnceLock<Spawner>,
+}
+
+impl ProjectionRuntime {
+    /// A projection whose live generation is `live` (not started yet).
+    pub fn new(config: &ProjectionConfig, configured_projection: Arc<dyn Projection>, live: Fold) -> Self {
+        ProjectionRuntime {
+            name: config.name.clone(),
+            kind: config.kind.clone().unwrap_or_else(|| "declarative".to_owned()),
+            on_poison: config.on_poison,
+            dead_letter_topic: config.dead_letter_topic.clone(),
+            max_event_bytes: config.max_event_bytes,
+            configured_definition: config.definition(),
+            configured_projection,
+            live: Mutex::new(Arc::new(live)),
+            replay: Mutex::new(None),
+            last_replay: Mutex::new(None),
+            spawner: OnceLock::new(),
+        }
+    }
+
+    /// Sets how to start a fold loop (once, by the worker).
+    pub fn set_spawner(&self, spawner: Spawner) {
+        let _ = self.spawner.set(spawner);
+    }
+
+    /// Starts a thread running `fold`'s loop.
+    pub fn spawn(&self, fold: Arc<Fold>) {
+        if let Some(spawner) = self.spawner.get() {
+            fold.set_loop_running(true);
+            spawner(fold);
+        }
+    }
+
+    /// The live generation's fold: reads and lag go to it.
+    pub fn live(&self) -> Arc<Fold> {
+        self.live.lock().expect("live lock").clone()
+    }
+
+    /// The running replay, if any.
+    pub fn replay(&self) -> Option<Arc<Replay>> {
+        self.replay.lock().expect("replay lock").clone()
+    }
+
+    /// The slot of the running replay, for starting one under its lock.
+    pub(crate) fn replay_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Replay>>> {
+        self.replay.lock().expect("replay lock")
+    }
+
+    /// How the last replay ended, if one ended since the worker started.
+    pub fn last_replay(&self) -> Option<ReplayOutcome> {
+        self.last_replay.lock().expect("last replay lock").clone()
+    }
+
+    /// Makes the replay's fold live (the store already switched) and forgets the
+    /// replay; returns the fold that was live.
+    pub(crate) fn promote(&self, replay: &Replay, outcome: ReplayOutcome) -> Arc<Fold> {
+        let previous = std::mem::replace(&mut *self.live.lock().expect("live lock"), replay.fold.clone());
+        replay.fold.set_live();
+        *self.replay.lock().expect("replay lock") = None;
+        *self.last_replay.lock().expect("last replay lock") = Some(outcome);
+        previous
+    }
+
+    /// Forgets a replay that ended without a switch.
+    pub(crate) fn forget_replay(&self, outcome: ReplayOutcome) {
+        *self.replay.lock().expect("replay lock") = None;
+        *self.last_replay.lock().expect("last replay lock") = Some(outcome);
+    }
+
+    /// The fold an operator's resume or skip applies to: the live one when it is
+    /// stopped, else a stopped replay.
+    fn stopped_fold(&self) -> Option<Arc<Fold>> {
+        let stopped =
+            |fold: &Fold| matches!(fold.state(), RunState::Poisoned { .. } | RunState::Failed { .. });
+        let live = self.live();
+        if stopped(&live) {
+            return Some(live);
+        }
+        self.replay().map(|r| r.fold.clone()).filter(|f| stopped(f))
+    }
+
+    /// Starts a fold loop again after it stopped on a poison event or a failure
+    /// (the live one first, else the replay's); the generation resumed, or `None`
+    /// when none is stopped.
+    pub fn resume(&self) -> Option<u64> {
+        let fold = self.stopped_fold()?;
+        if !fold.mark_resumed() {
+            return None;
+        }
+        self.spawn(fold.clone());
+        Some(fold.generation.number)
+    }
+
+    /// Resumes past exactly the event a fold loop stopped at (the live one first,
+    /// else the replay's); that generation and position, or `None` when none is
+    /// stopped on a poison event.
+    pub fn skip_poison(&self) -> Option<(u64, Position)> {
+        let fold = self.stopped_fold()?;
+        let RunState::Poisoned {
+            topic,
+            partition,
+            offset,
+            ..
+        } = fold.state()
+        else {
+            return None;
+        };
+        let position = Position {
+            topic,
+            partition,
+            offset,
+        };
+        *fold.skip_once.lock().expect("skip lock") = Some(position.clone());
+        if !fold.mark_resumed() {
+            return None;
+        }
+        self.spawn(fold.clone());
+        Some((fold.generation.number, position))
+    }
+
+    /// `None` when the projection is ready to serve: its live fold runs with its
+    /// partitions assigned and positioned; otherwise why not.
+    pub fn not_ready(&self) -> Option<String> {
+        let live = self.live();
+        match live.state() {
+            RunState::Running if live.is_assigned() => None,
+            RunState::Running => Some(format!("{}: waiting for its partition assignment", self.name)),
+            // A live generation handing over to a replay is about to be replaced.
+            RunState::Stopped if self.replay().is_some() => None,
+            other => Some(format!(
+                "{}: {}",
+                self.name,
+                serde_json::to_string(&other).unwrap_or_default()
+            )),
+        }
     }
 }

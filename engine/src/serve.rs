@@ -8,6 +8,8 @@ use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
+use crate::replay::{self, StartError};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -35,6 +37,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/projections/{name}/state/{*key}", get(read_key))
         .route("/projections/{name}/resume", post(resume))
         .route("/projections/{name}/skip", post(skip))
+        .route(
+            "/projections/{name}/replay",
+            post(start_replay).delete(abort_replay),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
         .route("/metrics", get(|| async { metrics::render() }))
@@ -58,21 +64,29 @@ impl ApiState {
     }
 
     fn describe(&self, projection: &ProjectionRuntime) -> Result<Value, ApiError> {
-        let generation = projection.generation();
+        let live = projection.live();
         let offsets: BTreeMap<String, i64> = self
             .store
-            .offsets(&generation)
+            .offsets(&live.generation)
             .map_err(internal)?
             .into_iter()
             .map(|(partition, next)| (partition.to_string(), next))
             .collect();
+        let definition = self.store.definition(&live.generation).map_err(internal)?;
         Ok(json!({
             "name": projection.name,
             "kind": projection.kind,
-            "topics": projection.topics,
-            "generation": generation.number,
-            "status": projection.state(),
+            "topics": live.topics,
+            "generation": live.generation.number,
+            "status": live.state(),
             "offsets": offsets,
+            "definition_matches_config": definition.as_ref() == Some(&projection.configured_definition),
+            "lag": {
+                "events": crate::lag::summary(&projection.name).0,
+                "seconds": crate::lag::summary(&projection.name).1,
+            },
+            "replay": projection.replay().map(|r| r.status()),
+            "last_replay": projection.last_replay(),
         }))
     }
 }
@@ -127,8 +141,9 @@ async fn read_key(
     Path((name, key)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let projection = state.projection(&name)?;
-    let generation = projection.generation();
-    let view = state.store.read_view(&generation).map_err(internal)?;
+    // One fold for the whole request: its generation and the merge that goes with it.
+    let live = projection.live();
+    let view = state.store.read_view(&live.generation).map_err(internal)?;
     let partials = view.partials(&key).map_err(internal)?;
     let not_found = || {
         ApiError(
@@ -139,10 +154,7 @@ async fn read_key(
     if partials.is_empty() {
         return Err(not_found());
     }
-    let mut value = projection
-        .projection
-        .merge(&key, partials)
-        .ok_or_else(not_found)?;
+    let mut value = live.projection.merge(&key, partials).ok_or_else(not_found)?;
     if let Value::Object(fields) = &mut value {
         fields.insert("as_of".into(), as_of(view.offsets().map_err(internal)?));
     }
@@ -168,17 +180,15 @@ async fn scan_keys(
 ) -> Result<Json<Value>, ApiError> {
     let projection = state.projection(&name)?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_SCAN_LIMIT);
-    let view = state
-        .store
-        .read_view(&projection.generation())
-        .map_err(internal)?;
+    let live = projection.live();
+    let view = state.store.read_view(&live.generation).map_err(internal)?;
     let mut items = Vec::new();
     let found = view
         .scan(
             &query.prefix,
             query.after.as_deref(),
             limit,
-            &mut |key, partials| match projection.projection.merge(key, partials.to_vec()) {
+            &mut |key, partials| match live.projection.merge(key, partials.to_vec()) {
                 Some(value) => {
                     items.push(json!({ "key": key, "value": value }));
                     true
@@ -238,17 +248,20 @@ async fn resume(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.authorize(&headers)?;
     let projection = state.projection(&name)?;
-    if !projection.resume() {
+    let Some(generation) = projection.resume() else {
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!(
                 "projection `{name}` is not stopped: {}",
-                json!(projection.state())
+                json!(projection.live().state())
             ),
         ));
-    }
-    tracing::warn!(projection = %name, "operator resumed the projection");
-    Ok((StatusCode::ACCEPTED, Json(json!({ "resumed": name }))))
+    };
+    tracing::warn!(projection = %name, generation, "operator resumed the projection");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "resumed": name, "generation": generation })),
+    ))
 }
 
 async fn skip(
@@ -258,18 +271,77 @@ async fn skip(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.authorize(&headers)?;
     let projection = state.projection(&name)?;
-    let Some(position) = projection.skip_poison() else {
+    let Some((generation, position)) = projection.skip_poison() else {
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!(
                 "projection `{name}` is not stopped on a poison event: {}",
-                json!(projection.state())
+                json!(projection.live().state())
             ),
         ));
     };
-    tracing::warn!(projection = %name, topic = %position.topic, partition = position.partition,
+    tracing::warn!(projection = %name, generation, topic = %position.topic, partition = position.partition,
         offset = position.offset, "operator asked to skip the poison event");
-    Ok((StatusCode::ACCEPTED, Json(json!({ "skipping": position }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "skipping": position, "generation": generation })),
+    ))
+}
+
+/// Starts a replay into a new generation; 409 with the running one's status when
+/// one runs.
+async fn start_replay(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers)?;
+    let projection = state.projection(&name)?.clone();
+    let store = state.store.clone();
+    let started = tokio::task::spawn_blocking(move || replay::start(&projection, &store))
+        .await
+        .map_err(internal)?;
+    match started {
+        Ok(replay) => {
+            tracing::warn!(projection = %name, generation = replay.fold.generation.number,
+                "operator started a replay");
+            Ok((StatusCode::ACCEPTED, Json(json!({ "replay": replay.status() }))).into_response())
+        }
+        Err(StartError::Running(status)) => Ok((
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": format!("a replay of `{name}` is running already"),
+                "replay": status,
+            })),
+        )
+            .into_response()),
+        Err(StartError::Store(e)) => Err(internal(e)),
+    }
+}
+
+/// Aborts the running replay and drops its generation; the live one is untouched.
+async fn abort_replay(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    state.authorize(&headers)?;
+    let projection = state.projection(&name)?.clone();
+    let store = state.store.clone();
+    let aborted = tokio::task::spawn_blocking(move || replay::abort(&projection, &store))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    match aborted {
+        Some(generation) => {
+            tracing::warn!(projection = %name, generation, "operator aborted the replay");
+            Ok((StatusCode::ACCEPTED, Json(json!({ "aborting": generation }))))
+        }
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no replay of `{name}` is running"),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@
 //! write with the next offset of every partition it read. Offsets in RocksDB are the
 //! truth: on assignment the consumer starts from them, and a message below the next
 //! offset of its partition (a redelivery) is dropped, so nothing is applied twice.
+//!
+//! A loop folds one generation ([`Fold`]); a replay's loop also drives the replay's
+//! handover (see [`crate::replay`]) and then goes on as the live loop.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -22,13 +25,14 @@ use rdkafka::ClientContext;
 use serde_json::Value as Json;
 use tracing::{debug, error, info, info_span, warn};
 
-use crate::config::{KafkaConfig, PoisonPolicy, StoreConfig};
+use crate::config::{KafkaConfig, PoisonPolicy, ReplayConfig, StoreConfig};
 use crate::dead_letter::DeadLetters;
 use crate::decode::{DecodeError, Decoder};
 use crate::metrics;
 use crate::poison::PoisonReason;
 use crate::projection::{Event, EventMeta, FoldError, PartitionState};
-use crate::runtime::{ProjectionRuntime, RunState};
+use crate::replay::{self, Replay};
+use crate::runtime::{Fold, ProjectionRuntime, RunState};
 use crate::schemas::CurrentEvent;
 use crate::store::{BatchWrite, SourcePartition, Store, StoreError};
 
@@ -39,6 +43,8 @@ pub struct SourceDeps {
     pub kafka: KafkaConfig,
     /// Batch settings.
     pub store_config: StoreConfig,
+    /// Replay settings.
+    pub replay_config: ReplayConfig,
     /// The worker's database.
     pub store: Arc<Store>,
     /// Set to stop: the loop commits its batch and leaves the group.
@@ -47,24 +53,36 @@ pub struct SourceDeps {
     pub async_runtime: tokio::runtime::Handle,
 }
 
-/// Starts the fold loop of `projection` on its own thread.
+/// Starts the fold loop of one generation of `projection` on its own thread (the
+/// caller has marked the fold's loop as running).
 pub fn spawn(
     projection: Arc<ProjectionRuntime>,
+    fold: Arc<Fold>,
     decoder: Decoder,
     deps: SourceDeps,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
-        .name(format!("fold-{}", projection.name))
+        .name(format!("fold-{}", fold.generation.column_family()))
         .spawn(move || {
-            let span = info_span!("projection", projection = %projection.name);
+            let span =
+                info_span!("projection", projection = %projection.name, generation = fold.generation.number);
             let _entered = span.enter();
-            let outcome = FoldLoop::new(projection.clone(), decoder, deps).and_then(|mut l| l.run());
+            let replay = projection.replay().filter(|r| Arc::ptr_eq(&r.fold, &fold));
+            let (store, shutdown) = (deps.store.clone(), deps.shutdown.clone());
+            let outcome = FoldLoop::new(projection.clone(), fold.clone(), replay.clone(), decoder, deps)
+                .and_then(|mut l| l.run());
             if let Err(failure) = outcome {
-                error!(error = %failure, "projection stopped");
-                projection.set_state(RunState::Failed {
+                error!(error = %failure, "fold loop stopped");
+                fold.set_state(RunState::Failed {
                     error: failure.to_string(),
                 });
             }
+            // A replay loop that switched is the live loop now; one that did not
+            // hands the projection back to its live generation.
+            if let Some(replay) = replay.filter(|_| !fold.is_live()) {
+                replay::after_loop(&projection, &store, &replay, shutdown.load(Ordering::Relaxed));
+            }
+            fold.set_loop_running(false);
         })
         .expect("spawning a thread")
 }
@@ -85,7 +103,7 @@ enum LoopError {
 /// Kafka callbacks of one projection's consumer: positions on assignment, revocations.
 struct SourceContext {
     store: Arc<Store>,
-    runtime: Arc<ProjectionRuntime>,
+    fold: Arc<Fold>,
     revoked: Mutex<Vec<SourcePartition>>,
     assignment_error: Mutex<Option<String>>,
 }
@@ -109,7 +127,7 @@ impl ConsumerContext for SourceContext {
                     consumer.assign(tpl)
                 };
                 match assigned {
-                    Ok(()) => self.runtime.set_assigned(),
+                    Ok(()) => self.fold.set_assigned(),
                     Err(e) => *self.assignment_error.lock().expect("lock") = Some(e.to_string()),
                 }
             }
@@ -136,9 +154,8 @@ impl ConsumerContext for SourceContext {
 
 impl SourceContext {
     fn start_from_stored_offsets(&self, tpl: &mut TopicPartitionList) -> Result<(), StoreError> {
-        let generation = self.runtime.generation();
         for partition in partitions_of(tpl) {
-            let offset = match self.store.next_offset(&generation, &partition)? {
+            let offset = match self.store.next_offset(&self.fold.generation, &partition)? {
                 Some(next) => Offset::Offset(next),
                 None => Offset::Beginning,
             };
@@ -177,6 +194,11 @@ struct FoldLoop {
 /// can be folded into it.
 struct OpenBatch {
     runtime: Arc<ProjectionRuntime>,
+    fold: Arc<Fold>,
+    /// Set while this loop builds a replay's generation.
+    replay: Option<Arc<Replay>>,
+    /// When a throttled replay started counting, and the events since.
+    throttle: Option<(Instant, u64, u32)>,
     decoder: Decoder,
     deps: SourceDeps,
     /// Next offset to apply per partition, as far as this loop knows (committed or in
@@ -209,28 +231,41 @@ enum Outcome {
 }
 
 impl FoldLoop {
-    fn new(runtime: Arc<ProjectionRuntime>, decoder: Decoder, deps: SourceDeps) -> Result<Self, LoopError> {
+    fn new(
+        runtime: Arc<ProjectionRuntime>,
+        fold: Arc<Fold>,
+        replay: Option<Arc<Replay>>,
+        decoder: Decoder,
+        deps: SourceDeps,
+    ) -> Result<Self, LoopError> {
         let context = SourceContext {
             store: deps.store.clone(),
-            runtime: runtime.clone(),
+            fold: fold.clone(),
             revoked: Mutex::new(Vec::new()),
             assignment_error: Mutex::new(None),
         };
         let consumer: BaseConsumer<SourceContext> =
-            consumer_config(&deps.kafka, &runtime.name).create_with_context(context)?;
+            consumer_config(&deps.kafka, &fold.generation).create_with_context(context)?;
         let dead_letters = match (&runtime.on_poison, &runtime.dead_letter_topic) {
             (PoisonPolicy::DeadLetter, Some(topic)) => {
                 Some(DeadLetters::new(&deps.kafka, topic, deps.async_runtime.clone())?)
             }
             _ => None,
         };
-        let topics: Vec<&str> = runtime.topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = fold.topics.iter().map(String::as_str).collect();
+        let throttle = replay
+            .as_ref()
+            .and(deps.replay_config.max_events_per_second)
+            .map(|rate| (Instant::now(), 0, rate.max(1)));
         consumer.subscribe(&topics)?;
         Ok(FoldLoop {
             consumer,
             dead_letters,
             batch: OpenBatch {
                 runtime,
+                fold,
+                replay,
+                throttle,
                 decoder,
                 deps,
                 positions: HashMap::new(),
@@ -246,19 +281,21 @@ impl FoldLoop {
 
     fn run(&mut self) -> Result<(), LoopError> {
         let runtime = self.batch.runtime.clone();
-        runtime.set_state(RunState::Running);
+        let fold = self.batch.fold.clone();
+        fold.set_state(RunState::Running);
         let max_wait = Duration::from_millis(self.batch.deps.store_config.batch_max_wait_ms);
         let max_events = self.batch.deps.store_config.batch_max_events as u64;
         let consumer = &self.consumer;
         let dead_letters = self.dead_letters.as_ref();
         let batch = &mut self.batch;
         loop {
-            if batch.deps.shutdown.load(Ordering::Relaxed) {
+            if batch.deps.shutdown.load(Ordering::Relaxed) || fold.stop_requested() {
                 commit(consumer, batch)?;
                 info!("stopping: batch committed");
-                runtime.set_state(RunState::Stopped);
+                fold.set_state(RunState::Stopped);
                 return Ok(());
             }
+            drive_replay(consumer, batch)?;
             let message = consumer.poll(Duration::from_millis(50));
             handle_rebalance(consumer, batch)?;
             let message = match message {
@@ -279,13 +316,13 @@ impl FoldLoop {
             let offset = message.offset();
             let next = batch.position(&partition)?;
             if offset >= next && batch.unapplied_noted.insert(partition.clone()) {
-                runtime.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
+                fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
             }
             if offset < next {
                 debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
                 continue;
             }
-            let outcome = if runtime.take_skip(&partition.topic, partition.partition, offset) {
+            let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
                 metrics::OPERATOR_SKIPS.with_label_values(&[&runtime.name]).inc();
                 warn!(topic = %partition.topic, partition = partition.partition, offset,
                     "operator skip: event at {partition} offset {offset} skipped without folding");
@@ -299,6 +336,7 @@ impl FoldLoop {
                         let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
                         handle_poison(
                             &runtime,
+                            &fold,
                             dead_letters,
                             &message,
                             &partition,
@@ -317,7 +355,7 @@ impl FoldLoop {
                     drop(message);
                     commit(consumer, batch)?;
                     info!("stopping mid-message: batch committed");
-                    runtime.set_state(RunState::Stopped);
+                    fold.set_state(RunState::Stopped);
                     return Ok(());
                 }
                 Outcome::Halt => {
@@ -325,7 +363,7 @@ impl FoldLoop {
                     drop(message);
                     commit(consumer, batch)?;
                     // The event it stopped at stays unapplied: its age is the lag.
-                    runtime.note_unapplied(&partition, timestamp);
+                    fold.note_unapplied(&partition, timestamp);
                     return Ok(());
                 }
             }
@@ -336,13 +374,16 @@ impl FoldLoop {
             if batch.events >= max_events || started.elapsed() >= max_wait {
                 commit(consumer, batch)?;
             }
+            batch.throttle();
         }
     }
 }
 
 /// Applies the projection's poison policy to one event; counts and logs it.
+#[allow(clippy::too_many_arguments)]
 fn handle_poison(
     runtime: &ProjectionRuntime,
+    fold: &Fold,
     dead_letters: Option<&DeadLetters>,
     message: &BorrowedMessage<'_>,
     partition: &SourcePartition,
@@ -376,7 +417,7 @@ fn handle_poison(
                 error = %error,
                 "poison event: projection stopped at {partition} offset {offset} ({reason}): {error}"
             );
-            runtime.set_state(RunState::Poisoned {
+            fold.set_state(RunState::Poisoned {
                 topic: partition.topic.to_string(),
                 partition: partition.partition,
                 offset,
@@ -407,6 +448,31 @@ fn handle_rebalance(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatc
     Ok(())
 }
 
+/// Drives a replay's handover (see [`crate::replay`]) from its own loop: once
+/// caught up, stop the live loop; once the live loop's offsets are final and this
+/// loop has folded up to them, commit and switch.
+fn drive_replay(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Result<(), LoopError> {
+    let Some(replay) = batch.replay.clone() else {
+        return Ok(());
+    };
+    if !replay::begin_handover(&batch.runtime, &replay) {
+        return Ok(());
+    }
+    let Some(target) = replay::live_final_offsets(&batch.runtime, &batch.deps.store)? else {
+        return Ok(());
+    };
+    for (partition, next) in &target {
+        if batch.position(partition)? < *next {
+            return Ok(());
+        }
+    }
+    commit(consumer, batch)?;
+    replay::switch(&batch.runtime, &batch.deps.store, &replay)?;
+    batch.replay = None;
+    batch.throttle = None;
+    Ok(())
+}
+
 /// Writes the open batch, then tells the group (asynchronously) where we are.
 fn commit(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Result<(), LoopError> {
     let Some(offsets) = batch.write()? else {
@@ -433,13 +499,35 @@ impl OpenBatch {
         interned
     }
 
+    /// Holds a throttled replay to its configured rate.
+    fn throttle(&mut self) {
+        let Some((since, events, rate)) = &mut self.throttle else {
+            return;
+        };
+        *events += 1;
+        let due = Duration::from_secs_f64(*events as f64 / f64::from(*rate));
+        let elapsed = since.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+        if *events >= u64::from(*rate) {
+            // Restart the count every second or so, so a pause is not made up for
+            // with a burst.
+            *since = Instant::now();
+            *events = 0;
+        }
+    }
+
     /// Next offset to apply in `partition`.
     fn position(&mut self, partition: &SourcePartition) -> Result<i64, StoreError> {
         if let Some(next) = self.positions.get(partition) {
             return Ok(*next);
         }
-        let generation = self.runtime.generation();
-        let next = self.deps.store.next_offset(&generation, partition)?.unwrap_or(0);
+        let next = self
+            .deps
+            .store
+            .next_offset(&self.fold.generation, partition)?
+            .unwrap_or(0);
         self.positions.insert(partition.clone(), next);
         Ok(next)
     }
@@ -512,11 +600,11 @@ impl OpenBatch {
         let mut state = BatchState {
             cache: &mut self.cache,
             store: &self.deps.store,
-            generation: self.runtime.generation(),
+            generation: &self.fold.generation,
             partition,
             undo,
         };
-        self.runtime
+        self.fold
             .projection
             .apply(&event, &mut state)
             .map_err(|e| Stop::Poison {
@@ -529,9 +617,12 @@ impl OpenBatch {
     /// when the batch was empty.
     fn write(&mut self) -> Result<Option<BTreeMap<SourcePartition, i64>>, StoreError> {
         let name = &self.runtime.name;
-        metrics::LAST_PROGRESS
-            .with_label_values(&[name])
-            .set(unix_seconds());
+        let live = self.fold.is_live();
+        if live {
+            metrics::LAST_PROGRESS
+                .with_label_values(&[name])
+                .set(unix_seconds());
+        }
         self.started = None;
         if self.offsets.is_empty() {
             return Ok(None);
@@ -545,16 +636,18 @@ impl OpenBatch {
                 .collect(),
             offsets: std::mem::take(&mut self.offsets),
         };
-        self.deps.store.commit(&self.runtime.generation(), &batch)?;
-        self.runtime.clear_unapplied(self.unapplied_noted.iter());
+        self.deps.store.commit(&self.fold.generation, &batch)?;
+        self.fold.clear_unapplied(self.unapplied_noted.iter());
         self.unapplied_noted.clear();
         metrics::BATCH_COMMIT_SECONDS
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
         metrics::BATCH_EVENTS.observe(self.events as f64);
-        metrics::EVENTS_APPLIED
-            .with_label_values(&[name])
-            .inc_by(self.events);
+        if live {
+            metrics::EVENTS_APPLIED
+                .with_label_values(&[name])
+                .inc_by(self.events);
+        }
         self.events = 0;
         Ok(Some(batch.offsets))
     }
@@ -565,7 +658,7 @@ impl OpenBatch {
 struct BatchState<'a> {
     cache: &'a mut HashMap<CacheKey, Option<Json>>,
     store: &'a Store,
-    generation: Arc<crate::store::Generation>,
+    generation: &'a crate::store::Generation,
     partition: &'a SourcePartition,
     undo: Option<&'a mut UndoLog>,
 }
@@ -583,7 +676,7 @@ impl BatchState<'_> {
             Entry::Vacant(entry) => {
                 let stored = self
                     .store
-                    .partial(&self.generation, key, self.partition)
+                    .partial(self.generation, key, self.partition)
                     .map_err(|e| FoldError(format!("reading the current state of `{key}`: {e}")))?;
                 entry.insert(stored)
             }
@@ -598,7 +691,7 @@ impl PartitionState for BatchState<'_> {
             return Ok(cached.clone());
         }
         self.store
-            .partial(&self.generation, key, self.partition)
+            .partial(self.generation, key, self.partition)
             .map_err(|e| FoldError(format!("reading the current state of `{key}`: {e}")))
     }
 
@@ -611,11 +704,21 @@ impl PartitionState for BatchState<'_> {
     }
 }
 
-fn consumer_config(kafka: &KafkaConfig, projection: &str) -> ClientConfig {
+/// The consumer group of a generation: `<prefix>.<projection>` for the first,
+/// `<prefix>.<projection>.g<n>` for later ones, so a replay's consumer never
+/// shares partitions with the live one.
+fn group_id(kafka: &KafkaConfig, generation: &crate::store::Generation) -> String {
+    match generation.number {
+        1 => format!("{}.{}", kafka.group_prefix, generation.projection),
+        n => format!("{}.{}.g{n}", kafka.group_prefix, generation.projection),
+    }
+}
+
+fn consumer_config(kafka: &KafkaConfig, generation: &crate::store::Generation) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", format!("{}.{}", kafka.group_prefix, projection))
+        .set("group.id", group_id(kafka, generation))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")

@@ -7,7 +7,10 @@
 //!
 //! Keys and topics are escaped (`0x00` → `0x00 0xFF`) and end with `0x00 0x00`, so
 //! rows sort by key and every partial of one key shares a prefix. The default column
-//! family holds which generation of each projection is live.
+//! family holds, per projection, which generation is live (`live/<projection>`),
+//! which one a replay is building (`replay/<projection>`), and the definition each
+//! generation folds with (`definition/<projection>@<n>`). A replay's switch is one
+//! write of the first two (DESIGN.md invariant 3).
 //!
 //! A batch's state rows and offsets go in one `WriteBatch` (DESIGN.md invariant 1).
 
@@ -66,7 +69,8 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn column_family(&self) -> String {
+    /// Name of its column family, `<projection>@<n>`.
+    pub fn column_family(&self) -> String {
         format!("{}@{}", self.projection, self.number)
     }
 }
@@ -90,6 +94,12 @@ pub struct Store {
 }
 
 const LIVE_PREFIX: &[u8] = b"live/";
+const REPLAY_PREFIX: &[u8] = b"replay/";
+const DEFINITION_PREFIX: &[u8] = b"definition/";
+
+fn pointer_key(prefix: &[u8], projection: &str) -> Vec<u8> {
+    [prefix, projection.as_bytes()].concat()
+}
 
 impl Store {
     /// Opens (creating if needed) the database at `path`.
@@ -116,15 +126,11 @@ impl Store {
 
     /// The live generation of `projection`, creating generation 1 on first use.
     pub fn live_generation(&self, projection: &str) -> Result<Generation, StoreError> {
-        let key = [LIVE_PREFIX, projection.as_bytes()].concat();
-        let number = match self.db.get(&key).map_err(failed("reading live generation"))? {
-            Some(bytes) => decode_u64(&bytes).ok_or_else(|| StoreError {
-                context: format!("live generation of {projection}"),
-                source: "corrupt generation number".into(),
-            })?,
+        let number = match self.pointer(LIVE_PREFIX, projection)? {
+            Some(number) => number,
             None => {
                 self.db
-                    .put(&key, 1u64.to_be_bytes())
+                    .put(pointer_key(LIVE_PREFIX, projection), 1u64.to_be_bytes())
                     .map_err(failed("recording generation 1"))?;
                 1
             }
@@ -137,31 +143,169 @@ impl Store {
         Ok(generation)
     }
 
-    /// Drops every generation of `projection` (state and offsets) and forgets which
-    /// was live, so its next run rebuilds it from offset 0. Returns the column
-    /// families dropped.
+    /// Drops every generation of `projection` (state, offsets, definitions) and
+    /// forgets which was live or replaying, so its next run rebuilds it from
+    /// offset 0. Returns the column families dropped.
     pub fn reset(&self, projection: &str) -> Result<Vec<String>, StoreError> {
-        let prefix = format!("{projection}@");
         let mut dropped = Vec::new();
-        for name in self.column_families.lock().expect("cf list lock").clone() {
-            if name
-                .strip_prefix(&prefix)
-                .is_some_and(|n| n.parse::<u64>().is_ok())
-            {
-                self.db
-                    .drop_cf(&name)
-                    .map_err(failed(format!("dropping column family {name}")))?;
-                dropped.push(name);
-            }
+        for number in self.generation_numbers(projection) {
+            let generation = Generation {
+                projection: projection.to_owned(),
+                number,
+            };
+            self.drop_generation(&generation)?;
+            dropped.push(generation.column_family());
+        }
+        let mut write = WriteBatch::default();
+        write.delete(pointer_key(LIVE_PREFIX, projection));
+        write.delete(pointer_key(REPLAY_PREFIX, projection));
+        self.db
+            .write(write)
+            .map_err(failed("forgetting the live generation"))?;
+        Ok(dropped)
+    }
+
+    /// The generation numbers of `projection` that have a column family, ascending.
+    pub fn generation_numbers(&self, projection: &str) -> Vec<u64> {
+        let prefix = format!("{projection}@");
+        let mut numbers: Vec<u64> = self
+            .column_families
+            .lock()
+            .expect("cf list lock")
+            .iter()
+            .filter_map(|name| name.strip_prefix(&prefix)?.parse().ok())
+            .collect();
+        numbers.sort_unstable();
+        numbers
+    }
+
+    /// Drops one generation: its column family (state and offsets) and its
+    /// recorded definition.
+    pub fn drop_generation(&self, generation: &Generation) -> Result<(), StoreError> {
+        let name = generation.column_family();
+        if self.db.cf_handle(&name).is_some() {
+            self.db
+                .drop_cf(&name)
+                .map_err(failed(format!("dropping column family {name}")))?;
         }
         self.column_families
             .lock()
             .expect("cf list lock")
-            .retain(|n| !dropped.contains(n));
+            .retain(|n| *n != name);
         self.db
-            .delete([LIVE_PREFIX, projection.as_bytes()].concat())
-            .map_err(failed("forgetting the live generation"))?;
+            .delete(pointer_key(DEFINITION_PREFIX, &name))
+            .map_err(failed(format!("forgetting the definition of {name}")))
+    }
+
+    /// Drops the generations of `projection` that are neither live nor being
+    /// replayed (left by a crash between a switch or an abort and the drop).
+    /// Returns the column families dropped.
+    pub fn drop_orphans(&self, projection: &str) -> Result<Vec<String>, StoreError> {
+        let live = self.pointer(LIVE_PREFIX, projection)?;
+        let replay = self.pointer(REPLAY_PREFIX, projection)?;
+        let mut dropped = Vec::new();
+        for number in self.generation_numbers(projection) {
+            if Some(number) != live && Some(number) != replay {
+                let generation = Generation {
+                    projection: projection.to_owned(),
+                    number,
+                };
+                self.drop_generation(&generation)?;
+                dropped.push(generation.column_family());
+            }
+        }
         Ok(dropped)
+    }
+
+    fn pointer(&self, prefix: &[u8], projection: &str) -> Result<Option<u64>, StoreError> {
+        let bytes = self
+            .db
+            .get(pointer_key(prefix, projection))
+            .map_err(failed(format!("reading the generation pointers of {projection}")))?;
+        bytes
+            .map(|b| {
+                decode_u64(&b).ok_or_else(|| StoreError {
+                    context: format!("generation pointer of {projection}"),
+                    source: "corrupt generation number".into(),
+                })
+            })
+            .transpose()
+    }
+
+    /// The generation a replay of `projection` is building, if one is.
+    pub fn replay_generation(&self, projection: &str) -> Result<Option<Generation>, StoreError> {
+        Ok(self.pointer(REPLAY_PREFIX, projection)?.map(|number| Generation {
+            projection: projection.to_owned(),
+            number,
+        }))
+    }
+
+    /// Starts a replay: creates the next generation (one above every existing
+    /// one), records the definition it folds with, and marks it as the
+    /// projection's replay so a restarted worker resumes it.
+    pub fn begin_replay(&self, projection: &str, definition: &Json) -> Result<Generation, StoreError> {
+        let live = self.live_generation(projection)?;
+        let highest = self.generation_numbers(projection).last().copied().unwrap_or(0);
+        let generation = Generation {
+            projection: projection.to_owned(),
+            number: highest.max(live.number) + 1,
+        };
+        self.ensure_column_family(&generation)?;
+        self.record_definition(&generation, definition)?;
+        self.db
+            .put(
+                pointer_key(REPLAY_PREFIX, projection),
+                generation.number.to_be_bytes(),
+            )
+            .map_err(failed(format!(
+                "marking {} as replaying",
+                generation.column_family()
+            )))?;
+        Ok(generation)
+    }
+
+    /// Makes the replayed generation live: one atomic write moves the live pointer
+    /// to it and clears the replay mark. The old generation is left for the caller
+    /// to drop.
+    pub fn switch_live(&self, replayed: &Generation) -> Result<(), StoreError> {
+        let mut write = WriteBatch::default();
+        write.put(
+            pointer_key(LIVE_PREFIX, &replayed.projection),
+            replayed.number.to_be_bytes(),
+        );
+        write.delete(pointer_key(REPLAY_PREFIX, &replayed.projection));
+        self.db
+            .write_opt(write, &self.write_options)
+            .map_err(failed(format!("switching to {}", replayed.column_family())))
+    }
+
+    /// Clears the replay mark of `projection` (an aborted replay); its generation
+    /// is left for the caller to drop.
+    pub fn end_replay(&self, projection: &str) -> Result<(), StoreError> {
+        self.db
+            .delete(pointer_key(REPLAY_PREFIX, projection))
+            .map_err(failed(format!("clearing the replay mark of {projection}")))
+    }
+
+    /// The definition `generation` folds with, as recorded when it was created.
+    pub fn definition(&self, generation: &Generation) -> Result<Option<Json>, StoreError> {
+        let name = generation.column_family();
+        let bytes = self
+            .db
+            .get(pointer_key(DEFINITION_PREFIX, &name))
+            .map_err(failed(format!("reading the definition of {name}")))?;
+        bytes
+            .map(|b| serde_json::from_slice(&b).map_err(failed(format!("decoding the definition of {name}"))))
+            .transpose()
+    }
+
+    /// Records the definition `generation` folds with.
+    pub fn record_definition(&self, generation: &Generation, definition: &Json) -> Result<(), StoreError> {
+        let name = generation.column_family();
+        let bytes = serde_json::to_vec(definition).map_err(failed("encoding a definition"))?;
+        self.db
+            .put(pointer_key(DEFINITION_PREFIX, &name), bytes)
+            .map_err(failed(format!("recording the definition of {name}")))
     }
 
     fn ensure_column_family(&self, generation: &Generation) -> Result<(), StoreError> {
@@ -540,6 +684,41 @@ mod tests {
         assert!(store.offsets(&generation).unwrap().is_empty(), "p starts over");
         let other = store.live_generation("p2").unwrap();
         assert_eq!(store.offsets(&other).unwrap().len(), 1, "p2 is untouched");
+    }
+
+    #[test]
+    fn a_replay_switches_in_one_write_and_orphans_are_dropped_on_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let definition = json!({"kind": "k"});
+        {
+            let store = Store::open(dir.path(), false).unwrap();
+            let live = store.live_generation("p").unwrap();
+            let replay = store.begin_replay("p", &definition).unwrap();
+            assert_eq!((live.number, replay.number), (1, 2));
+            assert_eq!(store.replay_generation("p").unwrap(), Some(replay.clone()));
+            assert_eq!(store.definition(&replay).unwrap(), Some(definition.clone()));
+            store.switch_live(&replay).unwrap();
+            assert_eq!(store.live_generation("p").unwrap(), replay);
+            assert_eq!(store.replay_generation("p").unwrap(), None);
+            // Killed before dropping generation 1; and an aborted replay's mark
+            // cleared before its generation was dropped.
+            let aborted = store.begin_replay("p", &definition).unwrap();
+            assert_eq!(aborted.number, 3);
+            store.end_replay("p").unwrap();
+        }
+        let store = Store::open(dir.path(), false).unwrap();
+        assert_eq!(store.generation_numbers("p"), [1, 2, 3]);
+        assert_eq!(store.drop_orphans("p").unwrap(), ["p@1", "p@3"]);
+        assert_eq!(store.generation_numbers("p"), [2]);
+        let next = store.begin_replay("p", &definition).unwrap();
+        assert_eq!(
+            next.number, 3,
+            "numbers above the live one are reused once dropped"
+        );
+        assert!(
+            store.offsets(&next).unwrap().is_empty(),
+            "a new generation starts empty"
+        );
     }
 
     #[test]

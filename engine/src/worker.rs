@@ -5,18 +5,19 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ProjectionConfig, ProjectionDefinition};
 use crate::declarative::Declarative;
 use crate::decode::Decoder;
 use crate::projection::{Projection, ProjectionRegistry};
 use crate::registry_client::RegistryClient;
-use crate::runtime::ProjectionRuntime;
+use crate::replay::Replay;
+use crate::runtime::{Fold, ProjectionRuntime};
 use crate::schemas::{RustUpcasters, SchemaSet};
 use crate::serve::{self, ApiState};
 use crate::source::{self, SourceDeps};
-use crate::store::Store;
+use crate::store::{Generation, Store};
 
 /// The largest single allocation Avro decoding may make (a string, bytes, an array
 /// block): a corrupt length prefix must not take the process down.
@@ -88,39 +89,84 @@ pub fn build_projections(
         .iter()
         .enumerate()
         .map(|(index, entry)| {
-            if let Some(declarative) = &entry.declarative {
-                let compiled = Declarative::compile(declarative).map_err(|e| {
-                    let (path, message) = e.split_once(": ").unwrap_or(("", &e));
-                    ConfigError::at(
-                        config_path,
-                        format!("projections[{index}].declarative.{path}").trim_end_matches('.'),
-                        format!("projection `{}`: {message}", entry.name),
-                    )
-                })?;
-                return Ok(Arc::new(compiled) as Arc<dyn Projection>);
-            }
-            let kind = entry.kind.as_deref().unwrap_or_default();
-            let factory = builtins.get(kind).ok_or_else(|| {
-                let known: Vec<&str> = builtins.keys().copied().collect();
+            build(&entry.definition(), builtins).map_err(|(key, message)| {
                 ConfigError::at(
                     config_path,
-                    &format!("projections[{index}].kind"),
-                    format!(
-                        "unknown projection kind `{kind}` (built-ins: {})",
-                        known.join(", ")
-                    ),
+                    format!("projections[{index}].{key}").trim_end_matches('.'),
+                    format!("projection `{}`: {message}", entry.name),
                 )
-            })?;
-            let options = if entry.options.is_null() {
-                serde_json::Value::Object(Default::default())
-            } else {
-                entry.options.clone()
-            };
-            factory(&options)
-                .map(Arc::from)
-                .map_err(|e| ConfigError::at(config_path, &format!("projections[{index}].options"), e))
+            })
         })
         .collect()
+}
+
+/// Builds a projection from a definition (see [`crate::config::ProjectionDefinition`]);
+/// on failure, the key of the definition that is wrong and why.
+fn build(
+    definition: &serde_json::Value,
+    builtins: &ProjectionRegistry,
+) -> Result<Arc<dyn Projection>, (String, String)> {
+    let definition: ProjectionDefinition = serde_json::from_value(definition.clone())
+        .map_err(|e| (String::new(), format!("unreadable definition: {e}")))?;
+    if let Some(declarative) = &definition.declarative {
+        let compiled = Declarative::compile(declarative).map_err(|e| {
+            let (path, message) = e.split_once(": ").unwrap_or(("", &e));
+            (format!("declarative.{path}"), message.to_owned())
+        })?;
+        return Ok(Arc::new(compiled));
+    }
+    let kind = definition.kind.as_deref().unwrap_or_default();
+    let factory = builtins.get(kind).ok_or_else(|| {
+        let known: Vec<&str> = builtins.keys().copied().collect();
+        (
+            "kind".to_owned(),
+            format!(
+                "unknown projection kind `{kind}` (built-ins: {})",
+                known.join(", ")
+            ),
+        )
+    })?;
+    factory(&definition.options)
+        .map(Arc::from)
+        .map_err(|e| ("options".to_owned(), e))
+}
+
+/// The fold of one stored generation, built from the definition recorded with it
+/// (recording the configured one for a generation that has none yet).
+fn stored_fold(
+    store: &Store,
+    entry: &ProjectionConfig,
+    configured: &Arc<dyn Projection>,
+    generation: Generation,
+    live: bool,
+    builtins: &ProjectionRegistry,
+) -> Result<Fold, WorkerError> {
+    let configured_definition = entry.definition();
+    let definition = match store.definition(&generation)? {
+        Some(recorded) => recorded,
+        None => {
+            store.record_definition(&generation, &configured_definition)?;
+            configured_definition.clone()
+        }
+    };
+    let projection = if definition == configured_definition {
+        configured.clone()
+    } else {
+        let projection = build(&definition, builtins).map_err(|(key, message)| {
+            WorkerError::Startup(format!(
+                "generation {} of `{}` was built with a definition this worker cannot build \
+                 ({key}: {message}); `projector reset {}` rebuilds it with the configured one",
+                generation.number, entry.name, entry.name
+            ))
+        })?;
+        warn!(projection = %entry.name, generation = generation.number,
+            "the configured definition differs from the one generation {} was built with; it keeps \
+             folding with its own until `projector replay {}` builds one with the configured definition",
+            generation.number, entry.name);
+        projection
+    };
+    let topics = crate::config::definition_topics(&definition);
+    Ok(Fold::new(generation, projection, topics, live))
 }
 
 /// Runs the worker until SIGINT or SIGTERM, after the same checks as [`check`].
@@ -138,15 +184,42 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
     let deps = SourceDeps {
         kafka: config.kafka.clone(),
         store_config: config.store.clone(),
+        replay_config: config.replay.clone(),
         store: store.clone(),
         shutdown: shutdown.clone(),
         async_runtime: tokio::runtime::Handle::current(),
     };
 
     let mut runtimes = BTreeMap::new();
+    let mut replays = Vec::new();
     for (entry, projection) in config.projections.iter().zip(projections) {
+        for dropped in store.drop_orphans(&entry.name)? {
+            info!(generation = %dropped, "dropped a generation left by an interrupted switch or abort");
+        }
         let generation = store.live_generation(&entry.name)?;
-        let runtime = Arc::new(ProjectionRuntime::new(entry, projection, generation));
+        let live = stored_fold(
+            &store,
+            entry,
+            &projection,
+            generation,
+            true,
+            &builtins.projections,
+        )?;
+        let runtime = Arc::new(ProjectionRuntime::new(entry, projection.clone(), live));
+        if let Some(generation) = store.replay_generation(&entry.name)? {
+            info!(projection = %entry.name, generation = generation.number, "resuming the replay");
+            let fold = stored_fold(
+                &store,
+                entry,
+                &projection,
+                generation,
+                false,
+                &builtins.projections,
+            )?;
+            let replay = Replay::resumed(Arc::new(fold));
+            *runtime.replay_slot() = Some(replay.clone());
+            replays.push((runtime.clone(), replay));
+        }
         runtimes.insert(entry.name.clone(), runtime);
     }
 
@@ -157,25 +230,29 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
 
     let threads = Arc::new(Mutex::new(Vec::new()));
     for runtime in runtimes.values() {
-        let start = {
-            let runtime = Arc::downgrade(runtime);
+        let spawner = {
+            let weak = Arc::downgrade(runtime);
             let (registry, schemas, deps, threads) =
                 (registry.clone(), schemas.clone(), deps.clone(), threads.clone());
-            move || {
-                let Some(runtime) = runtime.upgrade() else {
+            move |fold| {
+                let Some(runtime) = weak.upgrade() else {
                     return;
                 };
                 let decoder = Decoder::new(registry.clone(), schemas.clone());
-                let thread = source::spawn(runtime, decoder, deps.clone());
+                let thread = source::spawn(runtime, fold, decoder, deps.clone());
                 threads.lock().expect("threads lock").push(thread);
             }
         };
-        start();
-        runtime.set_respawn(Box::new(start));
+        runtime.set_spawner(Box::new(spawner));
+        runtime.spawn(runtime.live());
+    }
+    for (runtime, replay) in replays {
+        runtime.spawn(replay.fold.clone());
     }
 
     let lag_monitor = crate::lag::spawn(
         &config.kafka,
+        config.replay.switch_lag_events,
         store.clone(),
         runtimes.values().cloned().collect(),
         shutdown.clone(),

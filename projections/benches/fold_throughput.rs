@@ -8,7 +8,6 @@
 //! Both pay the same decode (apache-avro, writer = reader schema) and fold into an
 //! in-memory state map; no Kafka, no RocksDB, so the difference is the fold.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,7 +54,10 @@ append = { recent_orders = { value = "event.orderId", max_len = 5 } }
 "#;
 
 fn schema(name: &str) -> Schema {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/shop.orders");
+    let dir = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../schemas/shop.orders");
     let newest = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -10,21 +10,26 @@ pub mod orders;
 pub mod process;
 pub mod read_models;
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use orders::OrderStream;
+use serde_json::Value;
 
 pub use process::{Broker, Registry, Service, Worker};
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_owned()
+    // Cargo sets the variable when it runs a test, too; that one wins over the
+    // compile-time value because a shared target directory may hold a test binary
+    // that cargo built from another checkout of the same sources.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.parent().expect("tests/ has a parent").to_owned()
 }
 
 /// The `projector` binary under test.
@@ -163,6 +168,47 @@ pub fn assert_state_matches_oracle(worker: &Worker, stream: &OrderStream) -> Res
         mismatches.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
     );
     Ok(())
+}
+
+/// Every key of `expected` reads back from `projection` equal over HTTP (without
+/// `as_of`).
+pub fn assert_matches(worker: &Worker, projection: &str, expected: &BTreeMap<String, Value>) -> Result<()> {
+    let mut mismatches = Vec::new();
+    for (key, want) in expected {
+        let (status, got) = worker.get(&format!("/projections/{projection}/state/{key}"))?;
+        let got = without_as_of(got)?;
+        if status != 200 || &got != want {
+            mismatches.push(format!("{key}: got {status} {got}\n  want {want}"));
+        }
+    }
+    ensure!(
+        mismatches.is_empty(),
+        "{projection}: {} of {} keys differ, e.g.\n{}",
+        mismatches.len(),
+        expected.len(),
+        mismatches.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+    );
+    Ok(())
+}
+
+/// The column families of the RocksDB database in `data`, as its newest OPTIONS
+/// file lists them (RocksDB rewrites it whenever one is created or dropped).
+pub fn column_families_on_disk(data: &Path) -> Result<Vec<String>> {
+    let newest = std::fs::read_dir(data)?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let number: u64 = name.strip_prefix("OPTIONS-")?.parse().ok()?;
+            Some((number, entry.path()))
+        })
+        .max()
+        .with_context(|| format!("no OPTIONS file in {}", data.display()))?;
+    let text = std::fs::read_to_string(&newest.1)?;
+    Ok(text
+        .lines()
+        .filter_map(|line| line.strip_prefix("[CFOptions \"")?.strip_suffix("\"]"))
+        .map(str::to_owned)
+        .collect())
 }
 
 /// A worker folding topic `orders` into `order_summary`, its data in `dir/data`.

@@ -288,6 +288,21 @@ impl Worker {
         Ok((status, response.json().unwrap_or(serde_json::Value::Null)))
     }
 
+    /// DELETE `path` with `Authorization: Bearer <token>`.
+    pub fn delete(&self, path: &str, token: &str) -> Result<(u16, serde_json::Value)> {
+        let response = http()
+            .delete(format!("{}{path}", self.url()))
+            .bearer_auth(token)
+            .send()?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().unwrap_or(serde_json::Value::Null)))
+    }
+
+    /// The config file it runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     /// The Prometheus text of `GET /metrics`.
     pub fn metrics(&self) -> Result<String> {
         Ok(http().get(format!("{}/metrics", self.url())).send()?.text()?)

@@ -270,11 +270,37 @@ fn projector_demo_serves_its_projections() -> Result<()> {
         status == 200 && projections["projections"].as_array().map(Vec::len) == Some(5),
         "{projections}"
     );
+    // Every command it suggests works, as a new user would paste it.
     let output = demo.log();
+    let suggestions: Vec<&str> = output
+        .lines()
+        .skip_while(|l| *l != "Try:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(str::trim)
+        .collect();
     ensure!(
-        output.contains("curl -s http://127.0.0.1:"),
+        suggestions.len() >= 8 && suggestions.iter().any(|s| s.contains("/replay")),
         "it prints what to try:\n{output}"
     );
+    for suggestion in &suggestions {
+        let ran = std::process::Command::new("sh")
+            .args(["-c", suggestion])
+            .current_dir(repo_root())
+            .output()?;
+        let stdout = String::from_utf8_lossy(&ran.stdout);
+        ensure!(
+            ran.status.success() && !stdout.trim().is_empty() && !stdout.contains("\"error\""),
+            "`{suggestion}`: {}\n{stdout}\n{}",
+            ran.status,
+            String::from_utf8_lossy(&ran.stderr)
+        );
+    }
+    wait_until(
+        "the suggested order_summary replay to switch",
+        Duration::from_secs(120),
+        || get("/projections/order_summary").is_ok_and(|(_, p)| p["generation"] == 2),
+    )?;
     demo.signal("INT")?;
     let status = demo.wait_exit(Duration::from_secs(60))?;
     ensure!(status.success(), "Ctrl-C stops the demo cleanly: {status}");

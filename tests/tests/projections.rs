@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use projector_tests::read_models::{self, stamp};
 use projector_tests::{
-    orders, produce, wait_applied, without_as_of, worker_config, write_events, Broker, Registry, Worker,
+    assert_matches, orders, produce, wait_applied, worker_config, write_events, Broker, Registry, Worker,
 };
 use serde_json::Value;
 
@@ -68,26 +68,6 @@ add = { revenue_cents = "event.totalCents", orders = "1" }
 max = { last_order_at = "event.placedAt" }
 append = { recent_orders = { value = "event.orderId", max_len = 5 } }
 "#;
-
-/// Every key of `expected` reads back equal over HTTP (without `as_of`).
-fn assert_matches(worker: &Worker, projection: &str, expected: &BTreeMap<String, Value>) -> Result<()> {
-    let mut mismatches = Vec::new();
-    for (key, want) in expected {
-        let (status, got) = worker.get(&format!("/projections/{projection}/state/{key}"))?;
-        let got = without_as_of(got)?;
-        if status != 200 || &got != want {
-            mismatches.push(format!("{key}: got {status} {got}\n  want {want}"));
-        }
-    }
-    ensure!(
-        mismatches.is_empty(),
-        "{projection}: {} of {} keys differ, e.g.\n{}",
-        mismatches.len(),
-        expected.len(),
-        mismatches.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
-    );
-    Ok(())
-}
 
 /// Pages through every key of `projection` two hundred at a time.
 fn scan_all(worker: &Worker, projection: &str) -> Result<BTreeMap<String, Value>> {

@@ -61,7 +61,14 @@ pub async fn run(config_path: &Path, listen: SocketAddr, builtins: engine::worke
         std::thread::spawn(move || write_stream(&producer, &ids, &stop, &produced))
     };
 
-    print_intro(listen, &brokers, &registry_url, &data);
+    print_intro(
+        listen,
+        &brokers,
+        &registry_url,
+        &data,
+        config_path,
+        config.http.admin_token.as_deref(),
+    );
     let names: Vec<String> = config.projections.iter().map(|p| p.name.clone()).collect();
     let summary_stop = stop.clone();
     let summary = tokio::spawn(async move { show_summary(&names, &produced, &summary_stop).await });
@@ -320,8 +327,19 @@ fn write_stream(producer: &BaseProducer, ids: &SchemaIds, stop: &AtomicBool, pro
     let _ = producer.flush(Duration::from_secs(5));
 }
 
-fn print_intro(listen: SocketAddr, brokers: &str, registry: &str, data: &Path) {
+fn print_intro(
+    listen: SocketAddr,
+    brokers: &str,
+    registry: &str,
+    data: &Path,
+    config_path: &Path,
+    admin_token: Option<&str>,
+) {
     let api = format!("http://{listen}");
+    let projector = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "projector".into());
+    let config = config_path.display();
     println!("Projector demo: an in-process Kafka cluster ({brokers}), the schema registry ({registry}),");
     println!("a producer writing orders and accounts (old OrderPlaced v1 events included, upcast to v3),");
     println!(
@@ -337,6 +355,13 @@ fn print_intro(listen: SocketAddr, brokers: &str, registry: &str, data: &Path) {
     println!("  curl -s {api}/projections/account_balance/state/account-001");
     println!("  curl -s {api}/metrics | grep ^projector_consumer_lag");
     println!("  curl -s {api}/readyz");
+    if let Some(token) = admin_token {
+        println!(
+            "  curl -s -X POST -H 'Authorization: Bearer {token}' {api}/projections/order_summary/replay"
+        );
+    }
+    println!("  {projector} status --config {config} --url {api}");
+    println!("  {projector} replay customer_orders --config {config} --url {api} --wait");
     println!("Ctrl-C stops it.");
     println!();
 }

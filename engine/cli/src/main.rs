@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use engine::config::Config;
 
+mod control;
 mod demo;
 
 /// The fold loop allocates per event (decoded values, JSON state); mimalloc's
@@ -64,6 +65,30 @@ enum Command {
         /// The deployment's TOML config.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Rebuild a projection from offset 0 in a running worker, beside the live
+    /// generation, which serves until the new one has caught up and is switched in.
+    Replay {
+        /// The projection.
+        name: String,
+        /// The deployment's TOML config (for the API address and admin token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Show progress and wait for the switch; exit non-zero if it does not happen.
+        #[arg(long)]
+        wait: bool,
+        /// The worker's API, when not at the config's `http.listen`.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Print a running worker's projections: generation, state, replay, lag.
+    Status {
+        /// The deployment's TOML config (for the API address).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The worker's API, when not at the config's `http.listen`.
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Run a development schema registry (Confluent REST API).
     Registry {
@@ -128,6 +153,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 dropped.join(", ")
             );
         }
+        Command::Replay {
+            name,
+            config,
+            wait,
+            url,
+        } => control::replay(&control::WorkerApi::new(&config, url)?, &name, wait).await?,
+        Command::Status { config, url } => control::status(&control::WorkerApi::new(&config, url)?).await?,
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             let summary = engine::worker::check(&loaded, &config, &builtins())?;

@@ -38,7 +38,7 @@ use crate::expr::{Expr, Scope};
 use crate::projection::{Event, FoldError, PartitionState, Projection};
 
 /// `[projections.declarative]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeclarativeConfig {
     /// CEL expression giving the key; a null or missing value ignores the event.
@@ -49,7 +49,7 @@ pub struct DeclarativeConfig {
 }
 
 /// One `[[projections.declarative.on]]` rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// Full event type name, or `*`.
@@ -84,7 +84,7 @@ pub struct RuleConfig {
 }
 
 /// `append = { field = { value = "...", max_len = N } }`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppendConfig {
     /// Expression of the element.

@@ -1,0 +1,254 @@
+//! `projector replay` and `projector status`: talk to a running worker's HTTP API.
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use engine::config::Config;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+/// How long `--wait` keeps trying while the worker does not answer (a restart).
+const UNREACHABLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// The worker a deployment config describes.
+pub struct WorkerApi {
+    base: String,
+    token: Option<String>,
+    client: reqwest::Client,
+}
+
+impl WorkerApi {
+    /// The API of the worker `config` describes, or at `url` when given.
+    pub fn new(config: &Path, url: Option<String>) -> Result<WorkerApi> {
+        let loaded = Config::load(config)?;
+        let base = url.unwrap_or_else(|| {
+            let mut listen: SocketAddr = loaded.http.listen;
+            if listen.ip().is_unspecified() {
+                listen.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            }
+            format!("http://{listen}")
+        });
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(WorkerApi {
+            base: base.trim_end_matches('/').to_owned(),
+            token: loaded.http.admin_token,
+            client,
+        })
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .client
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        let body: Value = response
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: body"))?;
+        if !status.is_success() {
+            bail!(
+                "GET {url}: {status}: {}",
+                body["error"].as_str().unwrap_or_default()
+            );
+        }
+        Ok(body)
+    }
+}
+
+/// `projector replay NAME [--wait]`.
+pub async fn replay(api: &WorkerApi, name: &str, wait: bool) -> Result<()> {
+    let url = format!("{}/projections/{name}/replay", api.base);
+    let mut request = api.client.post(&url);
+    if let Some(token) = &api.token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .with_context(|| format!("POST {url}: body"))?;
+    if !status.is_success() {
+        let running = body
+            .get("replay")
+            .map(|r| format!(" (running: {r})"))
+            .unwrap_or_default();
+        bail!(
+            "{name}: replay refused: {status}: {}{running}",
+            body["error"].as_str().unwrap_or_default()
+        );
+    }
+    let generation = body["replay"]["generation"]
+        .as_u64()
+        .context("the worker's answer has no replay generation")?;
+    println!("{name}: replay into generation {generation} started");
+    if wait {
+        wait_for_switch(api, name, generation).await?;
+    }
+    Ok(())
+}
+
+async fn wait_for_switch(api: &WorkerApi, name: &str, generation: u64) -> Result<()> {
+    let started = Instant::now();
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:30}] {percent:>3}% {human_pos}/{human_len} events {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let interactive = std::io::stderr().is_terminal();
+    let mut last_line = Instant::now();
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        let projection = match api.get(&format!("/projections/{name}")).await {
+            Ok(projection) => {
+                unreachable_since = None;
+                projection
+            }
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > UNREACHABLE_LIMIT {
+                    bar.abandon();
+                    return Err(e.context(format!("the worker did not answer for {UNREACHABLE_LIMIT:?}")));
+                }
+                bar.set_message(format!("(worker unreachable: {e:#})"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let last = &projection["last_replay"];
+        if last["generation"].as_u64() == Some(generation) {
+            bar.finish_and_clear();
+            return match last["outcome"].as_str() {
+                Some("switched") => {
+                    println!(
+                        "{name}: generation {generation} is live (replay took {:.1} s)",
+                        started.elapsed().as_secs_f64()
+                    );
+                    Ok(())
+                }
+                other => bail!(
+                    "{name}: the replay into generation {generation} ended: {}",
+                    other.unwrap_or("?")
+                ),
+            };
+        }
+        let replay = &projection["replay"];
+        if replay["generation"].as_u64() != Some(generation) {
+            bar.finish_and_clear();
+            // The worker restarted since the switch (it forgets how replays ended).
+            if projection["generation"].as_u64() >= Some(generation) {
+                println!("{name}: generation {generation} is live");
+                return Ok(());
+            }
+            bail!("{name}: the replay into generation {generation} is gone (aborted?)");
+        }
+        let fold_state = replay["fold"]["state"].as_str().unwrap_or_default();
+        if matches!(fold_state, "poisoned" | "failed") {
+            bar.abandon();
+            bail!(
+                "{name}: the replay into generation {generation} stopped: {}; resume, skip or abort it \
+                 (POST .../resume, POST .../skip, DELETE .../replay)",
+                replay["fold"]
+            );
+        }
+        let progress = &replay["progress"];
+        let (applied, target) = (
+            progress["applied"].as_u64().unwrap_or(0),
+            progress["target"].as_u64().unwrap_or(0),
+        );
+        let rate = progress["events_per_second"].as_f64().unwrap_or(0.0);
+        let eta = progress["eta_seconds"]
+            .as_f64()
+            .map(|s| format!("ETA {s:.0} s"))
+            .unwrap_or_else(|| "ETA ?".into());
+        let phase = replay["phase"].as_str().unwrap_or_default();
+        bar.set_length(target.max(1));
+        bar.set_position(applied.min(target.max(1)));
+        bar.set_message(format!("{rate:.0} events/s, {eta}, {phase}"));
+        if !interactive && last_line.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{name}: {applied}/{target} events, {rate:.0} events/s, {eta}, {phase}");
+            last_line = Instant::now();
+        }
+        bar.tick();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `projector status`: a table of the worker's projections.
+pub async fn status(api: &WorkerApi) -> Result<()> {
+    let list = api.get("/projections").await?;
+    let rows: Vec<[String; 6]> = list["projections"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let state = match p["status"]["state"].as_str().unwrap_or("?") {
+                "running" => "live".to_owned(),
+                other => other.to_owned(),
+            };
+            let replay = match p["replay"].as_object() {
+                Some(r) => format!(
+                    "g{} {} {:.0}%",
+                    r["generation"],
+                    r["phase"].as_str().unwrap_or_default(),
+                    r["progress"]["ratio"].as_f64().unwrap_or(0.0) * 100.0
+                ),
+                None => "-".into(),
+            };
+            [
+                p["name"].as_str().unwrap_or("?").to_owned(),
+                format!("g{}", p["generation"]),
+                state,
+                replay,
+                p["lag"]["events"].to_string(),
+                format!("{:.1}", p["lag"]["seconds"].as_f64().unwrap_or(0.0)),
+            ]
+        })
+        .collect();
+    let header = [
+        "PROJECTION",
+        "GENERATION",
+        "STATE",
+        "REPLAY",
+        "LAG EVENTS",
+        "LAG SECONDS",
+    ];
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[&str]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!("{}", line(&header));
+    for row in &rows {
+        println!("{}", line(&row.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+    Ok(())
+}
