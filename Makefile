@@ -1,6 +1,7 @@
 # Projector: `make demo` runs everything in one process (in-process Kafka cluster,
-# schema registry, producer, worker); `make test` runs every test. Both install
-# what is missing first.
+# schema registry, producer, worker); `make test` runs every test; `make bench`
+# measures Projector beside raw consumption and Quix Streams. All install what is
+# missing first.
 
 SHELL := /bin/bash
 CACHE ?= $(HOME)/.cache/projector
@@ -15,13 +16,19 @@ export PROJECTOR_BIN := $(PROJECTOR)
 export PROJECTOR_PYTHON := $(PYTHON)
 export TANSU_BIN := $(TANSU)
 
-.PHONY: demo test build setup debian-packages venv
+.PHONY: demo test bench build setup debian-packages venv bench-venv
 
 demo: build
 	$(PROJECTOR) demo --config config/demo.toml
 
 test: setup build
 	cargo test --release --workspace --locked
+
+# The benchmark binary lives with the test harness it reuses; results go to
+# bench-results.json (BENCH_EVENTS, BENCH_QUIX_EVENTS, BENCH_LIVE_SECONDS,
+# BENCH_LIVE_RATE, BENCH_OUTPUT override its defaults).
+bench: setup bench-venv build
+	cargo run --release --locked -p projector-tests --bin bench
 
 build: debian-packages
 	cargo build --release --workspace --locked
@@ -42,4 +49,10 @@ $(VENV)/.installed: tests/python/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r tests/python/requirements.txt
 	test -x $(TANSU)
+	touch $@
+
+bench-venv: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: tests/python/bench-requirements.txt $(VENV)/.installed
+	$(VENV)/bin/pip install -q -r tests/python/bench-requirements.txt
 	touch $@

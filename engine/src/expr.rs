@@ -208,6 +208,21 @@ impl Scope {
         self.context.add_variable_from_value(name, to_cel(value));
     }
 
+    /// Binds `name` to the given fields of a JSON object (all of it when `fields`
+    /// is `None`).
+    pub fn bind_json_fields(&mut self, name: &str, value: &Json, fields: Option<&[String]>) {
+        match (value, fields) {
+            (Json::Object(object), Some(fields)) => {
+                let map: std::collections::HashMap<String, cel::Value> = fields
+                    .iter()
+                    .filter_map(|f| Some((f.clone(), to_cel(object.get(f)?))))
+                    .collect();
+                self.context.add_variable_from_value(name, cel::Value::from(map));
+            }
+            _ => self.bind_json(name, value),
+        }
+    }
+
     /// Binds `name` to the given fields of an Avro record (all of them when
     /// `fields` is `None`), converted directly.
     pub fn bind_avro_fields(

@@ -175,6 +175,25 @@ pub static BATCH_COMMIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
+/// `projector_event_freshness_seconds{projection}`
+pub static EVENT_FRESHNESS_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register(
+        HistogramVec::new(
+            HistogramOpts::new(
+                "projector_event_freshness_seconds",
+                "Time from an event's record timestamp to the commit of the batch that applied it \
+                 (live generations only).",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// `projector_batch_events`
 pub static BATCH_EVENTS: LazyLock<Histogram> = LazyLock::new(|| {
     register(
@@ -237,6 +256,7 @@ fn all() -> Vec<&'static dyn prometheus::core::Collector> {
         &*LAST_PROGRESS,
         &*BATCH_COMMIT_SECONDS,
         &*BATCH_EVENTS,
+        &*EVENT_FRESHNESS_SECONDS,
     ]
 }
 

@@ -126,6 +126,7 @@ impl Replay {
             "generation": self.fold.generation.number,
             "phase": self.phase(),
             "fold": self.fold.state(),
+            "events_committed": self.fold.committed_events(),
             "started_at": self.started_at,
             "progress": *self.progress.lock().expect("progress lock"),
         })

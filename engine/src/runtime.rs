@@ -5,7 +5,7 @@
 //! one replay building the next generation beside it (see [`crate::replay`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
@@ -75,6 +75,7 @@ pub struct Fold {
     live: AtomicBool,
     stop_requested: AtomicBool,
     loop_running: AtomicBool,
+    committed_events: AtomicU64,
 }
 
 impl Fold {
@@ -96,6 +97,7 @@ impl Fold {
             live: AtomicBool::new(live),
             stop_requested: AtomicBool::new(false),
             loop_running: AtomicBool::new(false),
+            committed_events: AtomicU64::new(0),
         }
     }
 
@@ -138,6 +140,17 @@ impl Fold {
     /// True while a thread runs this fold's loop.
     pub fn loop_running(&self) -> bool {
         self.loop_running.load(Ordering::SeqCst)
+    }
+
+    /// Counts events committed by this fold's loop.
+    pub(crate) fn count_committed(&self, events: u64) {
+        self.committed_events.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// Events this fold's loops committed since the worker started (updated per
+    /// batch; a restarted worker counts from 0).
+    pub fn committed_events(&self) -> u64 {
+        self.committed_events.load(Ordering::Relaxed)
     }
 
     /// Where the fold loop is.

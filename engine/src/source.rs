@@ -208,6 +208,8 @@ struct OpenBatch {
     cache: HashMap<CacheKey, Option<Json>>,
     offsets: BTreeMap<SourcePartition, i64>,
     events: u64,
+    /// Record timestamps (ms) of the batch's events, for the freshness histogram.
+    timestamps: Vec<i64>,
     started: Option<Instant>,
     /// Partitions whose first unapplied event of this batch was noted for lag.
     unapplied_noted: std::collections::HashSet<SourcePartition>,
@@ -275,6 +277,7 @@ impl FoldLoop {
                 events: 0,
                 started: None,
                 unapplied_noted: Default::default(),
+                timestamps: Vec::new(),
             },
         })
     }
@@ -370,6 +373,9 @@ impl FoldLoop {
             batch.positions.insert(partition.clone(), offset + 1);
             batch.offsets.insert(partition, offset + 1);
             batch.events += 1;
+            if let Some(timestamp) = message.timestamp().to_millis() {
+                batch.timestamps.push(timestamp);
+            }
             let started = *batch.started.get_or_insert_with(Instant::now);
             if batch.events >= max_events || started.elapsed() >= max_wait {
                 commit(consumer, batch)?;
@@ -639,6 +645,18 @@ impl OpenBatch {
         self.deps.store.commit(&self.fold.generation, &batch)?;
         self.fold.clear_unapplied(self.unapplied_noted.iter());
         self.unapplied_noted.clear();
+        self.fold.count_committed(self.events);
+        let committed_ms = unix_millis();
+        if live {
+            let freshness = metrics::EVENT_FRESHNESS_SECONDS
+                .with_label_values(&[name])
+                .local();
+            for timestamp in self.timestamps.drain(..) {
+                freshness.observe((committed_ms - timestamp).max(0) as f64 / 1000.0);
+            }
+            freshness.flush();
+        }
+        self.timestamps.clear();
         metrics::BATCH_COMMIT_SECONDS
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
@@ -727,6 +745,13 @@ fn consumer_config(kafka: &KafkaConfig, generation: &crate::store::Generation) -
         config.set(key, value);
     }
     config
+}
+
+fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn unix_seconds() -> i64 {

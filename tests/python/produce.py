@@ -16,6 +16,8 @@ Corruptions for poison tests, applied to the serialized bytes:
   "corrupt": "text"       overwrite these UTF-8 bytes with invalid UTF-8
 --record FILE writes what was produced (key, value and headers in hex), a line each.
 --flush-each sends one record per batch.
+--repeat-for SECONDS cycles through the records until that long has passed (with
+--rate, a steady stream for a live benchmark; record timestamps are the send time).
 --hold-until FILE serializes everything first (registering schemas), prints
 "serialized", and sends only once FILE exists.
 Prints one JSON line at the end: {"produced": N}.
@@ -55,6 +57,7 @@ def main():
     parser.add_argument("--rate", type=float, default=0, help="events per second; 0 = as fast as possible")
     parser.add_argument("--record")
     parser.add_argument("--hold-until")
+    parser.add_argument("--repeat-for", type=float, default=0)
     parser.add_argument("--flush-each", action="store_true",
                         help="one record per batch (Tansu reports a multi-record last batch's high watermark short)")
     args = parser.parse_args()
@@ -125,7 +128,15 @@ def main():
     record_file = open(args.record, "w") if args.record else None
     produced = 0
     started = time.monotonic()
-    for topic, key, value, headers, timestamp in records:
+    def stream():
+        while True:
+            yield from records
+            if time.monotonic() - started >= args.repeat_for:
+                return
+
+    for topic, key, value, headers, timestamp in stream():
+        if args.repeat_for and time.monotonic() - started >= args.repeat_for:
+            break
         while True:
             try:
                 extra = {"timestamp": timestamp} if timestamp is not None else {}

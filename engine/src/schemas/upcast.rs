@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-use crate::expr::Expr;
+use crate::expr::{Expr, Scope};
 
 /// One event an upcaster produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +92,9 @@ pub struct Step {
     pub index: usize,
     drop_event_if: Option<Expr>,
     kind: StepKind,
+    /// The fields of `event` the step's expressions read (`None`: all of it), bound
+    /// once per event for all of them.
+    event_fields: Option<Vec<String>>,
 }
 
 /// One output of a split: event type, version, and its fields' expressions.
@@ -138,9 +141,12 @@ impl Step {
 
     /// Runs the step on one payload.
     pub fn apply(&self, input: &Json) -> Result<Vec<UpcastOutput>, String> {
-        let variables = [("event", input)];
+        let mut scope = Scope::default();
+        if !matches!(self.kind, StepKind::Rust { .. }) {
+            scope.bind_json_fields("event", input, self.event_fields.as_deref());
+        }
         if let Some(guard) = &self.drop_event_if {
-            if guard.test(&variables)? {
+            if guard.test_in(&scope)? {
                 return Ok(Vec::new());
             }
         }
@@ -163,7 +169,7 @@ impl Step {
                     output.insert(new.clone(), value);
                 }
                 for (field, expr) in set {
-                    output.insert(field.clone(), expr.eval(&variables)?);
+                    output.insert(field.clone(), expr.value_in(&scope)?);
                 }
                 for field in drop {
                     output.remove(field);
@@ -179,7 +185,7 @@ impl Step {
                 .map(|(event, version, set)| {
                     let payload = set
                         .iter()
-                        .map(|(field, expr)| Ok((field.clone(), expr.eval(&variables)?)))
+                        .map(|(field, expr)| Ok((field.clone(), expr.value_in(&scope)?)))
                         .collect::<Result<Map<_, _>, String>>()?;
                     Ok(UpcastOutput {
                         event: event.clone(),
@@ -267,12 +273,27 @@ fn compile_step(file: &Path, event: &str, index: usize, spec: StepSpec) -> Resul
             }
         }
     };
+    let expressions: Vec<&Expr> = match &kind {
+        StepKind::Transform { set, .. } => set.iter().map(|(_, e)| e).collect(),
+        StepKind::Split(outputs) => outputs
+            .iter()
+            .flat_map(|(_, _, set)| set.iter().map(|(_, e)| e))
+            .collect(),
+        StepKind::Rust { .. } => Vec::new(),
+    };
+    let event_fields = expressions
+        .into_iter()
+        .chain(drop_event_if.as_ref())
+        .map(|e| e.fields_read("event"))
+        .collect::<Option<Vec<Vec<String>>>>()
+        .map(|lists| lists.concat());
     Ok(Step {
         from: spec.from,
         file: file.to_owned(),
         index,
         drop_event_if,
         kind,
+        event_fields,
     })
 }
 

@@ -1,0 +1,455 @@
+//! `make bench`: Projector side by side with raw consumption and a peer, in one
+//! run on one broker and one pre-produced data set.
+//!
+//! Starts Tansu and the registry, produces the order events once (Confluent's
+//! Python client, a share of them OrderPlaced v1 that Projector upcasts), then
+//! measures: a bare rdkafka consumer that only counts; Projector folding
+//! `order_summary`, a declarative projection and `revenue_by_day` from offset 0
+//! (each in a fresh worker), a replay of `order_summary`; Quix Streams folding the
+//! same events; and, on a second topic, the freshness of a live projection under
+//! a steady producer. Prints a table and writes it as JSON.
+//!
+//! Rates are timed from the first committed batch (or message) to the last, so
+//! process start and group join are left out of every contender alike.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use projector_tests::{
+    orders, produce_command, python, repo_root, run_to_completion, worker_config, write_events, Broker,
+    Registry, Worker,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "bench-admin-token";
+const PARTITIONS: i32 = 8;
+
+/// The declarative projection measured: the issue's per-customer aggregate.
+const CUSTOMER_STATS: &str = r#"
+[[projections]]
+name = "customer_stats"
+topics = ["bench"]
+[projections.declarative]
+key = "event.customerId"
+[[projections.declarative.on]]
+event = "shop.orders.OrderPlaced"
+when = "event.totalCents > 0"
+set = { customer = "event.customerId", last_order = "event.orderId" }
+add = { revenue_cents = "event.totalCents", orders = "1" }
+max = { last_order_at = "event.placedAt" }
+"#;
+
+struct Settings {
+    events: usize,
+    quix_events: usize,
+    live_seconds: u32,
+    live_rate: u32,
+    output: PathBuf,
+}
+
+impl Settings {
+    fn from_env() -> Result<Settings> {
+        let number = |name: &str, default: usize| -> Result<usize> {
+            std::env::var(name)
+                .ok()
+                .map(|v| v.parse().with_context(|| format!("{name}={v}")))
+                .transpose()
+                .map(|v| v.unwrap_or(default))
+        };
+        Ok(Settings {
+            events: number("BENCH_EVENTS", 1_000_000)?,
+            quix_events: number("BENCH_QUIX_EVENTS", 100_000)?,
+            live_seconds: number("BENCH_LIVE_SECONDS", 60)? as u32,
+            live_rate: number("BENCH_LIVE_RATE", 50_000)? as u32,
+            output: std::env::var_os("BENCH_OUTPUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo_root().join("bench-results.json")),
+        })
+    }
+}
+
+fn main() -> Result<()> {
+    let settings = Settings::from_env()?;
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("bench", PARTITIONS as u32)?;
+    broker.create_topic("live", PARTITIONS as u32)?;
+    let registry = Registry::start(dir.path())?;
+    // OrderPlaced v1 and v3 are not BACKWARD compatible (v1 is upcast by a rule).
+    projector_tests::set_compatibility(&registry, "NONE")?;
+
+    let mut stream = orders::generate("bench", settings.events / 4, 7);
+    orders::mix_versions(&mut stream, 7);
+    let total = stream.lines.len() as i64;
+    let events_file = write_events(dir.path(), "bench.jsonl", &stream.lines)?;
+    eprintln!("producing {total} events...");
+    let produced = Instant::now();
+    run_to_completion(produce_command(&broker, &registry, &events_file, 0))?;
+    eprintln!("produced in {:.1} s", produced.elapsed().as_secs_f64());
+
+    let mut results = BTreeMap::new();
+    let raw = raw_consume(&broker, "bench", total)?;
+    eprintln!("raw consume: {raw:.0} events/s");
+    results.insert("raw_consume", json!({ "events_per_second": raw }));
+
+    let mut summary = fresh_worker(
+        dir.path(),
+        "order_summary",
+        &broker,
+        &registry,
+        &builtin("order_summary"),
+    )?;
+    let fresh = summary.fold_rate("order_summary", total)?;
+    eprintln!("order_summary first run: {fresh:.0} events/s");
+    let replay = summary.replay_rate("order_summary", total)?;
+    eprintln!("order_summary replay: {replay:.0} events/s");
+    results.insert(
+        "order_summary",
+        json!({ "events_per_second": fresh, "peak_rss_mb": summary.peak_rss_mb()?, "keys": stream.placed.len() }),
+    );
+    results.insert("order_summary_replay", json!({ "events_per_second": replay }));
+    drop(summary);
+
+    for (name, projections) in [
+        ("customer_stats", CUSTOMER_STATS.to_owned()),
+        ("revenue_by_day", builtin("revenue_by_day")),
+    ] {
+        let mut worker = fresh_worker(dir.path(), name, &broker, &registry, &projections)?;
+        let rate = worker.fold_rate(name, total)?;
+        eprintln!("{name}: {rate:.0} events/s");
+        results.insert(
+            name,
+            json!({ "events_per_second": rate, "peak_rss_mb": worker.peak_rss_mb()? }),
+        );
+    }
+
+    let quix = quix_fold(&broker, &registry, settings.quix_events)?;
+    eprintln!("quix streams: {quix:.0} events/s");
+    results.insert(
+        "quix_streams",
+        json!({ "events_per_second": quix, "events": settings.quix_events }),
+    );
+
+    let live = live_freshness(dir.path(), &broker, &registry, &settings)?;
+    results.insert(
+        "live",
+        json!({
+            "rate": settings.live_rate,
+            "achieved_rate": live.events as f64 / f64::from(settings.live_seconds),
+            "seconds": settings.live_seconds,
+            "freshness_p50_ms": live.p50_ms,
+            "freshness_p99_ms": live.p99_ms,
+        }),
+    );
+
+    let rate = |name: &str| results[name]["events_per_second"].as_f64().unwrap_or(0.0);
+    let report = json!({
+        "date": chrono_date(),
+        "machine": machine(),
+        "events": total,
+        "partitions": PARTITIONS,
+        "results": results,
+        "ratios": {
+            "order_summary_vs_raw": rate("order_summary") / raw,
+            "order_summary_replay_vs_raw": rate("order_summary_replay") / raw,
+            "order_summary_replay_vs_first_run": rate("order_summary_replay") / rate("order_summary"),
+            "declarative_vs_raw": rate("customer_stats") / raw,
+            "revenue_by_day_vs_raw": rate("revenue_by_day") / raw,
+            "order_summary_vs_quix": rate("order_summary") / quix,
+        },
+    });
+    print_table(&report);
+    std::fs::write(&settings.output, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("written to {}", settings.output.display());
+    Ok(())
+}
+
+fn builtin(kind: &str) -> String {
+    format!("[[projections]]\nname = \"{kind}\"\nkind = \"{kind}\"\ntopics = [\"bench\"]\n")
+}
+
+/// A bare consumer that only counts: every partition assigned at the beginning.
+fn raw_consume(broker: &Broker, topic: &str, total: i64) -> Result<f64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut count, mut first) = (0i64, None);
+    while count < total {
+        ensure!(
+            Instant::now() < deadline,
+            "raw consume: {count} of {total} in 300 s"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(_)) => {
+                first.get_or_insert_with(Instant::now);
+                count += 1;
+            }
+            Some(Err(e)) => bail!("raw consume: {e}"),
+            None => {}
+        }
+    }
+    let seconds = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
+    Ok((count - 1) as f64 / seconds.max(1e-9))
+}
+
+/// A worker with its own data directory.
+struct BenchWorker {
+    worker: Worker,
+}
+
+fn fresh_worker(
+    dir: &Path,
+    name: &str,
+    broker: &Broker,
+    registry: &Registry,
+    projections: &str,
+) -> Result<BenchWorker> {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home)?;
+    let config = worker_config(broker, registry, &home.join("data"), projections)
+        .replace("[http]\n", &format!("[http]\nadmin_token = \"{TOKEN}\"\n"))
+        .replace("batch_max_wait_ms = 50\n", "");
+    Ok(BenchWorker {
+        worker: Worker::start(&home, &config)?,
+    })
+}
+
+impl BenchWorker {
+    /// Polls `read` (events done so far) until it reaches `total`; the rate from
+    /// the first change to the end.
+    fn rate_of(
+        &mut self,
+        what: &str,
+        total: i64,
+        mut read: impl FnMut(&Worker) -> Result<i64>,
+    ) -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut start: Option<(Instant, i64)> = None;
+        loop {
+            self.worker.service.check_alive()?;
+            ensure!(Instant::now() < deadline, "{what}: not done in 600 s");
+            let done = read(&self.worker).unwrap_or(0);
+            if done > 0 && start.is_none() {
+                start = Some((Instant::now(), done));
+            }
+            if done >= total {
+                let (at, from) = start.expect("set on the way");
+                return Ok((total - from) as f64 / at.elapsed().as_secs_f64().max(1e-9));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn fold_rate(&mut self, name: &str, total: i64) -> Result<f64> {
+        self.rate_of(name, total, |w| w.applied_offsets(name))
+    }
+
+    fn replay_rate(&mut self, name: &str, total: i64) -> Result<f64> {
+        let (status, body) = self
+            .worker
+            .post(&format!("/projections/{name}/replay"), Some(TOKEN))?;
+        ensure!(status == 202, "starting the replay: {status} {body}");
+        self.rate_of("replay", total, |w| {
+            let projection = w.projection(name)?;
+            if projection["generation"] == 2 {
+                return Ok(total);
+            }
+            Ok(projection["replay"]["events_committed"].as_i64().unwrap_or(0))
+        })
+    }
+
+    /// The worker's peak resident memory.
+    fn peak_rss_mb(&self) -> Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.worker.service.pid()))?;
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("VmHWM in /proc/<pid>/status")?;
+        Ok(kb / 1024.0)
+    }
+}
+
+fn quix_fold(broker: &Broker, registry: &Registry, events: usize) -> Result<f64> {
+    let output = std::process::Command::new(python())
+        .arg(repo_root().join("tests/python/quix_fold.py"))
+        .args(["--brokers", &broker.address(), "--registry", &registry.url()])
+        .args(["--topic", "bench", "--events", &events.to_string()])
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "quix_fold.py: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let result: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("quix_fold.py printed: {stdout}"))?;
+    result["events_per_second"].as_f64().context("events_per_second")
+}
+
+/// What the live phase measured.
+struct Live {
+    events: i64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// A worker folding `order_summary` live while a producer writes at a steady rate;
+/// p50 and p99 of the time from record timestamp to commit, in ms, from the
+/// worker's freshness histogram.
+fn live_freshness(dir: &Path, broker: &Broker, registry: &Registry, settings: &Settings) -> Result<Live> {
+    let home = dir.join("live");
+    std::fs::create_dir_all(&home)?;
+    let projections = "[[projections]]\nname = \"live\"\nkind = \"order_summary\"\ntopics = [\"live\"]\n";
+    let config = worker_config(broker, registry, &home.join("data"), projections)
+        .replace("batch_max_wait_ms = 50", "batch_max_wait_ms = 20");
+    let mut worker = Worker::start(&home, &config)?;
+    let mut readiness = 0;
+    projector_tests::wait_until("the live worker to be ready", Duration::from_secs(60), || {
+        readiness = worker.get("/readyz").map(|(s, _)| s).unwrap_or(0);
+        readiness == 200
+    })?;
+    let stream = orders::generate("live", 50_000, 8);
+    let file = write_events(&home, "live.jsonl", &stream.lines)?;
+    let mut producer = produce_command(broker, registry, &file, settings.live_rate);
+    producer
+        .arg("--repeat-for")
+        .arg(settings.live_seconds.to_string());
+    eprintln!(
+        "live: {} events/s for {} s...",
+        settings.live_rate, settings.live_seconds
+    );
+    run_to_completion(producer)?;
+    projector_tests::wait_until("the live worker to catch up", Duration::from_secs(120), || {
+        worker.projection("live").is_ok_and(|p| p["lag"]["events"] == 0)
+    })?;
+    worker.service.check_alive()?;
+    let metrics = worker.metrics()?;
+    let buckets = histogram(&metrics, "projector_event_freshness_seconds_bucket", "live");
+    ensure!(!buckets.is_empty(), "no freshness histogram in /metrics");
+    Ok(Live {
+        events: worker.applied_offsets("live")?,
+        p50_ms: quantile(&buckets, 0.5) * 1000.0,
+        p99_ms: quantile(&buckets, 0.99) * 1000.0,
+    })
+}
+
+/// The cumulative buckets (upper bound, count) of one histogram series.
+fn histogram(exposition: &str, name: &str, projection: &str) -> Vec<(f64, f64)> {
+    let label = format!("projection=\"{projection}\"");
+    let mut buckets: Vec<(f64, f64)> = exposition
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(&label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The `q` quantile of cumulative buckets, interpolated linearly inside a bucket
+/// (as Prometheus' `histogram_quantile`).
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let rank = q * total;
+    let mut previous = (0.0, 0.0);
+    for &(bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return previous.0;
+            }
+            let share = if count > previous.1 {
+                (rank - previous.1) / (count - previous.1)
+            } else {
+                0.0
+            };
+            return previous.0 + (bound - previous.0) * share;
+        }
+        previous = (bound, count);
+    }
+    previous.0
+}
+
+fn print_table(report: &Value) {
+    let results = &report["results"];
+    let ratios = &report["ratios"];
+    println!(
+        "\n{} events in {} partitions, {}; {}",
+        report["events"], report["partitions"], report["date"], report["machine"]
+    );
+    println!("{:<34} {:>12} {:>10}", "contender", "events/s", "vs raw");
+    let raw = results["raw_consume"]["events_per_second"]
+        .as_f64()
+        .unwrap_or(1.0);
+    for (label, key) in [
+        ("raw rdkafka consume (count only)", "raw_consume"),
+        ("order_summary, first run", "order_summary"),
+        ("order_summary, replay", "order_summary_replay"),
+        ("declarative customer_stats", "customer_stats"),
+        ("revenue_by_day (across partitions)", "revenue_by_day"),
+        ("Quix Streams 3.28, same fold", "quix_streams"),
+    ] {
+        let rate = results[key]["events_per_second"].as_f64().unwrap_or(0.0);
+        println!("{label:<34} {rate:>12.0} {:>10.2}", rate / raw);
+    }
+    println!(
+        "order_summary vs Quix Streams: {:.0}x; replay vs first run: {:.2}",
+        ratios["order_summary_vs_quix"].as_f64().unwrap_or(0.0),
+        ratios["order_summary_replay_vs_first_run"]
+            .as_f64()
+            .unwrap_or(0.0)
+    );
+    println!(
+        "live at {} events/s (achieved {:.0}) for {} s: freshness p50 {:.1} ms, p99 {:.1} ms",
+        results["live"]["rate"],
+        results["live"]["achieved_rate"].as_f64().unwrap_or(0.0),
+        results["live"]["seconds"],
+        results["live"]["freshness_p50_ms"].as_f64().unwrap_or(0.0),
+        results["live"]["freshness_p99_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "peak RSS: order_summary {:.0} MB ({} keys), customer_stats {:.0} MB, revenue_by_day {:.0} MB",
+        results["order_summary"]["peak_rss_mb"].as_f64().unwrap_or(0.0),
+        results["order_summary"]["keys"],
+        results["customer_stats"]["peak_rss_mb"].as_f64().unwrap_or(0.0),
+        results["revenue_by_day"]["peak_rss_mb"].as_f64().unwrap_or(0.0)
+    );
+}
+
+fn chrono_date() -> String {
+    chrono::Utc::now().format("%Y-%m-%d").to_string()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} cores, {cpu}")
+}
