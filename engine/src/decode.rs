@@ -86,35 +86,7 @@ impl Decoder {
             }
         })?;
         let plan = self.plan(frame.schema_id, keep_waiting)?;
-        let mut body = frame.body;
-        let payload =
-            apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref()).map_err(|e| {
-                DecodeError::poison(
-                    PoisonReason::DecodeFailed,
-                    format!("{} (schema id {}): {e}", plan.event_name, frame.schema_id),
-                )
-            })?;
-        if !body.is_empty() {
-            return Err(DecodeError::poison(
-                PoisonReason::DecodeFailed,
-                format!(
-                    "{} (schema id {}): {} bytes left over after the Avro datum",
-                    plan.event_name,
-                    frame.schema_id,
-                    body.len()
-                ),
-            ));
-        }
-        match plan.version {
-            None => Ok(vec![CurrentEvent {
-                name: plan.event_name.clone(),
-                payload,
-            }]),
-            Some(version) => self
-                .schemas
-                .upcast(&plan.event_name, version, payload)
-                .map_err(|e| DecodeError::poison(PoisonReason::UpcastFailed, e)),
-        }
+        decode_body(&plan, frame.schema_id, frame.body, &self.schemas)
     }
 
     fn plan(
@@ -145,6 +117,42 @@ impl Decoder {
     }
 }
 
+/// Decodes an Avro datum with its writer schema and brings it to the current
+/// version; every failure is a poison error naming the schema id.
+fn decode_body(
+    plan: &DecodePlan,
+    schema_id: u32,
+    mut body: &[u8],
+    schemas: &SchemaSet,
+) -> Result<Vec<CurrentEvent>, DecodeError> {
+    let payload =
+        apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref()).map_err(|e| {
+            DecodeError::poison(
+                PoisonReason::DecodeFailed,
+                format!("{} (schema id {schema_id}): {e}", plan.event_name),
+            )
+        })?;
+    if !body.is_empty() {
+        return Err(DecodeError::poison(
+            PoisonReason::DecodeFailed,
+            format!(
+                "{} (schema id {schema_id}): {} bytes left over after the Avro datum",
+                plan.event_name,
+                body.len()
+            ),
+        ));
+    }
+    match plan.version {
+        None => Ok(vec![CurrentEvent {
+            name: plan.event_name.clone(),
+            payload,
+        }]),
+        Some(version) => schemas
+            .upcast(&plan.event_name, version, payload)
+            .map_err(|e| DecodeError::poison(PoisonReason::UpcastFailed, e)),
+    }
+}
+
 fn plan_for(schema_id: u32, writer: Arc<Schema>, schemas: &SchemaSet) -> Result<DecodePlan, DecodeError> {
     let event_name: Arc<str> = match writer.as_ref() {
         Schema::Record(record) => record.name.fullname(None).into(),
@@ -171,4 +179,150 @@ fn plan_for(schema_id: u32, writer: Arc<Schema>, schemas: &SchemaSet) -> Result<
         reader,
         version,
     })
+}
+
+/// The frame and Avro decode path under arbitrary and mutated input: it returns a
+/// poison error or events, and never panics or allocates without bound.
+#[cfg(test)]
+mod fuzz {
+    use std::sync::{Arc, Once};
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::schemas::RustUpcasters;
+
+    /// What the worker sets at start-up, so a corrupt length prefix cannot make
+    /// apache-avro allocate gigabytes.
+    fn limit_allocations() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            apache_avro::util::max_allocation_bytes(64 * 1024 * 1024);
+        });
+    }
+
+    /// OrderPlaced v1 (upcast twice by CEL rules) and v3 (current) with one valid
+    /// datum each.
+    fn fixture() -> (SchemaSet, Vec<(DecodePlan, Vec<u8>)>) {
+        limit_allocations();
+        let dir = tempfile::tempdir().unwrap();
+        let repo = std::path::PathBuf::from(
+            std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../schemas/shop.orders");
+        let copy = dir.path().join("shop.orders");
+        std::fs::create_dir_all(&copy).unwrap();
+        for file in [
+            "OrderPlaced.v1.avsc",
+            "OrderPlaced.v2.avsc",
+            "OrderPlaced.v3.avsc",
+            "OrderPlaced.upcast.toml",
+        ] {
+            std::fs::copy(repo.join(file), copy.join(file)).unwrap();
+        }
+        let schemas = SchemaSet::load(dir.path(), &RustUpcasters::new()).unwrap();
+        let items = json!([{"sku": "s-1", "qty": 2, "priceCents": 250}]);
+        let samples = [
+            (
+                "OrderPlaced.v1.avsc",
+                json!({"orderId": "o-1", "customerId": "c-1", "items": items, "total": 5.0, "placedAt": 1}),
+            ),
+            (
+                "OrderPlaced.v3.avsc",
+                json!({"orderId": "o-2", "customerId": "c-2", "items": items, "totalCents": 500,
+                       "currency": "EUR", "itemCount": 1, "placedAt": 2}),
+            ),
+        ];
+        let plans = samples
+            .iter()
+            .enumerate()
+            .map(|(id, (file, value))| {
+                let text = std::fs::read_to_string(copy.join(file)).unwrap();
+                let writer = Arc::new(Schema::parse_str(&text).unwrap());
+                let datum = crate::avro_json::from_json(value, &writer).unwrap();
+                let body = apache_avro::to_avro_datum(&writer, datum).unwrap();
+                (plan_for(id as u32, writer, &schemas).unwrap(), body)
+            })
+            .collect();
+        (schemas, plans)
+    }
+
+    fn is_poison(outcome: &Result<Vec<CurrentEvent>, DecodeError>) -> bool {
+        matches!(
+            outcome,
+            Err(DecodeError::Poison {
+                reason: PoisonReason::DecodeFailed | PoisonReason::UpcastFailed,
+                ..
+            })
+        )
+    }
+
+    #[test]
+    fn valid_datums_decode_and_upcast() {
+        let (schemas, plans) = fixture();
+        for (id, (plan, body)) in plans.iter().enumerate() {
+            let events = decode_body(plan, id as u32, body, &schemas).unwrap();
+            assert_eq!(events.len(), 1);
+            assert_eq!(&*events[0].name, "shop.orders.OrderPlaced");
+        }
+    }
+
+    #[test]
+    fn a_length_prefix_beyond_the_message_or_a_negative_block_count_is_poison() {
+        let (schemas, plans) = fixture();
+        let (plan, _) = &plans[1];
+        // orderId's length prefix claims ~2^62 bytes.
+        let huge_string = [0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F];
+        // orderId "a", customerId "b", then an items block count of -2^62.
+        let negative_block = [
+            0x02, b'a', 0x02, b'b', 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F,
+        ];
+        for body in [&huge_string[..], &negative_block[..]] {
+            let outcome = decode_body(plan, 1, body, &schemas);
+            assert!(is_poison(&outcome), "{outcome:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn any_frame_parses_or_is_refused(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = frame::parse(Some(&bytes));
+        }
+
+        #[test]
+        fn arbitrary_bodies_are_poison_or_events(
+            which in 0usize..2,
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let (schemas, plans) = fixture();
+            let outcome = decode_body(&plans[which].0, which as u32, &body, &schemas);
+            prop_assert!(outcome.is_ok() || is_poison(&outcome), "{:?}", outcome);
+        }
+
+        #[test]
+        fn mutated_valid_bodies_are_poison_or_events(
+            which in 0usize..2,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6),
+        ) {
+            let (schemas, plans) = fixture();
+            let (plan, valid) = &plans[which];
+            let mut body = valid.clone();
+            for (at, byte, kind) in edits {
+                if body.is_empty() {
+                    break;
+                }
+                let i = at.index(body.len());
+                match kind {
+                    0 => body[i] = byte,
+                    1 => body.insert(i, byte),
+                    _ => body.truncate(i),
+                }
+            }
+            let outcome = decode_body(plan, which as u32, &body, &schemas);
+            prop_assert!(outcome.is_ok() || is_poison(&outcome), "{:?}", outcome);
+        }
+    }
 }

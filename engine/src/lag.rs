@@ -42,6 +42,29 @@ pub fn summary(projection: &str) -> (i64, f64) {
 /// How often lag is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(2);
 
+/// Brokers silent this long make the worker unready.
+const SILENT_AFTER: Duration = Duration::from_secs(6);
+
+/// When the brokers last answered a watermark query; `None` before the first.
+static BROKERS_ANSWERED: LazyLock<Mutex<Option<Instant>>> = LazyLock::new(Default::default);
+
+/// How long the brokers have not answered the lag monitor, once that is longer
+/// than a few refreshes (a stalled or unreachable cluster); `None` otherwise.
+pub fn brokers_silent_for() -> Option<Duration> {
+    let answered = (*BROKERS_ANSWERED.lock().expect("answered lock"))?;
+    let silent = answered.elapsed();
+    (silent > SILENT_AFTER).then_some(silent)
+}
+
+/// What the monitor remembers between refreshes.
+#[derive(Default)]
+struct Memory {
+    /// Since when each lagging partition has lagged.
+    lagging_since: HashMap<(String, SourcePartition), Instant>,
+    /// The lag in seconds last published per partition.
+    published: HashMap<(String, SourcePartition), f64>,
+}
+
 /// Starts the lag monitor on its own thread; it stops when `shutdown` is set.
 pub fn spawn(
     kafka: &KafkaConfig,
@@ -61,10 +84,10 @@ pub fn spawn(
     Ok(std::thread::Builder::new()
         .name("lag-monitor".into())
         .spawn(move || {
-            let mut lagging_since: HashMap<(String, SourcePartition), Instant> = HashMap::new();
+            let mut memory = Memory::default();
             while !shutdown.load(Ordering::Relaxed) {
                 for projection in &projections {
-                    refresh(&client, &store, projection, &mut lagging_since);
+                    refresh(&client, &store, projection, &mut memory);
                     if let Some(replay) = projection.replay() {
                         refresh_replay(&client, &store, &replay, switch_lag_events);
                     }
@@ -78,8 +101,9 @@ pub fn spawn(
         .expect("spawning a thread"))
 }
 
-/// The (low, high) watermarks of every partition of `topics` that answered.
-fn watermarks(client: &BaseConsumer, topics: &[String]) -> Vec<(SourcePartition, i64, i64)> {
+/// The (low, high) watermarks of every partition of `topics`; `None` when the
+/// brokers did not answer.
+fn watermarks(client: &BaseConsumer, topics: &[String]) -> Option<Vec<(SourcePartition, i64, i64)>> {
     let mut found = Vec::new();
     for topic in topics {
         let partitions = match client.fetch_metadata(Some(topic), Duration::from_secs(2)) {
@@ -90,20 +114,27 @@ fn watermarks(client: &BaseConsumer, topics: &[String]) -> Vec<(SourcePartition,
                 .collect::<Vec<_>>(),
             Err(e) => {
                 debug!(topic = %topic, error = %e, "lag: no metadata");
-                continue;
+                return None;
             }
         };
         for partition in partitions {
-            if let Ok((low, high)) = client.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
-                let source = SourcePartition {
-                    topic: topic.as_str().into(),
-                    partition,
-                };
-                found.push((source, low, high));
+            match client.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
+                Ok((low, high)) => {
+                    let source = SourcePartition {
+                        topic: topic.as_str().into(),
+                        partition,
+                    };
+                    found.push((source, low, high));
+                }
+                Err(e) => {
+                    debug!(topic = %topic, partition, error = %e, "lag: no watermarks");
+                    return None;
+                }
             }
         }
     }
-    found
+    *BROKERS_ANSWERED.lock().expect("answered lock") = Some(Instant::now());
+    Some(found)
 }
 
 fn refresh_replay(client: &BaseConsumer, store: &Store, replay: &Replay, switch_lag_events: i64) {
@@ -111,6 +142,7 @@ fn refresh_replay(client: &BaseConsumer, store: &Store, replay: &Replay, switch_
         return;
     };
     let positions: BTreeMap<SourcePartition, (i64, i64, i64)> = watermarks(client, &replay.fold.topics)
+        .unwrap_or_default()
         .into_iter()
         .map(|(source, low, high)| {
             let next = stored.get(&source).copied().unwrap_or(low);
@@ -123,12 +155,7 @@ fn refresh_replay(client: &BaseConsumer, store: &Store, replay: &Replay, switch_
     replay.record_progress(&positions, switch_lag_events);
 }
 
-fn refresh(
-    client: &BaseConsumer,
-    store: &Store,
-    projection: &ProjectionRuntime,
-    lagging_since: &mut HashMap<(String, SourcePartition), Instant>,
-) {
+fn refresh(client: &BaseConsumer, store: &Store, projection: &ProjectionRuntime, memory: &mut Memory) {
     let live = projection.live();
     let Ok(stored) = store.offsets(&live.generation) else {
         return;
@@ -138,15 +165,41 @@ fn refresh(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    for (source, low, high) in watermarks(client, &live.topics) {
+    let Some(watermarks) = watermarks(client, &live.topics) else {
+        // Nothing can be measured while the brokers are silent; what was lag
+        // keeps ageing, so a stalled cluster shows as growing lag.
+        let silent = BROKERS_ANSWERED
+            .lock()
+            .expect("answered lock")
+            .map(|at| at.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        for ((name, source), seconds) in &memory.published {
+            if *name == projection.name {
+                let partition_label = source.partition.to_string();
+                metrics::CONSUMER_LAG_SECONDS
+                    .with_label_values(&[name.as_str(), &source.topic, partition_label.as_str()])
+                    .set(seconds + silent);
+                total.1 = total.1.max(seconds + silent);
+            }
+        }
+        SUMMARY
+            .lock()
+            .expect("summary lock")
+            .insert(projection.name.clone(), total);
+        return;
+    };
+    for (source, low, high) in watermarks {
         let next = stored.get(&source).copied().unwrap_or(low);
         let lag_events = (high - next).max(0);
         let since_key = (projection.name.clone(), source.clone());
         let lag_seconds = if lag_events == 0 {
-            lagging_since.remove(&since_key);
+            memory.lagging_since.remove(&since_key);
             0.0
         } else {
-            let since = *lagging_since.entry(since_key).or_insert_with(Instant::now);
+            let since = *memory
+                .lagging_since
+                .entry(since_key.clone())
+                .or_insert_with(Instant::now);
             match live.oldest_unapplied(&source) {
                 Some(timestamp_ms) => ((now_ms - timestamp_ms).max(0) as f64) / 1000.0,
                 None => since.elapsed().as_secs_f64(),
@@ -160,6 +213,9 @@ fn refresh(
         metrics::CONSUMER_LAG_SECONDS
             .with_label_values(&labels)
             .set(lag_seconds);
+        memory
+            .published
+            .insert((projection.name.clone(), source.clone()), lag_seconds);
         total = (total.0 + lag_events, total.1.max(lag_seconds));
     }
     SUMMARY

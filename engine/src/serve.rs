@@ -94,7 +94,13 @@ impl ApiState {
 /// 200 when every projection runs with its partitions assigned and positioned at
 /// their stored offsets; 503 with the reasons otherwise.
 async fn readiness(State(state): State<ApiState>) -> (StatusCode, Json<Value>) {
-    let waiting: Vec<String> = state.projections.values().filter_map(|p| p.not_ready()).collect();
+    let mut waiting: Vec<String> = state.projections.values().filter_map(|p| p.not_ready()).collect();
+    if let Some(silent) = crate::lag::brokers_silent_for() {
+        waiting.push(format!(
+            "kafka: the brokers have not answered for {:.0} s",
+            silent.as_secs_f64()
+        ));
+    }
     if waiting.is_empty() {
         (StatusCode::OK, Json(json!({ "ready": true })))
     } else {

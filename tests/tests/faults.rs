@@ -1,0 +1,289 @@
+//! Faults around the worker, on real parts: a graceful shutdown mid-stream, two
+//! workers sharing one consumer group while partitions move between them, and
+//! secrets kept out of logs and answers. Each ends with state == oracle.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use projector_tests::orders::{self, OrderStream};
+use projector_tests::{
+    assert_state_matches_oracle, produce, produce_command, start_order_summary_worker, wait_applied,
+    wait_for_oracle, wait_until, worker_config, write_events, Broker, Registry, Service, Worker,
+};
+
+/// Two streams of distinct orders, as one.
+fn concat(first: &OrderStream, second: &OrderStream) -> OrderStream {
+    OrderStream {
+        lines: [first.lines.clone(), second.lines.clone()].concat(),
+        placed: [first.placed.clone(), second.placed.clone()].concat(),
+        ghosts: [first.ghosts.clone(), second.ghosts.clone()].concat(),
+    }
+}
+
+fn stop_gracefully(worker: &mut Worker) -> Result<()> {
+    worker.service.signal("TERM")?;
+    let status = worker.service.wait_exit(Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "SIGTERM exits 0: {status}\n{}",
+        worker.service.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_mid_stream_commits_leaves_and_a_restart_continues_exactly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 4)?;
+    let registry = Registry::start(dir.path())?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let stream = orders::generate("orders", 3_000, 21);
+    let mut producer = Service::start(
+        "producer",
+        produce_command(
+            &broker,
+            &registry,
+            &write_events(dir.path(), "events.jsonl", &stream.lines)?,
+            1_500,
+        ),
+        &dir.path().join("producer.log"),
+    )?;
+    wait_applied(&mut worker, "order_summary", 3_000, Duration::from_secs(60))?;
+    let started = std::time::Instant::now();
+    stop_gracefully(&mut worker)?;
+    let log = worker.service.log();
+    ensure!(
+        log.contains("stopping: batch committed") && log.contains("worker stopped"),
+        "the open batch is committed before the exit:\n{log}"
+    );
+    println!("SIGTERM to exit: {:.1} s", started.elapsed().as_secs_f64());
+    worker.restart(dir.path())?;
+    producer.wait_exit(Duration::from_secs(60))?;
+    wait_for_oracle(&mut worker, &stream, Duration::from_secs(120))
+}
+
+#[test]
+fn partitions_moving_between_two_workers_of_one_group_end_correct_on_their_owner() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 4)?;
+    let registry = Registry::start(dir.path())?;
+    let (home_a, home_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&home_a)?;
+    std::fs::create_dir_all(&home_b)?;
+    let mut a = start_order_summary_worker(&home_a, &broker, &registry)?;
+
+    // A alone folds every partition.
+    let first = orders::generate("orders", 1_000, 22);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "first.jsonl", &first.lines)?,
+    )?;
+    wait_for_oracle(&mut a, &first, Duration::from_secs(120))?;
+
+    // B joins the group: the cooperative rebalance moves partitions to it, which
+    // it has no offsets for, so it folds them from offset 0.
+    let mut b = start_order_summary_worker(&home_b, &broker, &registry)?;
+    wait_until("B to own and fold partitions", Duration::from_secs(90), || {
+        b.projection("order_summary")
+            .is_ok_and(|p| p["offsets"].as_object().is_some_and(|o| !o.is_empty()))
+    })?;
+    let second = orders::generate("orders", 1_000, 23);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "second.jsonl", &second.lines)?,
+    )?;
+    let all = concat(&first, &second);
+    let total = all.lines.len() as i64;
+    let newest_offsets = |a: &Worker, b: &Worker| -> i64 {
+        let offsets = |w: &Worker| w.projection("order_summary").map(|p| p["offsets"].clone());
+        let (Ok(a), Ok(b)) = (offsets(a), offsets(b)) else {
+            return 0;
+        };
+        (0..4)
+            .map(|p| {
+                let key = format!("orders/{p}");
+                a[&key].as_i64().unwrap_or(0).max(b[&key].as_i64().unwrap_or(0))
+            })
+            .sum()
+    };
+    wait_until(
+        "the two workers to fold every event between them",
+        Duration::from_secs(120),
+        || newest_offsets(&a, &b) == total,
+    )?;
+    let (a_offsets, b_offsets) = (
+        a.applied_offsets("order_summary")?,
+        b.applied_offsets("order_summary")?,
+    );
+    ensure!(
+        a_offsets < total && b_offsets < total,
+        "the partitions were split between the workers: A {a_offsets}, B {b_offsets} of {total}"
+    );
+
+    // B leaves: A takes its partitions back and goes on from the offsets it
+    // stored before it lost them, so it ends with every key right.
+    stop_gracefully(&mut b)?;
+    wait_applied(&mut a, "order_summary", all.lines.len(), Duration::from_secs(120))?;
+    assert_state_matches_oracle(&a, &all)?;
+
+    // And the other way round: B gains partitions it folded before and others
+    // it never had (from offset 0).
+    b.restart(&home_b)?;
+    wait_until("B to rejoin", Duration::from_secs(60), || {
+        b.get("/readyz").is_ok_and(|(s, _)| s == 200)
+    })?;
+    stop_gracefully(&mut a)?;
+    wait_applied(&mut b, "order_summary", all.lines.len(), Duration::from_secs(120))?;
+    assert_state_matches_oracle(&b, &all)
+}
+
+#[test]
+fn secrets_stay_out_of_logs_and_answers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 2)?;
+    let registry = Registry::start(dir.path())?;
+    let (token, password, sasl) = ("tok-3e1f9a", "registry-pw-77c2", "sasl-pw-0b5d");
+    let config = worker_config(
+        &broker,
+        &registry,
+        &dir.path().join("data"),
+        &projector_tests::order_summary_projections(&[("order_summary", "orders")]),
+    )
+    .replace(
+        "[registry]\n",
+        &format!("[registry]\nusername = \"u\"\npassword = \"{password}\"\n"),
+    )
+    .replace("[http]\n", &format!("[http]\nadmin_token = \"{token}\"\n"))
+    .replace(
+        "\"heartbeat.interval.ms\" = \"500\"",
+        &format!("\"heartbeat.interval.ms\" = \"500\", \"sasl.password\" = \"{sasl}\""),
+    );
+    let mut worker = Worker::start(dir.path(), &config)?;
+    let stream = orders::generate("orders", 100, 24);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "events.jsonl", &stream.lines)?,
+    )?;
+    wait_for_oracle(&mut worker, &stream, Duration::from_secs(120))?;
+    // Errors too: a wrong token, an unknown projection, a bad config.
+    let (status, wrong) = worker.post("/projections/order_summary/replay", Some("nope"))?;
+    ensure!(status == 401, "{status} {wrong}");
+    let (_, listing) = worker.get("/projections")?;
+    let (_, unknown) = worker.get("/projections/nope")?;
+    let bad_config = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad_config,
+        config.replace("[store]\n", "[store]\nbatch_max_events = 0\n"),
+    )?;
+    let check = std::process::Command::new(projector_tests::projector_bin())
+        .args(["check", "--config"])
+        .arg(&bad_config)
+        .current_dir(projector_tests::repo_root())
+        .output()?;
+    ensure!(!check.status.success(), "the bad config is refused");
+    stop_gracefully(&mut worker)?;
+    let everything = format!(
+        "{}\n{listing}\n{unknown}\n{wrong}\n{}{}",
+        worker.service.log(),
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for secret in [token, password, sasl] {
+        ensure!(
+            !everything.contains(secret),
+            "`{secret}` leaked:\n{}",
+            everything
+                .lines()
+                .filter(|l| l.contains(secret))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_stalled_broker_shows_in_readiness_and_lag_and_the_worker_catches_up_after() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 2)?;
+    let registry = Registry::start(dir.path())?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let before = orders::generate("orders", 300, 25);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "before.jsonl", &before.lines)?,
+    )?;
+    wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
+    wait_until("ready before the stall", Duration::from_secs(30), || {
+        worker.get("/readyz").is_ok_and(|(s, _)| s == 200)
+    })?;
+
+    broker.service.signal("STOP")?;
+    let stalled = std::time::Instant::now();
+    let mut readiness = serde_json::Value::Null;
+    let outcome = wait_until("/readyz to report the stall", Duration::from_secs(20), || {
+        worker.get("/readyz").is_ok_and(|(status, body)| {
+            readiness = body;
+            status == 503
+        })
+    });
+    let lag = |worker: &Worker| -> f64 {
+        worker
+            .metrics()
+            .ok()
+            .and_then(|m| {
+                projector_tests::metric_value(
+                    &m,
+                    "projector_consumer_lag_seconds",
+                    &[("projection", "order_summary"), ("partition", "0")],
+                )
+            })
+            .unwrap_or(0.0)
+    };
+    let first_lag = lag(&worker);
+    let mut later_lag = first_lag;
+    let rising = wait_until(
+        "lag in seconds to rise during the stall",
+        Duration::from_secs(15),
+        || {
+            later_lag = lag(&worker);
+            later_lag > first_lag + 1.0
+        },
+    );
+    // Reads keep being served from the store meanwhile.
+    let key = &before.placed[0];
+    let (read_status, _) = worker.get(&format!("/projections/order_summary/state/{key}"))?;
+    let stall_left = Duration::from_secs(20).saturating_sub(stalled.elapsed());
+    std::thread::sleep(stall_left);
+    broker.service.signal("CONT")?;
+    outcome?;
+    rising?;
+    ensure!(
+        readiness.to_string().contains("brokers have not answered"),
+        "{readiness}"
+    );
+    ensure!(read_status == 200, "reads during the stall: {read_status}");
+    println!("lag during the stall: {first_lag:.1} s, then {later_lag:.1} s");
+
+    let after = orders::generate("orders", 300, 26);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "after.jsonl", &after.lines)?,
+    )?;
+    let all = concat(&before, &after);
+    worker.service.check_alive()?;
+    wait_for_oracle(&mut worker, &all, Duration::from_secs(120))?;
+    wait_until("ready again", Duration::from_secs(60), || {
+        worker.get("/readyz").is_ok_and(|(s, _)| s == 200)
+    })?;
+    wait_until("lag back to 0", Duration::from_secs(30), || lag(&worker) == 0.0)
+}
