@@ -18,6 +18,10 @@ pub enum PoisonReason {
     UpcastFailed,
     /// The projection could not fold the event.
     FoldFailed,
+    /// Not an event: a partition's stored offset lies outside its log (the topic
+    /// was recreated or truncated, or unapplied events expired); the projection
+    /// stops rather than fold new data onto old state.
+    OffsetsReset,
 }
 
 impl PoisonReason {
@@ -30,6 +34,7 @@ impl PoisonReason {
             PoisonReason::DecodeFailed => "decode_failed",
             PoisonReason::UpcastFailed => "upcast_failed",
             PoisonReason::FoldFailed => "fold_failed",
+            PoisonReason::OffsetsReset => "offsets_reset",
         }
     }
 }

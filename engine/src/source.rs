@@ -20,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::ClientContext;
 use serde_json::Value as Json;
 use tracing::{debug, error, info, info_span, warn};
@@ -306,6 +306,12 @@ impl FoldLoop {
                     commit(consumer, batch)?;
                     continue;
                 }
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    if stop_on_offsets_outside_the_log(consumer, batch)? {
+                        return Ok(());
+                    }
+                    continue;
+                }
                 Some(Err(e)) => {
                     warn!(error = %e, "consumer error");
                     continue;
@@ -452,6 +458,49 @@ fn handle_rebalance(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatc
         }
     }
     Ok(())
+}
+
+/// After the consumer reported a fetch position outside a partition's log: finds
+/// the partition whose stored offset lies outside `[low, high]` and stops the
+/// projection there with reason `offsets_reset` (true), rather than let the
+/// consumer jump to another position and fold new data onto old state.
+fn stop_on_offsets_outside_the_log(
+    consumer: &BaseConsumer<SourceContext>,
+    batch: &mut OpenBatch,
+) -> Result<bool, LoopError> {
+    let assignment = consumer.assignment()?;
+    for element in assignment.elements() {
+        let partition = SourcePartition {
+            topic: batch.intern(element.topic()),
+            partition: element.partition(),
+        };
+        let next = batch.position(&partition)?;
+        let Ok((low, high)) =
+            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(5))
+        else {
+            continue;
+        };
+        if next < low || next > high {
+            commit(consumer, batch)?;
+            let error = format!(
+                "the stored next offset {next} of {partition} is outside its log [{low}, {high}]: the topic \
+                 was recreated or truncated, or events expired before they were applied; \
+                 `projector reset` or a replay rebuilds the projection from the log as it is now"
+            );
+            error!(topic = %partition.topic, partition = partition.partition, offset = next,
+                reason = "offsets_reset", "projection stopped: {error}");
+            batch.fold.set_state(RunState::Poisoned {
+                topic: partition.topic.to_string(),
+                partition: partition.partition,
+                offset: next,
+                reason: PoisonReason::OffsetsReset,
+                error,
+            });
+            return Ok(true);
+        }
+    }
+    warn!("the consumer reported an offset out of range, but every stored offset is inside its log");
+    Ok(false)
 }
 
 /// Drives a replay's handover (see [`crate::replay`]) from its own loop: once
@@ -739,7 +788,9 @@ fn consumer_config(kafka: &KafkaConfig, generation: &crate::store::Generation) -
         .set("group.id", group_id(kafka, generation))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        // Positions always come from the store (or the beginning); a position
+        // outside the log must stop the projection, not silently move it.
+        .set("auto.offset.reset", "error")
         .set("partition.assignment.strategy", "cooperative-sticky");
     for (key, value) in &kafka.librdkafka_options {
         config.set(key, value);
