@@ -28,21 +28,6 @@ use serde_json::{json, Value};
 const TOKEN: &str = "bench-admin-token";
 const PARTITIONS: i32 = 8;
 
-/// The declarative projection measured: the issue's per-customer aggregate.
-const CUSTOMER_STATS: &str = r#"
-[[projections]]
-name = "customer_stats"
-topics = ["bench"]
-[projections.declarative]
-key = "event.customerId"
-[[projections.declarative.on]]
-event = "shop.orders.OrderPlaced"
-when = "event.totalCents > 0"
-set = { customer = "event.customerId", last_order = "event.orderId" }
-add = { revenue_cents = "event.totalCents", orders = "1" }
-max = { last_order_at = "event.placedAt" }
-"#;
-
 struct Settings {
     events: usize,
     quix_events: usize,
@@ -115,7 +100,10 @@ fn main() -> Result<()> {
     drop(summary);
 
     for (name, projections) in [
-        ("customer_stats", CUSTOMER_STATS.to_owned()),
+        (
+            "customer_stats",
+            projector_tests::read_models::customer_stats_projection("bench"),
+        ),
         ("revenue_by_day", builtin("revenue_by_day")),
     ] {
         let mut worker = fresh_worker(dir.path(), name, &broker, &registry, &projections)?;

@@ -116,6 +116,27 @@ pub fn order_lines(lines: &[Value]) -> BTreeMap<String, Value> {
     out
 }
 
+/// The `[[projections]]` block of the declarative aggregate `customer_stats` (the
+/// projections issue's example) over `topic`; [`customer_stats`] is its oracle.
+pub fn customer_stats_projection(topic: &str) -> String {
+    format!(
+        r#"
+[[projections]]
+name = "customer_stats"
+topics = ["{topic}"]
+[projections.declarative]
+key = "event.customerId"
+[[projections.declarative.on]]
+event = "shop.orders.OrderPlaced"
+when = "event.totalCents > 0"
+set = {{ customer = "event.customerId", last_order = "event.orderId" }}
+add = {{ revenue_cents = "event.totalCents", orders = "1" }}
+max = {{ last_order_at = "event.placedAt" }}
+append = {{ recent_orders = {{ value = "event.orderId", max_len = 5 }} }}
+"#
+    )
+}
+
 /// The declarative aggregate `customer_stats` (the issue's example): per customer,
 /// over orders with a positive total: the latest order by event time, revenue,
 /// count, latest `placedAt`, the last 5 order ids by event time.

@@ -54,21 +54,6 @@ event = "shop.orders.OrderShipped"
 set = { tracking = "event.trackingId" }
 "#;
 
-const CUSTOMER_STATS: &str = r#"
-[[projections]]
-name = "customer_stats"
-topics = ["orders"]
-[projections.declarative]
-key = "event.customerId"
-[[projections.declarative.on]]
-event = "shop.orders.OrderPlaced"
-when = "event.totalCents > 0"
-set = { customer = "event.customerId", last_order = "event.orderId" }
-add = { revenue_cents = "event.totalCents", orders = "1" }
-max = { last_order_at = "event.placedAt" }
-append = { recent_orders = { value = "event.orderId", max_len = 5 } }
-"#;
-
 /// Pages through every key of `projection` two hundred at a time.
 fn scan_all(worker: &Worker, projection: &str) -> Result<BTreeMap<String, Value>> {
     let mut all = BTreeMap::new();
@@ -173,7 +158,12 @@ fn built_in_and_declarative_projections_equal_their_oracles_and_new_ones_backfil
     worker.service.signal("TERM")?;
     let status = worker.service.wait_exit(Duration::from_secs(30))?;
     ensure!(status.success(), "SIGTERM stops the worker cleanly: {status}");
-    let config = worker_config(&broker, &registry, &data, &format!("{BUILT_INS}{CUSTOMER_STATS}"));
+    let config = worker_config(
+        &broker,
+        &registry,
+        &data,
+        &format!("{BUILT_INS}{}", read_models::customer_stats_projection("orders")),
+    );
     let mut worker = Worker::start(dir.path(), &config)?;
     wait_applied(
         &mut worker,
