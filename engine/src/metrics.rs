@@ -76,6 +76,20 @@ pub static OPERATOR_SKIPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `projector_store_write_failures_total{projection}`
+pub static STORE_WRITE_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "projector_store_write_failures_total",
+                "Batch writes RocksDB refused (disk full, I/O error); the batch is retried, offsets wait.",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// `projector_upcasts_total{event,from_version,to_version}`
 pub static UPCASTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(

@@ -43,6 +43,12 @@ pub enum RunState {
         /// The error.
         error: String,
     },
+    /// The store refuses writes (disk full, I/O error): the open batch is kept and
+    /// retried with backoff; no offset moves until it is written.
+    StoreUnavailable {
+        /// The store's error.
+        error: String,
+    },
     /// Stopped on shutdown, or handed over to a replayed generation.
     Stopped,
 }

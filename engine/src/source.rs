@@ -98,6 +98,11 @@ enum LoopError {
     Kafka(#[from] KafkaError),
     #[error("partition assignment failed: {0}")]
     Assignment(String),
+    #[error(
+        "shut down while the store refused writes: the open batch of {events} events was not \
+             written and will be folded again from the stored offsets ({error})"
+    )]
+    UnwrittenAtShutdown { events: u64, error: StoreError },
 }
 
 /// Kafka callbacks of one projection's consumer: positions on assignment, revocations.
@@ -670,7 +675,56 @@ impl OpenBatch {
 
     /// Commits the open batch to RocksDB; returns the offsets it committed, or `None`
     /// when the batch was empty.
-    fn write(&mut self) -> Result<Option<BTreeMap<SourcePartition, i64>>, StoreError> {
+    /// Writes `batch`, waiting out a store that refuses writes (a full disk: RocksDB
+    /// resumes by itself once space returns). Nothing else is folded meanwhile and
+    /// the batch's offsets move only with its state; reads keep being served. On
+    /// shutdown during the wait the batch is dropped unwritten, so its events are
+    /// read again from the stored offsets.
+    fn write_until_stored(&self, batch: &BatchWrite) -> Result<(), LoopError> {
+        let mut failures = 0u32;
+        let was_assigned = self.fold.is_assigned();
+        loop {
+            let error = match self.deps.store.commit(&self.fold.generation, batch) {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            metrics::STORE_WRITE_FAILURES
+                .with_label_values(&[&self.runtime.name])
+                .inc();
+            if failures == 0 {
+                error!(%error, events = self.events,
+                    "the store refused a batch: folding paused, offsets not advanced; retrying until it is written");
+                self.fold.set_state(RunState::StoreUnavailable {
+                    error: error.to_string(),
+                });
+            }
+            failures += 1;
+            let delay = Duration::from_millis(250u64 << failures.min(5));
+            let until = Instant::now() + delay;
+            while Instant::now() < until {
+                if self.deps.shutdown.load(Ordering::Relaxed) || self.fold.stop_requested() {
+                    return Err(LoopError::UnwrittenAtShutdown {
+                        events: self.events,
+                        error,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if failures > 0 {
+            info!(
+                attempts = failures + 1,
+                "the store accepts writes again: batch written, folding resumed"
+            );
+            self.fold.set_state(RunState::Running);
+            if was_assigned {
+                self.fold.set_assigned();
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self) -> Result<Option<BTreeMap<SourcePartition, i64>>, LoopError> {
         let name = &self.runtime.name;
         let live = self.fold.is_live();
         if live {
@@ -691,7 +745,7 @@ impl OpenBatch {
                 .collect(),
             offsets: std::mem::take(&mut self.offsets),
         };
-        self.deps.store.commit(&self.fold.generation, &batch)?;
+        self.write_until_stored(&batch)?;
         self.fold.clear_unapplied(self.unapplied_noted.iter());
         self.unapplied_noted.clear();
         self.fold.count_committed(self.events);

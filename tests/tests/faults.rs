@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use projector_tests::orders::{self, OrderStream};
 use projector_tests::{
     assert_state_matches_oracle, produce, produce_command, start_order_summary_worker, wait_applied,
@@ -286,4 +286,150 @@ fn a_stalled_broker_shows_in_readiness_and_lag_and_the_worker_catches_up_after()
         worker.get("/readyz").is_ok_and(|(s, _)| s == 200)
     })?;
     wait_until("lag back to 0", Duration::from_secs(30), || lag(&worker) == 0.0)
+}
+
+/// A tmpfs mounted for one test (the test runs as root, as CI does here); unmounted
+/// when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()?;
+        ensure!(
+            status.success(),
+            "mounting a tmpfs at {} (this test needs root): {status}",
+            path.display()
+        );
+        Ok(Tmpfs(path.to_owned()))
+    }
+
+    /// Fills it up with one file, to the last byte.
+    fn fill(&self) -> Result<std::path::PathBuf> {
+        let filler = self.0.join("filler");
+        // dd stops with "No space left on device"; the file then holds every free byte.
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        let free = free_bytes(&self.0)?;
+        ensure!(
+            free < 64 * 1024,
+            "{} still has {free} bytes free",
+            self.0.display()
+        );
+        Ok(filler)
+    }
+}
+
+fn free_bytes(path: &std::path::Path) -> Result<u64> {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().nth(1).unwrap_or("").trim().parse()?)
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_pauses_folding_without_advancing_offsets_and_folding_resumes_when_space_returns() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let disk = Tmpfs::mount(&dir.path().join("data"), "512m")?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 2)?;
+    let registry = Registry::start(dir.path())?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let before = orders::generate("orders", 300, 27);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "before.jsonl", &before.lines)?,
+    )?;
+    wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
+
+    let filler = disk.fill()?;
+    let after = orders::generate("orders", 300, 28);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "after.jsonl", &after.lines)?,
+    )?;
+    let mut status = serde_json::Value::Null;
+    wait_until(
+        "the projection to report the refused write",
+        Duration::from_secs(60),
+        || {
+            status = worker
+                .projection("order_summary")
+                .map(|p| p["status"].clone())
+                .unwrap_or_default();
+            status["state"] == "store_unavailable"
+        },
+    )
+    .with_context(|| format!("last status {status}\n{}", worker.service.log()))?;
+    ensure!(
+        status["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "the error names the cause: {status}"
+    );
+    let (ready, readiness) = worker.get("/readyz")?;
+    ensure!(
+        ready == 503 && readiness.to_string().contains("store_unavailable"),
+        "/readyz: {ready} {readiness}"
+    );
+    let failures = projector_tests::metric_value(
+        &worker.metrics()?,
+        "projector_store_write_failures_total",
+        &[("projection", "order_summary")],
+    );
+    ensure!(
+        failures.is_some_and(|n| n >= 1.0),
+        "failures counted: {failures:?}"
+    );
+    // Nothing of the refused batch is visible and no offset moved: reads serve
+    // exactly the state before the disk filled; the new orders are unknown.
+    ensure!(
+        worker.applied_offsets("order_summary")? == before.lines.len() as i64,
+        "offsets did not advance"
+    );
+    let unchanged = OrderStream {
+        lines: before.lines.clone(),
+        placed: before.placed.clone(),
+        ghosts: [before.ghosts.clone(), after.placed.clone()].concat(),
+    };
+    assert_state_matches_oracle(&worker, &unchanged)?;
+
+    std::fs::remove_file(filler)?;
+    let all = concat(&before, &after);
+    wait_for_oracle(&mut worker, &all, Duration::from_secs(60))?;
+    wait_until("ready again", Duration::from_secs(30), || {
+        worker.get("/readyz").is_ok_and(|(s, _)| s == 200)
+    })?;
+    let log = worker.service.log();
+    ensure!(
+        log.contains("the store refused a batch") && log.contains("the store accepts writes again"),
+        "the log tells both transitions:\n{}",
+        projector_tests::process::tail(&log, 4000)
+    );
+    // What the recovered store holds survives a crash.
+    worker.restart(dir.path())?;
+    wait_for_oracle(&mut worker, &all, Duration::from_secs(60))?;
+    drop(worker);
+    drop(disk);
+    Ok(())
 }
