@@ -139,3 +139,39 @@ fn registry_outage_when_a_new_schema_id_appears_is_waited_out() -> Result<()> {
     drop(registry);
     Ok(())
 }
+
+#[test]
+fn registry_down_at_start_up_is_waited_out() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 2)?;
+    let registry_port = free_port();
+    let registry_data = dir.path().join("registry-data");
+    let mut registry = Registry::start_at(dir.path(), registry_port, Some(&registry_data))?;
+    let stream = orders::generate("orders", 200, 6);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "events.jsonl", &stream.lines)?,
+    )?;
+    // The worker starts while the registry is down: it knows no schema id yet.
+    registry.service.kill();
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    wait_until("the worker to report retries", Duration::from_secs(60), || {
+        worker
+            .service
+            .log()
+            .contains("schema registry unavailable; retrying")
+    })?;
+    worker.service.check_alive()?;
+    let (health, _) = worker.get("/healthz")?;
+    ensure!(health == 200, "the worker serves while it waits: {health}");
+    ensure!(
+        worker.applied_offsets("order_summary")? == 0,
+        "nothing is applied (or skipped) while no schema can be fetched"
+    );
+    registry = Registry::start_at(dir.path(), registry_port, Some(&registry_data))?;
+    wait_for_oracle(&mut worker, &stream, Duration::from_secs(120))?;
+    drop(registry);
+    Ok(())
+}
