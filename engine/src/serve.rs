@@ -3,17 +3,20 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-
-use crate::replay::{self, StartError};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::metrics;
+use crate::replay::{self, StartError};
 use crate::runtime::ProjectionRuntime;
 use crate::store::Store;
 
@@ -53,6 +56,35 @@ struct ApiError(StatusCode, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// `Path`, with its rejections (a parameter that is not UTF-8 once
+/// percent-decoded) answered as [`ApiError`]s.
+struct ApiPath<T>(T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(ApiError(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// `Query`, with its rejections (`limit=abc`) answered as [`ApiError`]s.
+struct ApiQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(ApiError(rejection.status(), rejection.body_text())),
+        }
     }
 }
 
@@ -126,7 +158,7 @@ async fn list_projections(State(state): State<ApiState>) -> Result<Json<Value>, 
 
 async fn show_projection(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let projection = state.projection(&name)?;
     Ok(Json(state.describe(projection)?))
@@ -144,7 +176,7 @@ fn as_of(offsets: BTreeMap<crate::store::SourcePartition, i64>) -> Value {
 
 async fn read_key(
     State(state): State<ApiState>,
-    Path((name, key)): Path<(String, String)>,
+    ApiPath((name, key)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let projection = state.projection(&name)?;
     // One fold for the whole request: its generation and the merge that goes with it.
@@ -181,8 +213,8 @@ const MAX_SCAN_LIMIT: usize = 1000;
 
 async fn scan_keys(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
-    axum::extract::Query(query): axum::extract::Query<ScanQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ScanQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let projection = state.projection(&name)?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_SCAN_LIMIT);
@@ -225,8 +257,10 @@ impl ApiState {
         let offered = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
+            .and_then(|v| v.split_once(' '))
+            // The auth scheme is case-insensitive (RFC 9110 §11.1).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token);
         if constant_time_eq(offered.as_bytes(), expected.as_bytes()) {
             Ok(())
         } else {
@@ -235,6 +269,67 @@ impl ApiState {
                 "missing or wrong admin token".into(),
             ))
         }
+    }
+}
+
+/// Most bytes read of an admin request's body; they take no options.
+const MAX_ADMIN_BODY_BYTES: usize = 4096;
+
+/// Admin requests take no options: the body must be empty, or `{}` as
+/// `application/json`. Anything else is refused, so a client that means an option
+/// the endpoint does not have is told so instead of being obeyed without it.
+async fn expect_no_options(headers: &HeaderMap, body: Body) -> Result<(), ApiError> {
+    let refuse = |status, why: String| {
+        Err(ApiError(
+            status,
+            format!("{why}; admin requests take no body, or `{{}}` as application/json"),
+        ))
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_ADMIN_BODY_BYTES as u64) {
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "the body is too large".into());
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_ADMIN_BODY_BYTES).await else {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body could not be read within {MAX_ADMIN_BODY_BYTES} bytes"),
+        );
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    if !media_type.eq_ignore_ascii_case("application/json") {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("a body of content type `{content_type}`"),
+        );
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Err(e) => refuse(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")),
+        Ok(Value::Object(options)) if options.is_empty() => Ok(()),
+        Ok(Value::Object(options)) => refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "unknown options {}",
+                options
+                    .keys()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        Ok(_) => refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body is JSON but not an object".into(),
+        ),
     }
 }
 
@@ -249,10 +344,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn resume(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
+    body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.authorize(&headers)?;
+    expect_no_options(&headers, body).await?;
     let projection = state.projection(&name)?;
     let Some(generation) = projection.resume() else {
         return Err(ApiError(
@@ -272,10 +369,12 @@ async fn resume(
 
 async fn skip(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
+    body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.authorize(&headers)?;
+    expect_no_options(&headers, body).await?;
     let projection = state.projection(&name)?;
     let Some((generation, position)) = projection.skip_poison() else {
         return Err(ApiError(
@@ -298,10 +397,12 @@ async fn skip(
 /// one runs.
 async fn start_replay(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
+    expect_no_options(&headers, body).await?;
     let projection = state.projection(&name)?.clone();
     let store = state.store.clone();
     let started = tokio::task::spawn_blocking(move || replay::start(&projection, &store))
@@ -328,10 +429,12 @@ async fn start_replay(
 /// Aborts the running replay and drops its generation; the live one is untouched.
 async fn abort_replay(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
+    body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.authorize(&headers)?;
+    expect_no_options(&headers, body).await?;
     let projection = state.projection(&name)?.clone();
     let store = state.store.clone();
     let aborted = tokio::task::spawn_blocking(move || replay::abort(&projection, &store))
