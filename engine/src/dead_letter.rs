@@ -24,6 +24,20 @@ pub struct DeadLetters {
 pub struct DeadLetterError {
     topic: String,
     error: String,
+    /// The producer or broker refuses this record for good (too large): retrying
+    /// cannot help.
+    pub refused: bool,
+}
+
+/// Errors no retry of the same record can get past.
+fn refused_for_good(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{
+        InvalidMessageSize, InvalidRecord, MessageBatchTooLarge, MessageSizeTooLarge,
+    };
+    matches!(
+        error.rdkafka_error_code(),
+        Some(MessageSizeTooLarge | MessageBatchTooLarge | InvalidMessageSize | InvalidRecord)
+    )
 }
 
 impl DeadLetters {
@@ -52,7 +66,8 @@ impl DeadLetters {
 
     /// Writes `message` (original key, value and headers) with the `projector.*`
     /// headers, and waits for the broker's acknowledgement, retrying with backoff
-    /// until it comes or `keep_waiting` says stop.
+    /// until it comes or `keep_waiting` says stop. A record refused for good (too
+    /// large for the producer or the dead-letter topic) is not retried.
     pub fn send(
         &self,
         message: &BorrowedMessage<'_>,
@@ -99,14 +114,15 @@ impl DeadLetters {
                 self.producer
                     .send(record, Timeout::After(Duration::from_secs(30))),
             );
-            let failure = match outcome {
+            let (failure, refused) = match outcome {
                 Ok(_) => return Ok(()),
-                Err((e, _)) => e.to_string(),
+                Err((e, _)) => (e.to_string(), refused_for_good(&e)),
             };
-            if !keep_waiting() {
+            if refused || !keep_waiting() {
                 return Err(DeadLetterError {
                     topic: self.topic.clone(),
                     error: failure,
+                    refused,
                 });
             }
             warn!(topic = %self.topic, error = %failure, "dead letter not acknowledged; retrying");

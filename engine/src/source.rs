@@ -419,31 +419,49 @@ fn handle_poison(
             Ok(Outcome::Applied)
         }
         (PoisonPolicy::DeadLetter, Some(dead_letters)) => {
-            dead_letters.send(message, &runtime.name, reason, &error, keep_waiting)?;
+            match dead_letters.send(message, &runtime.name, reason, &error, keep_waiting) {
+                Ok(()) => {}
+                // Nowhere to put it: the event stops the projection, as under `stop`.
+                Err(refused) if refused.refused => {
+                    let error = format!("{error}; and its dead letter was refused: {refused}");
+                    return Ok(stop_at(fold, partition, offset, reason, error));
+                }
+                Err(failure) => return Err(failure.into()),
+            }
             metrics::DEAD_LETTERS.with_label_values(&[&runtime.name]).inc();
             warn!(topic = %partition.topic, partition = partition.partition, offset, reason = %reason, error = %error,
                 "poison event dead-lettered: {partition} offset {offset} ({reason}): {error}");
             Ok(Outcome::Applied)
         }
-        _ => {
-            error!(
-                topic = %partition.topic,
-                partition = partition.partition,
-                offset,
-                reason = %reason,
-                error = %error,
-                "poison event: projection stopped at {partition} offset {offset} ({reason}): {error}"
-            );
-            fold.set_state(RunState::Poisoned {
-                topic: partition.topic.to_string(),
-                partition: partition.partition,
-                offset,
-                reason,
-                error,
-            });
-            Ok(Outcome::Halt)
-        }
+        _ => Ok(stop_at(fold, partition, offset, reason, error)),
     }
+}
+
+/// Stops the projection at a poison event (policy `stop`, or a dead letter with
+/// nowhere to go).
+fn stop_at(
+    fold: &Fold,
+    partition: &SourcePartition,
+    offset: i64,
+    reason: PoisonReason,
+    error: String,
+) -> Outcome {
+    error!(
+        topic = %partition.topic,
+        partition = partition.partition,
+        offset,
+        reason = %reason,
+        error = %error,
+        "poison event: projection stopped at {partition} offset {offset} ({reason}): {error}"
+    );
+    fold.set_state(RunState::Poisoned {
+        topic: partition.topic.to_string(),
+        partition: partition.partition,
+        offset,
+        reason,
+        error,
+    });
+    Outcome::Halt
 }
 
 fn handle_rebalance(consumer: &BaseConsumer<SourceContext>, batch: &mut OpenBatch) -> Result<(), LoopError> {

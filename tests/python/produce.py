@@ -14,6 +14,8 @@ Corruptions for poison tests, applied to the serialized bytes:
   "schema_id": N          rewrite the frame's schema id
   "schema_id_of": "Type"  rewrite it to the id another type was serialized with
   "corrupt": "text"       overwrite these UTF-8 bytes with invalid UTF-8
+  "body_hex": "..."       keep the frame (magic byte, schema id), replace the Avro body
+  "append_zeros": N       add N zero bytes at the end (an oversized value)
 --record FILE writes what was produced (key, value and headers in hex), a line each.
 --flush-each sends one record per batch.
 --repeat-for SECONDS cycles through the records until that long has passed (with
@@ -69,6 +71,7 @@ def main():
         "linger.ms": 5,
         "enable.idempotence": False,
         "acks": "all",
+        "message.max.bytes": 32 * 1024 * 1024,
     })
     failures = []
 
@@ -117,6 +120,10 @@ def main():
                     value = value[: len(value) - record["truncate"]]
                 if "append_hex" in record:
                     value = value + bytes.fromhex(record["append_hex"])
+                if "body_hex" in record:
+                    value = value[:5] + bytes.fromhex(record["body_hex"])
+                if "append_zeros" in record:
+                    value = value + bytes(record["append_zeros"])
             headers = [(k, v.encode()) for k, v in record.get("headers", {}).items()]
             records.append((topic, key, value, headers, record.get("timestamp")))
 
