@@ -17,12 +17,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use tracing::debug;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::{debug, warn};
 
 use crate::config::KafkaConfig;
 use crate::metrics;
 use crate::replay::Replay;
-use crate::runtime::ProjectionRuntime;
+use crate::runtime::{Fold, LogBehind, ProjectionRuntime, RunState};
 use crate::store::{SourcePartition, Store};
 
 /// Total lag in events and the largest lag in seconds of each projection, as of
@@ -63,7 +66,18 @@ struct Memory {
     lagging_since: HashMap<(String, SourcePartition), Instant>,
     /// The lag in seconds last published per partition.
     published: HashMap<(String, SourcePartition), f64>,
+    /// (stored next offset, high watermark) of partitions whose stored offset is
+    /// above the high watermark but whose log was found to reach it.
+    log_reaches: HashMap<(String, SourcePartition), (i64, i64)>,
+    /// Consecutive probes that found a partition's log shorter than its offset.
+    log_short: HashMap<(String, SourcePartition), u32>,
 }
+
+/// How long a probe waits for the record before a stored offset.
+const PROBE_WAIT: Duration = Duration::from_secs(3);
+
+/// Probes in a row that must find a log short before the projection is stopped.
+const SHORT_PROBES_TO_STOP: u32 = 2;
 
 /// Starts the lag monitor on its own thread; it stops when `shutdown` is set.
 pub fn spawn(
@@ -81,13 +95,21 @@ pub fn spawn(
     // Only metadata and watermark queries: no group, no subscription.
     config.remove("group.id");
     let client: BaseConsumer = config.create()?;
+    // Reads single records by assignment to check that a log reaches an offset.
+    // (librdkafka assigns only in a consumer with a group id; it never joins or
+    // commits here.)
+    config
+        .set("group.id", format!("{}.log-probe", kafka.group_prefix))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "error");
+    let probe: BaseConsumer = config.create()?;
     Ok(std::thread::Builder::new()
         .name("lag-monitor".into())
         .spawn(move || {
             let mut memory = Memory::default();
             while !shutdown.load(Ordering::Relaxed) {
                 for projection in &projections {
-                    refresh(&client, &store, projection, &mut memory);
+                    refresh(&client, &probe, &store, projection, &mut memory);
                     if let Some(replay) = projection.replay() {
                         refresh_replay(&client, &store, &replay, switch_lag_events);
                     }
@@ -155,7 +177,13 @@ fn refresh_replay(client: &BaseConsumer, store: &Store, replay: &Replay, switch_
     replay.record_progress(&positions, switch_lag_events);
 }
 
-fn refresh(client: &BaseConsumer, store: &Store, projection: &ProjectionRuntime, memory: &mut Memory) {
+fn refresh(
+    client: &BaseConsumer,
+    probe: &BaseConsumer,
+    store: &Store,
+    projection: &ProjectionRuntime,
+    memory: &mut Memory,
+) {
     let live = projection.live();
     let Ok(stored) = store.offsets(&live.generation) else {
         return;
@@ -188,6 +216,7 @@ fn refresh(client: &BaseConsumer, store: &Store, projection: &ProjectionRuntime,
             .insert(projection.name.clone(), total);
         return;
     };
+    check_logs_reach_offsets(probe, &projection.name, &live, &watermarks, &stored, memory);
     for (source, low, high) in watermarks {
         let next = stored.get(&source).copied().unwrap_or(low);
         let lag_events = (high - next).max(0);
@@ -222,4 +251,83 @@ fn refresh(client: &BaseConsumer, store: &Store, projection: &ProjectionRuntime,
         .lock()
         .expect("summary lock")
         .insert(projection.name.clone(), total);
+}
+
+/// Finds partitions whose log ends before their stored next offset (the topic was
+/// recreated or truncated) and tells the fold loop, which stops with reason
+/// `offsets_reset`. Kafka answers the consumer's fetch at such an offset with
+/// `OFFSET_OUT_OF_RANGE` (the fold loop handles that itself); some brokers (Tansu)
+/// answer with no records and no error, so the consumer would wait there and,
+/// once new events pass the offset, fold them onto the old state. A stored offset
+/// above the high watermark is the sign; as Tansu can report a high watermark
+/// short of its log end, the record before the offset is fetched to confirm.
+fn check_logs_reach_offsets(
+    probe: &BaseConsumer,
+    name: &str,
+    live: &Fold,
+    watermarks: &[(SourcePartition, i64, i64)],
+    stored: &BTreeMap<SourcePartition, i64>,
+    memory: &mut Memory,
+) {
+    if !matches!(live.state(), RunState::Running) {
+        return;
+    }
+    for (source, low, high) in watermarks {
+        let key = (name.to_owned(), source.clone());
+        let Some(&next) = stored.get(source).filter(|next| **next > *high) else {
+            memory.log_short.remove(&key);
+            continue;
+        };
+        if memory.log_reaches.get(&key) == Some(&(next, *high)) {
+            continue;
+        }
+        if log_reaches(probe, source, next) {
+            memory.log_reaches.insert(key.clone(), (next, *high));
+            memory.log_short.remove(&key);
+            continue;
+        }
+        let short = memory.log_short.entry(key).or_default();
+        *short += 1;
+        warn!(topic = %source.topic, partition = source.partition, offset = next, high,
+            "the log of {source} seems to end before the stored offset {next} (probe {short})");
+        if *short >= SHORT_PROBES_TO_STOP {
+            live.report_log_behind(LogBehind {
+                partition: source.clone(),
+                next,
+                low: *low,
+                high: *high,
+            });
+        }
+    }
+}
+
+/// True when the broker returns the record before `next` (or a later one): the
+/// log reaches the stored offset.
+fn log_reaches(probe: &BaseConsumer, partition: &SourcePartition, next: i64) -> bool {
+    let mut assignment = TopicPartitionList::new();
+    let assigned = assignment
+        .add_partition_offset(&partition.topic, partition.partition, Offset::Offset(next - 1))
+        .is_ok()
+        && probe.assign(&assignment).is_ok();
+    if !assigned {
+        // Nothing known either way.
+        return true;
+    }
+    let deadline = Instant::now() + PROBE_WAIT;
+    let mut reaches = false;
+    while Instant::now() < deadline {
+        match probe.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                reaches = message.offset() >= next - 1;
+                break;
+            }
+            Some(Err(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
+            ))) => break,
+            Some(Err(e)) => debug!(error = %e, "log probe"),
+            None => {}
+        }
+    }
+    let _ = probe.unassign();
+    reaches
 }

@@ -82,6 +82,22 @@ pub struct Fold {
     stop_requested: AtomicBool,
     loop_running: AtomicBool,
     committed_events: AtomicU64,
+    /// A partition the lag monitor found shorter than its stored offset.
+    log_behind: Mutex<Option<LogBehind>>,
+}
+
+/// A partition whose log ends before the stored next offset (found by the lag
+/// monitor on brokers that answer such a fetch with no records and no error).
+#[derive(Debug, Clone)]
+pub struct LogBehind {
+    /// The partition.
+    pub partition: SourcePartition,
+    /// The stored next offset.
+    pub next: i64,
+    /// Its log's watermarks when found.
+    pub low: i64,
+    /// High watermark.
+    pub high: i64,
 }
 
 impl Fold {
@@ -104,6 +120,7 @@ impl Fold {
             stop_requested: AtomicBool::new(false),
             loop_running: AtomicBool::new(false),
             committed_events: AtomicU64::new(0),
+            log_behind: Mutex::new(None),
         }
     }
 
@@ -202,6 +219,16 @@ impl Fold {
         }
         *state = RunState::Starting;
         true
+    }
+
+    /// Tells the fold loop that a partition's log ends before its stored offset.
+    pub fn report_log_behind(&self, found: LogBehind) {
+        *self.log_behind.lock().expect("log_behind lock") = Some(found);
+    }
+
+    /// What [`Fold::report_log_behind`] reported, once.
+    pub fn take_log_behind(&self) -> Option<LogBehind> {
+        self.log_behind.lock().expect("log_behind lock").take()
     }
 
     /// True (once) when the operator asked to skip the event at this position.

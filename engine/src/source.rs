@@ -32,7 +32,7 @@ use crate::metrics;
 use crate::poison::PoisonReason;
 use crate::projection::{Event, EventMeta, FoldError, PartitionState};
 use crate::replay::{self, Replay};
-use crate::runtime::{Fold, ProjectionRuntime, RunState};
+use crate::runtime::{Fold, LogBehind, ProjectionRuntime, RunState};
 use crate::schemas::CurrentEvent;
 use crate::store::{BatchWrite, SourcePartition, Store, StoreError};
 
@@ -304,6 +304,10 @@ impl FoldLoop {
                 return Ok(());
             }
             drive_replay(consumer, batch)?;
+            if let Some(found) = fold.take_log_behind() {
+                stop_on_log_behind(consumer, batch, found)?;
+                return Ok(());
+            }
             let message = consumer.poll(Duration::from_millis(50));
             handle_rebalance(consumer, batch)?;
             let message = match message {
@@ -504,26 +508,52 @@ fn stop_on_offsets_outside_the_log(
             continue;
         };
         if next < low || next > high {
-            commit(consumer, batch)?;
-            let error = format!(
-                "the stored next offset {next} of {partition} is outside its log [{low}, {high}]: the topic \
-                 was recreated or truncated, or events expired before they were applied; \
-                 `projector reset` or a replay rebuilds the projection from the log as it is now"
-            );
-            error!(topic = %partition.topic, partition = partition.partition, offset = next,
-                reason = "offsets_reset", "projection stopped: {error}");
-            batch.fold.set_state(RunState::Poisoned {
-                topic: partition.topic.to_string(),
-                partition: partition.partition,
-                offset: next,
-                reason: PoisonReason::OffsetsReset,
-                error,
-            });
+            stop_on_log_behind(
+                consumer,
+                batch,
+                LogBehind {
+                    partition,
+                    next,
+                    low,
+                    high,
+                },
+            )?;
             return Ok(true);
         }
     }
     warn!("the consumer reported an offset out of range, but every stored offset is inside its log");
     Ok(false)
+}
+
+/// Stops the projection with reason `offsets_reset` at a partition whose log no
+/// longer holds its stored offset, rather than fold new data onto old state.
+fn stop_on_log_behind(
+    consumer: &BaseConsumer<SourceContext>,
+    batch: &mut OpenBatch,
+    found: LogBehind,
+) -> Result<(), LoopError> {
+    commit(consumer, batch)?;
+    let LogBehind {
+        partition,
+        next,
+        low,
+        high,
+    } = found;
+    let error = format!(
+        "the stored next offset {next} of {partition} is outside its log [{low}, {high}]: the topic \
+         was recreated or truncated, or events expired before they were applied; \
+         `projector reset` or a replay rebuilds the projection from the log as it is now"
+    );
+    error!(topic = %partition.topic, partition = partition.partition, offset = next,
+        reason = "offsets_reset", "projection stopped: {error}");
+    batch.fold.set_state(RunState::Poisoned {
+        topic: partition.topic.to_string(),
+        partition: partition.partition,
+        offset: next,
+        reason: PoisonReason::OffsetsReset,
+        error,
+    });
+    Ok(())
 }
 
 /// Drives a replay's handover (see [`crate::replay`]) from its own loop: once

@@ -131,7 +131,18 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker; logs go to `dir`.
     pub fn start(dir: &Path) -> Result<Broker> {
-        let port = free_port();
+        Self::start_at(dir, free_port())
+    }
+
+    /// Kills this broker (its memory storage is lost) and starts a new, empty one
+    /// on the same port.
+    pub fn replace(&mut self) -> Result<()> {
+        self.service.kill();
+        *self = Self::start_at(&self.dir, self.port)?;
+        Ok(())
+    }
+
+    fn start_at(dir: &Path, port: u16) -> Result<Broker> {
         let url = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(tansu_bin());
         command
@@ -174,7 +185,6 @@ impl Broker {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let _ = &self.dir;
         Ok(())
     }
 }

@@ -433,3 +433,130 @@ fn a_full_disk_pauses_folding_without_advancing_offsets_and_folding_resumes_when
     drop(disk);
     Ok(())
 }
+
+#[test]
+fn a_replaced_broker_is_reconnected_to_without_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 2)?;
+    let registry = Registry::start(dir.path())?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let before = orders::generate("orders", 300, 29);
+    let before_events = write_events(dir.path(), "before.jsonl", &before.lines)?;
+    produce(&broker, &registry, &before_events)?;
+    wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
+    let pid = worker.service.pid();
+
+    // The memory broker dies with its log; a new one takes the port, the topic is
+    // created again and refilled with the same records (same keys, so the same
+    // partitions and offsets), then new ones follow.
+    broker.replace()?;
+    broker.create_topic("orders", 2)?;
+    produce(&broker, &registry, &before_events)?;
+    let after = orders::generate("orders", 300, 30);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "after.jsonl", &after.lines)?,
+    )?;
+    let all = concat(&before, &after);
+    let crashed = until_no_librdkafka_crash(&mut worker, dir.path(), |worker| {
+        wait_for_oracle(worker, &all, Duration::from_secs(120))
+    })?;
+    ensure!(
+        crashed || worker.service.pid() == pid,
+        "the same worker process folded on"
+    );
+    wait_until("ready on the new broker", Duration::from_secs(30), || {
+        worker.get("/readyz").is_ok_and(|(s, _)| s == 200)
+    })
+}
+
+#[test]
+fn a_log_shorter_than_the_stored_offsets_stops_the_projection_with_offsets_reset() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 2)?;
+    let registry = Registry::start(dir.path())?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let before = orders::generate("orders", 300, 31);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "before.jsonl", &before.lines)?,
+    )?;
+    wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
+
+    // A new, empty broker; the topic comes back with far fewer events than the
+    // worker has applied, and Tansu answers a fetch beyond its log end with
+    // nothing at all.
+    broker.replace()?;
+    broker.create_topic("orders", 2)?;
+    let after = orders::generate("orders", 30, 32);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "after.jsonl", &after.lines)?,
+    )?;
+    let mut status = serde_json::Value::Null;
+    until_no_librdkafka_crash(&mut worker, dir.path(), |worker| {
+        let outcome = wait_until(
+            "the projection to stop with offsets_reset",
+            Duration::from_secs(60),
+            || {
+                status = worker
+                    .projection("order_summary")
+                    .map(|p| p["status"].clone())
+                    .unwrap_or_default();
+                status["reason"] == "offsets_reset" || worker.service.check_alive().is_err()
+            },
+        );
+        worker.service.check_alive()?;
+        outcome.with_context(|| format!("status {status}\n{}", worker.service.log()))
+    })?;
+    ensure!(
+        status["state"] == "poisoned"
+            && status["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("outside its log")),
+        "the status says what happened: {status}"
+    );
+    let (ready, readiness) = worker.get("/readyz")?;
+    ensure!(
+        ready == 503 && readiness.to_string().contains("offsets_reset"),
+        "/readyz: {ready} {readiness}"
+    );
+    // Nothing new was folded onto the old state: it is still exactly `before`,
+    // and the new log's orders are unknown.
+    let unchanged = OrderStream {
+        lines: before.lines.clone(),
+        placed: before.placed.clone(),
+        ghosts: [before.ghosts.clone(), after.placed.clone()].concat(),
+    };
+    assert_state_matches_oracle(&worker, &unchanged)
+}
+
+/// Runs `check`; when the worker died of a segmentation fault meanwhile, restarts
+/// it and runs `check` again (true then). librdkafka 2.12 sometimes crashes in
+/// `rd_kafka_metadata_update_op` when its broker is replaced under it (seen in
+/// about a third of runs here; like confluentinc/librdkafka#5280, open); the
+/// restart must then continue exactly, which `check` asserts.
+fn until_no_librdkafka_crash(
+    worker: &mut Worker,
+    dir: &std::path::Path,
+    mut check: impl FnMut(&mut Worker) -> Result<()>,
+) -> Result<bool> {
+    match check(worker) {
+        Ok(()) => Ok(false),
+        Err(failure) => {
+            let died = worker.service.check_alive().err().map(|e| e.to_string());
+            if !died.as_deref().is_some_and(|d| d.contains("SIGSEGV")) {
+                return Err(failure);
+            }
+            println!("the worker died of SIGSEGV in librdkafka (broker replaced under it); restarting it");
+            worker.restart(dir)?;
+            check(worker)?;
+            Ok(true)
+        }
+    }
+}
