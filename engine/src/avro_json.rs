@@ -19,15 +19,40 @@ pub fn to_json(value: Value) -> Result<Json, String> {
 /// default; fields the schema does not have are an error, as are numbers out of
 /// range.
 pub fn from_json(json: &Json, schema: &Schema) -> Result<Value, String> {
-    let resolved = ResolvedSchema::try_from(schema).map_err(|e| e.to_string())?;
-    let converter = Converter {
-        names: resolved.get_names(),
-    };
-    converter.convert(json, schema, "event")
+    JsonToAvro::new(schema)?.convert(json)
+}
+
+/// [`from_json`] for one schema, its named types resolved once rather than per
+/// value (upcasting converts every upcast event).
+#[derive(Debug, Clone)]
+pub struct JsonToAvro {
+    schema: Schema,
+    names: HashMap<Name, Schema>,
+}
+
+impl JsonToAvro {
+    /// A converter to values of `schema`.
+    pub fn new(schema: &Schema) -> Result<Self, String> {
+        let resolved = ResolvedSchema::try_from(schema).map_err(|e| e.to_string())?;
+        let names = resolved
+            .get_names()
+            .iter()
+            .map(|(name, named)| (name.clone(), (*named).clone()))
+            .collect();
+        Ok(JsonToAvro {
+            schema: schema.clone(),
+            names,
+        })
+    }
+
+    /// `json` as an Avro value of the schema, as [`from_json`] does.
+    pub fn convert(&self, json: &Json) -> Result<Value, String> {
+        Converter { names: &self.names }.convert(json, &self.schema, "event")
+    }
 }
 
 struct Converter<'s> {
-    names: &'s HashMap<Name, &'s Schema>,
+    names: &'s HashMap<Name, Schema>,
 }
 
 impl Converter<'_> {

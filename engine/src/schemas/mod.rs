@@ -48,6 +48,8 @@ pub struct SchemaVersion {
     pub canonical: String,
     /// The file it came from.
     pub path: PathBuf,
+    /// Builds values of this schema from upcasters' JSON.
+    pub from_json: avro_json::JsonToAvro,
 }
 
 /// Every version of one event type and the steps out of them.
@@ -147,6 +149,7 @@ impl SchemaSet {
                     format!("{name} v{version} is also defined in {}", existing.path.display()),
                 ));
             }
+            let from_json = avro_json::JsonToAvro::new(&schema).map_err(|e| error_at(&path, e))?;
             entry.versions.insert(
                 version,
                 SchemaVersion {
@@ -154,6 +157,7 @@ impl SchemaSet {
                     schema,
                     canonical,
                     path,
+                    from_json,
                 },
             );
         }
@@ -250,7 +254,7 @@ impl SchemaSet {
                     output.event, output.version
                 ))
             })?;
-            avro_json::from_json(&output.payload, &target.schema).map_err(|e| {
+            target.from_json.convert(&output.payload).map_err(|e| {
                 failed(format!(
                     "its output is not a valid {} v{} ({}): {e}",
                     output.event,
@@ -398,7 +402,7 @@ impl SchemaSet {
                             output.version
                         )
                     })?;
-                let value = avro_json::from_json(&output.payload, &target.1.schema).map_err(|e| {
+                let value = target.1.from_json.convert(&output.payload).map_err(|e| {
                     format!(
                         "{}: output is not a valid {} v{}: {e}",
                         step.describe(),
