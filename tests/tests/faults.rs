@@ -560,3 +560,135 @@ fn until_no_librdkafka_crash(
         }
     }
 }
+
+/// An ext4 image loop-mounted with `errors=remount-ro` (as root); unmounted when
+/// dropped.
+struct Ext4(std::path::PathBuf);
+
+impl Ext4 {
+    fn mount(image: &std::path::Path, path: &std::path::Path) -> Result<Ext4> {
+        std::fs::create_dir_all(path)?;
+        run("truncate", &["-s", "256M", &image.display().to_string()])?;
+        run("mkfs.ext4", &["-q", "-F", &image.display().to_string()])?;
+        Self::mount_again(image, path)
+    }
+
+    fn mount_again(image: &std::path::Path, path: &std::path::Path) -> Result<Ext4> {
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop,errors=remount-ro",
+                &image.display().to_string(),
+                &path.display().to_string(),
+            ],
+        )
+        .context("this test needs root to loop-mount an ext4 image")?;
+        Ok(Ext4(path.to_owned()))
+    }
+
+    /// Makes the file system read-only at once, open files or not, as ext4 does on
+    /// an I/O error (`errors=remount-ro`).
+    fn fail(&self) -> Result<()> {
+        let source = std::process::Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE"])
+            .arg(&self.0)
+            .output()?;
+        let device = String::from_utf8_lossy(&source.stdout)
+            .trim()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        std::fs::write(format!("/sys/fs/ext4/{device}/trigger_fs_error"), "test")?;
+        ensure!(
+            std::fs::write(self.0.join("probe"), "x").is_err(),
+            "the file system is read-only"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new(program).args(args).status()?;
+    ensure!(status.success(), "{program} {args:?}: {status}");
+    Ok(())
+}
+
+#[test]
+fn a_read_only_store_pauses_folding_serves_reads_and_loses_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let image = dir.path().join("store.img");
+    let data = dir.path().join("data");
+    let disk = Ext4::mount(&image, &data)?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 2)?;
+    let registry = Registry::start(dir.path())?;
+    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let before = orders::generate("orders", 300, 33);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "before.jsonl", &before.lines)?,
+    )?;
+    wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
+
+    disk.fail()?;
+    let after = orders::generate("orders", 300, 34);
+    produce(
+        &broker,
+        &registry,
+        &write_events(dir.path(), "after.jsonl", &after.lines)?,
+    )?;
+    let mut status = serde_json::Value::Null;
+    wait_until(
+        "the projection to report the refused write",
+        Duration::from_secs(60),
+        || {
+            status = worker
+                .projection("order_summary")
+                .map(|p| p["status"].clone())
+                .unwrap_or_default();
+            status["state"] == "store_unavailable"
+        },
+    )
+    .with_context(|| format!("last status {status}\n{}", worker.service.log()))?;
+    ensure!(
+        status["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Read-only file system")),
+        "the error names the cause: {status}"
+    );
+    ensure!(
+        worker.applied_offsets("order_summary")? == before.lines.len() as i64,
+        "offsets did not advance"
+    );
+    let unchanged = OrderStream {
+        lines: before.lines.clone(),
+        placed: before.placed.clone(),
+        ghosts: [before.ghosts.clone(), after.placed.clone()].concat(),
+    };
+    assert_state_matches_oracle(&worker, &unchanged)?;
+
+    // Ext4 cannot be made writable again while mounted: stop the worker, repair
+    // and remount the file system, start it again. Nothing was lost.
+    worker.service.kill();
+    drop(disk);
+    let _ = std::process::Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&image)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    let disk = Ext4::mount_again(&image, &data)?;
+    worker.restart(dir.path())?;
+    let outcome = wait_for_oracle(&mut worker, &concat(&before, &after), Duration::from_secs(120));
+    worker.service.kill();
+    drop(disk);
+    outcome
+}
