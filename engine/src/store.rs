@@ -533,6 +533,7 @@ fn generation_options() -> Options {
     options.set_block_based_table_factory(&table);
     options.set_memtable_whole_key_filtering(true);
     options.set_memtable_prefix_bloom_ratio(0.1);
+    options.set_write_buffer_size(16 * 1024 * 1024);
     options
 }
 
