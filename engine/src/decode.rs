@@ -80,37 +80,13 @@ impl Decoder {
         value: Option<&[u8]>,
         keep_waiting: &dyn Fn() -> bool,
     ) -> Result<Vec<CurrentEvent>, DecodeError> {
-        let frame = frame::parse(value).map_err(bad_frame)?;
+        let frame = frame::parse(value).map_err(|e| match e {
+            FrameError::NullValue | FrameError::TooShort(_) | FrameError::BadMagic(_) => {
+                DecodeError::poison(PoisonReason::BadFrame, e.to_string())
+            }
+        })?;
         let plan = self.plan(frame.schema_id, keep_waiting)?;
         decode_body(&plan, frame.schema_id, frame.body, &self.schemas)
-    }
-
-    /// Decodes many values at once, half of them on a second thread when there are
-    /// enough to be worth it: what [`Decoder::decode`] would return for each value
-    /// whose schema id already has a plan, `None` for the others (they must go
-    /// through `decode`, which may have to wait for the registry).
-    pub fn decode_known(
-        &self,
-        values: &[Option<&[u8]>],
-    ) -> Vec<Option<Result<Vec<CurrentEvent>, DecodeError>>> {
-        let decode_one = |value: &Option<&[u8]>| {
-            let frame = match frame::parse(*value) {
-                Ok(frame) => frame,
-                Err(e) => return Some(Err(bad_frame(e))),
-            };
-            let plan = self.plans.get(&frame.schema_id)?;
-            Some(decode_body(plan, frame.schema_id, frame.body, &self.schemas))
-        };
-        if values.len() < PARALLEL_DECODE_MIN || !*SECOND_CORE {
-            return values.iter().map(decode_one).collect();
-        }
-        let (first, second) = values.split_at(values.len() / 2);
-        std::thread::scope(|scope| {
-            let other = scope.spawn(|| second.iter().map(decode_one).collect::<Vec<_>>());
-            let mut decoded: Vec<_> = first.iter().map(decode_one).collect();
-            decoded.extend(other.join().expect("decoding never panics"));
-            decoded
-        })
     }
 
     fn plan(
@@ -138,21 +114,6 @@ impl Decoder {
         let plan = Arc::new(plan_for(schema_id, writer, &self.schemas)?);
         self.plans.insert(schema_id, plan.clone());
         Ok(plan)
-    }
-}
-
-/// Fewer values than this are decoded on the calling thread alone.
-const PARALLEL_DECODE_MIN: usize = 64;
-
-/// Whether the machine has a core to spare for decoding beside the fold.
-static SECOND_CORE: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1));
-
-fn bad_frame(error: FrameError) -> DecodeError {
-    match error {
-        FrameError::NullValue | FrameError::TooShort(_) | FrameError::BadMagic(_) => {
-            DecodeError::poison(PoisonReason::BadFrame, error.to_string())
-        }
     }
 }
 
@@ -295,47 +256,6 @@ mod fuzz {
                 ..
             })
         )
-    }
-
-    /// Decoding a chunk at once (split over two threads) gives what decoding each
-    /// value alone gives, in order; values without a cached plan are left to
-    /// `decode`.
-    #[test]
-    fn a_chunk_decodes_as_its_values_do_one_by_one() {
-        let (schemas, plans) = fixture();
-        let schemas = Arc::new(schemas);
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let config: crate::config::RegistryConfig =
-            serde_json::from_value(json!({"url": "http://127.0.0.1:9"})).unwrap();
-        let registry = Arc::new(RegistryClient::new(&config, runtime.handle().clone()).unwrap());
-        let mut decoder = Decoder::new(registry, schemas.clone());
-        let mut frames = Vec::new();
-        for (id, (plan, body)) in plans.into_iter().enumerate() {
-            let framed = [&[0u8][..], &(id as u32).to_be_bytes(), &body].concat();
-            frames.push(framed.clone());
-            // A datum cut short: decode_failed.
-            frames.push(framed[..framed.len() - 3].to_vec());
-            decoder.plans.insert(id as u32, Arc::new(plan));
-        }
-        frames.push(b"not a frame".to_vec());
-        frames.push([&[0u8][..], &77u32.to_be_bytes(), b"body"].concat());
-        let values: Vec<Option<&[u8]>> = (0..200)
-            .map(|i| Some(frames[i % frames.len()].as_slice()))
-            .chain([None])
-            .collect();
-        assert!(values.len() >= PARALLEL_DECODE_MIN);
-        let chunk = decoder.decode_known(&values);
-        assert_eq!(chunk.len(), values.len());
-        for (value, decoded) in values.iter().zip(chunk) {
-            let alone = match frame::parse(*value) {
-                Err(e) => Some(Err(bad_frame(e))),
-                Ok(frame) => decoder
-                    .plans
-                    .get(&frame.schema_id)
-                    .map(|plan| decode_body(plan, frame.schema_id, frame.body, &schemas)),
-            };
-            assert_eq!(format!("{decoded:?}"), format!("{alone:?}"));
-        }
     }
 
     #[test]

@@ -310,165 +310,94 @@ impl FoldLoop {
             }
             let message = consumer.poll(Duration::from_millis(50));
             handle_rebalance(consumer, batch)?;
-            let first = match message {
+            let message = match message {
                 None => {
                     commit(consumer, batch)?;
                     continue;
                 }
-                Some(Err(e)) => {
-                    if on_consumer_error(consumer, batch, e)? {
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    if stop_on_offsets_outside_the_log(consumer, batch)? {
                         return Ok(());
                     }
                     continue;
                 }
+                Some(Err(e)) => {
+                    warn!(error = %e, "consumer error");
+                    continue;
+                }
                 Some(Ok(message)) => message,
             };
-            // What librdkafka has fetched already, up to a chunk, is decoded at once
-            // (on two threads when there are two cores), then folded in order.
-            let mut chunk = vec![first];
-            let mut failure = None;
-            while chunk.len() < CHUNK_MESSAGES {
-                let next = consumer.poll(Duration::ZERO);
-                handle_rebalance(consumer, batch)?;
-                match next {
-                    None => break,
-                    Some(Ok(message)) => chunk.push(message),
-                    Some(Err(e)) => {
-                        failure = Some(e);
-                        break;
+            let partition = SourcePartition {
+                topic: batch.intern(message.topic()),
+                partition: message.partition(),
+            };
+            let offset = message.offset();
+            let next = batch.position(&partition)?;
+            if offset >= next && batch.unapplied_noted.insert(partition.clone()) {
+                fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
+            }
+            if offset < next {
+                debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
+                continue;
+            }
+            let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
+                metrics::OPERATOR_SKIPS.with_label_values(&[&runtime.name]).inc();
+                warn!(topic = %partition.topic, partition = partition.partition, offset,
+                    "operator skip: event at {partition} offset {offset} skipped without folding");
+                Outcome::Applied
+            } else {
+                match batch.apply(&message, &partition) {
+                    Ok(()) => Outcome::Applied,
+                    Err(Stop::Interrupted) => Outcome::Retry,
+                    Err(Stop::Poison { reason, error }) => {
+                        let shutdown = batch.deps.shutdown.clone();
+                        let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
+                        handle_poison(
+                            &runtime,
+                            &fold,
+                            dead_letters,
+                            &message,
+                            &partition,
+                            reason,
+                            error,
+                            &keep_waiting,
+                        )?
                     }
                 }
-            }
-            let values: Vec<Option<&[u8]>> = chunk
-                .iter()
-                // An oversized value is poison whatever it holds: never decoded.
-                .map(|m| match m.payload_len() > runtime.max_event_bytes {
-                    true => Some(&[][..]),
-                    false => m.payload(),
-                })
-                .collect();
-            let decoded = batch.decoder.decode_known(&values);
-            for (message, decoded) in chunk.iter().zip(decoded) {
-                let limits = (max_events, max_wait);
-                if let Flow::Stop = fold_message(consumer, batch, dead_letters, message, decoded, limits)? {
+            };
+            match outcome {
+                Outcome::Applied => {}
+                Outcome::Retry => {
+                    // Never go on to later messages past one left unapplied: stop
+                    // here, committed up to it, and let the next run start from it.
+                    drop(message);
+                    commit(consumer, batch)?;
+                    info!("stopping mid-message: batch committed");
+                    fold.set_state(RunState::Stopped);
+                    return Ok(());
+                }
+                Outcome::Halt => {
+                    let timestamp = message.timestamp().to_millis().unwrap_or(0);
+                    drop(message);
+                    commit(consumer, batch)?;
+                    // The event it stopped at stays unapplied: its age is the lag.
+                    fold.note_unapplied(&partition, timestamp);
                     return Ok(());
                 }
             }
-            if let Some(e) = failure {
-                if on_consumer_error(consumer, batch, e)? {
-                    return Ok(());
-                }
+            batch.positions.insert(partition.clone(), offset + 1);
+            batch.offsets.insert(partition, offset + 1);
+            batch.events += 1;
+            if let Some(timestamp) = message.timestamp().to_millis() {
+                batch.timestamps.push(timestamp);
             }
-        }
-    }
-}
-
-/// Most messages decoded together.
-const CHUNK_MESSAGES: usize = 512;
-
-/// Whether the loop goes on after a message.
-enum Flow {
-    Next,
-    Stop,
-}
-
-/// Handles an error the consumer reported; true when the loop must end.
-fn on_consumer_error(
-    consumer: &BaseConsumer<SourceContext>,
-    batch: &mut OpenBatch,
-    error: KafkaError,
-) -> Result<bool, LoopError> {
-    match error {
-        KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset) => {
-            stop_on_offsets_outside_the_log(consumer, batch)
-        }
-        e => {
-            warn!(error = %e, "consumer error");
-            Ok(false)
-        }
-    }
-}
-
-/// Folds one message (`decoded`: its decoding, when done ahead) into the open
-/// batch, or applies its poison policy, and commits when the batch is full or old
-/// enough.
-fn fold_message(
-    consumer: &BaseConsumer<SourceContext>,
-    batch: &mut OpenBatch,
-    dead_letters: Option<&DeadLetters>,
-    message: &BorrowedMessage<'_>,
-    decoded: Option<Result<Vec<CurrentEvent>, DecodeError>>,
-    (max_events, max_wait): (u64, Duration),
-) -> Result<Flow, LoopError> {
-    let (runtime, fold) = (batch.runtime.clone(), batch.fold.clone());
-    let partition = SourcePartition {
-        topic: batch.intern(message.topic()),
-        partition: message.partition(),
-    };
-    let offset = message.offset();
-    let next = batch.position(&partition)?;
-    if offset >= next && batch.unapplied_noted.insert(partition.clone()) {
-        fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
-    }
-    if offset < next {
-        debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
-        return Ok(Flow::Next);
-    }
-    let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
-        metrics::OPERATOR_SKIPS.with_label_values(&[&runtime.name]).inc();
-        warn!(topic = %partition.topic, partition = partition.partition, offset,
-            "operator skip: event at {partition} offset {offset} skipped without folding");
-        Outcome::Applied
-    } else {
-        match batch.apply(message, &partition, decoded) {
-            Ok(()) => Outcome::Applied,
-            Err(Stop::Interrupted) => Outcome::Retry,
-            Err(Stop::Poison { reason, error }) => {
-                let shutdown = batch.deps.shutdown.clone();
-                let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
-                handle_poison(
-                    &runtime,
-                    &fold,
-                    dead_letters,
-                    message,
-                    &partition,
-                    reason,
-                    error,
-                    &keep_waiting,
-                )?
+            let started = *batch.started.get_or_insert_with(Instant::now);
+            if batch.events >= max_events || started.elapsed() >= max_wait {
+                commit(consumer, batch)?;
             }
-        }
-    };
-    match outcome {
-        Outcome::Applied => {}
-        Outcome::Retry => {
-            // Never go on to later messages past one left unapplied: stop here,
-            // committed up to it, and let the next run start from it.
-            commit(consumer, batch)?;
-            info!("stopping mid-message: batch committed");
-            fold.set_state(RunState::Stopped);
-            return Ok(Flow::Stop);
-        }
-        Outcome::Halt => {
-            let timestamp = message.timestamp().to_millis().unwrap_or(0);
-            commit(consumer, batch)?;
-            // The event it stopped at stays unapplied: its age is the lag.
-            fold.note_unapplied(&partition, timestamp);
-            return Ok(Flow::Stop);
+            batch.throttle();
         }
     }
-    batch.positions.insert(partition.clone(), offset + 1);
-    batch.offsets.insert(partition, offset + 1);
-    batch.events += 1;
-    if let Some(timestamp) = message.timestamp().to_millis() {
-        batch.timestamps.push(timestamp);
-    }
-    let started = *batch.started.get_or_insert_with(Instant::now);
-    if batch.events >= max_events || started.elapsed() >= max_wait {
-        commit(consumer, batch)?;
-    }
-    batch.throttle();
-    Ok(Flow::Next)
 }
 
 /// Applies the projection's poison policy to one event; counts and logs it.
@@ -714,12 +643,7 @@ impl OpenBatch {
     /// Decodes, upcasts and folds one message. When it fails, the batch is as it
     /// was before the message, even if an upcaster split it and some of its events
     /// were already folded.
-    fn apply(
-        &mut self,
-        message: &BorrowedMessage<'_>,
-        partition: &SourcePartition,
-        decoded: Option<Result<Vec<CurrentEvent>, DecodeError>>,
-    ) -> Result<(), Stop> {
+    fn apply(&mut self, message: &BorrowedMessage<'_>, partition: &SourcePartition) -> Result<(), Stop> {
         let size = message.payload_len();
         if size > self.runtime.max_event_bytes {
             return Err(Stop::Poison {
@@ -732,8 +656,9 @@ impl OpenBatch {
         }
         let shutdown = self.deps.shutdown.clone();
         let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
-        let events = decoded
-            .unwrap_or_else(|| self.decoder.decode(message.payload(), &keep_waiting))
+        let events = self
+            .decoder
+            .decode(message.payload(), &keep_waiting)
             .map_err(|e| match e {
                 DecodeError::Poison { reason, message } => Stop::Poison {
                     reason,
