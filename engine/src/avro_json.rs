@@ -47,7 +47,25 @@ impl JsonToAvro {
 
     /// `json` as an Avro value of the schema, as [`from_json`] does.
     pub fn convert(&self, json: &Json) -> Result<Value, String> {
-        Converter { names: &self.names }.convert(json, &self.schema, "event")
+        Converter { names: &self.names }.convert(json, &self.schema, &Path::Event)
+    }
+}
+
+/// Where a value sits in the event (`event.items[2].sku`), for error messages:
+/// formatted only when an error needs it.
+enum Path<'a> {
+    Event,
+    Field(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Event => f.write_str("event"),
+            Path::Field(parent, name) => write!(f, "{parent}.{name}"),
+            Path::Index(parent, index) => write!(f, "{parent}[{index}]"),
+        }
     }
 }
 
@@ -56,7 +74,7 @@ struct Converter<'s> {
 }
 
 impl Converter<'_> {
-    fn convert(&self, json: &Json, schema: &Schema, path: &str) -> Result<Value, String> {
+    fn convert(&self, json: &Json, schema: &Schema, path: &Path<'_>) -> Result<Value, String> {
         let mismatch = || format!("{path}: {json} is not a valid {}", kind(schema));
         let integer = || json.as_i64().ok_or_else(mismatch);
         Ok(match schema {
@@ -91,14 +109,14 @@ impl Converter<'_> {
                     .ok_or_else(mismatch)?
                     .iter()
                     .enumerate()
-                    .map(|(i, item)| self.convert(item, &array.items, &format!("{path}[{i}]")))
+                    .map(|(i, item)| self.convert(item, &array.items, &Path::Index(path, i)))
                     .collect::<Result<_, _>>()?,
             ),
             Schema::Map(map) => Value::Map(
                 json.as_object()
                     .ok_or_else(mismatch)?
                     .iter()
-                    .map(|(k, v)| Ok((k.clone(), self.convert(v, &map.types, &format!("{path}.{k}"))?)))
+                    .map(|(k, v)| Ok((k.clone(), self.convert(v, &map.types, &Path::Field(path, k))?)))
                     .collect::<Result<_, String>>()?,
             ),
             Schema::Enum(enumeration) => {
@@ -133,7 +151,7 @@ impl Converter<'_> {
                 }
                 let mut fields = Vec::with_capacity(record.fields.len());
                 for field in &record.fields {
-                    let field_path = format!("{path}.{}", field.name);
+                    let field_path = Path::Field(path, &field.name);
                     let value = match (object.get(&field.name), &field.default) {
                         (Some(value), _) => self.convert(value, &field.schema, &field_path)?,
                         (None, Some(default)) => self.convert_default(default, &field.schema, &field_path)?,
@@ -162,7 +180,7 @@ impl Converter<'_> {
     }
 
     /// Avro defaults of union fields are of the union's first branch.
-    fn convert_default(&self, default: &Json, schema: &Schema, path: &str) -> Result<Value, String> {
+    fn convert_default(&self, default: &Json, schema: &Schema, path: &Path<'_>) -> Result<Value, String> {
         match schema {
             Schema::Union(union) if !union.variants().is_empty() => Ok(Value::Union(
                 0,

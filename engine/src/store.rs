@@ -357,12 +357,15 @@ impl Store {
         partition: &SourcePartition,
     ) -> Result<Option<Json>, StoreError> {
         let cf = self.cf(generation)?;
+        // (Error contexts are formatted only on error: this runs for every event.)
         let bytes = self
             .db
             .get_cf(&cf, state_key(key, partition))
-            .map_err(failed(format!("reading `{key}` of {partition}")))?;
+            .map_err(|e| failed(format!("reading `{key}` of {partition}"))(e))?;
         bytes
-            .map(|b| serde_json::from_slice(&b).map_err(failed(format!("decoding `{key}` of {partition}"))))
+            .map(|b| {
+                serde_json::from_slice(&b).map_err(|e| failed(format!("decoding `{key}` of {partition}"))(e))
+            })
             .transpose()
     }
 
