@@ -267,6 +267,78 @@ pub fn produce(broker: &Broker, registry: &Registry, events: &Path) -> Result<()
     run_to_completion(produce_command(broker, registry, events, 0))
 }
 
+/// A test's random generator, seeded from `PROJECTOR_TEST_SEED` or at random; the
+/// seed is printed so a failure can be repeated.
+pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed: u64 = std::env::var("PROJECTOR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::random::<u64>() % 10_000);
+    println!("{test} seed: {seed} (set PROJECTOR_TEST_SEED to repeat)");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Generates `orders` orders on topic `orders` (see [`orders::generate`]), writes
+/// them to `dir/<name>.jsonl` and produces them.
+pub fn produce_orders(
+    dir: &Path,
+    broker: &Broker,
+    registry: &Registry,
+    name: &str,
+    orders: usize,
+    seed: u64,
+) -> Result<OrderStream> {
+    let stream = orders::generate("orders", orders, seed);
+    produce(
+        broker,
+        registry,
+        &write_events(dir, &format!("{name}.jsonl"), &stream.lines)?,
+    )?;
+    Ok(stream)
+}
+
+/// Waits until `projection`'s status (`GET /projections/{name}`'s `status`)
+/// satisfies `accept`; returns it.
+pub fn wait_for_status(
+    worker: &Worker,
+    projection: &str,
+    what: &str,
+    accept: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let mut status = Value::Null;
+    wait_until(what, Duration::from_secs(60), || {
+        status = worker
+            .projection(projection)
+            .map(|p| p["status"].clone())
+            .unwrap_or_default();
+        accept(&status)
+    })
+    .with_context(|| format!("last status {status}\n{}", worker.service.log()))?;
+    Ok(status)
+}
+
+/// `order_summary` still holds exactly the state of `applied`: its offsets did not
+/// move past it and no order of `unapplied` is known.
+pub fn assert_nothing_applied_after(
+    worker: &Worker,
+    applied: &OrderStream,
+    unapplied: &OrderStream,
+) -> Result<()> {
+    ensure!(
+        worker.applied_offsets("order_summary")? == applied.lines.len() as i64,
+        "offsets did not advance"
+    );
+    assert_state_matches_oracle(
+        worker,
+        &OrderStream {
+            lines: applied.lines.clone(),
+            placed: applied.placed.clone(),
+            ghosts: [applied.ghosts.clone(), unapplied.placed.clone()].concat(),
+        },
+    )
+}
+
 /// Runs a command (a producer, a consumer script) and fails with its output if it
 /// fails.
 pub fn run_to_completion(mut command: std::process::Command) -> Result<()> {

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use projector_tests::orders;
 use projector_tests::{
-    free_port, metric_value, produce, produce_command, set_compatibility, start_order_summary_worker,
-    wait_applied, wait_for_oracle, wait_until, write_events, Broker, Registry, Service,
+    free_port, metric_value, produce, produce_command, produce_orders, set_compatibility,
+    start_order_summary_worker, wait_applied, wait_for_oracle, wait_until, write_events, Broker, Registry,
+    Service,
 };
 
 #[test]
@@ -148,12 +149,7 @@ fn registry_down_at_start_up_is_waited_out() -> Result<()> {
     let registry_port = free_port();
     let registry_data = dir.path().join("registry-data");
     let mut registry = Registry::start_at(dir.path(), registry_port, Some(&registry_data))?;
-    let stream = orders::generate("orders", 200, 6);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "events.jsonl", &stream.lines)?,
-    )?;
+    let stream = produce_orders(dir.path(), &broker, &registry, "events", 200, 6)?;
     // The worker starts while the registry is down: it knows no schema id yet.
     registry.service.kill();
     let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;

@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use projector_tests::orders::{self, OrderStream};
 use projector_tests::{
-    assert_state_matches_oracle, produce, produce_command, start_order_summary_worker, wait_applied,
-    wait_for_oracle, wait_until, worker_config, write_events, Broker, Registry, Service, Worker,
+    assert_nothing_applied_after, assert_state_matches_oracle, produce, produce_command, produce_orders,
+    start_order_summary_worker, wait_applied, wait_for_oracle, wait_for_status, wait_until, worker_config,
+    write_events, Broker, Registry, Service, Worker,
 };
 
 /// Two streams of distinct orders, as one.
@@ -75,12 +76,7 @@ fn partitions_moving_between_two_workers_of_one_group_end_correct_on_their_owner
     let mut a = start_order_summary_worker(&home_a, &broker, &registry)?;
 
     // A alone folds every partition.
-    let first = orders::generate("orders", 1_000, 22);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "first.jsonl", &first.lines)?,
-    )?;
+    let first = produce_orders(dir.path(), &broker, &registry, "first", 1_000, 22)?;
     wait_for_oracle(&mut a, &first, Duration::from_secs(120))?;
 
     // B joins the group: the cooperative rebalance moves partitions to it, which
@@ -90,12 +86,7 @@ fn partitions_moving_between_two_workers_of_one_group_end_correct_on_their_owner
         b.projection("order_summary")
             .is_ok_and(|p| p["offsets"].as_object().is_some_and(|o| !o.is_empty()))
     })?;
-    let second = orders::generate("orders", 1_000, 23);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "second.jsonl", &second.lines)?,
-    )?;
+    let second = produce_orders(dir.path(), &broker, &registry, "second", 1_000, 23)?;
     let all = concat(&first, &second);
     let total = all.lines.len() as i64;
     let newest_offsets = |a: &Worker, b: &Worker| -> i64 {
@@ -164,12 +155,7 @@ fn secrets_stay_out_of_logs_and_answers() -> Result<()> {
         &format!("\"heartbeat.interval.ms\" = \"500\", \"sasl.password\" = \"{sasl}\""),
     );
     let mut worker = Worker::start(dir.path(), &config)?;
-    let stream = orders::generate("orders", 100, 24);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "events.jsonl", &stream.lines)?,
-    )?;
+    let stream = produce_orders(dir.path(), &broker, &registry, "events", 100, 24)?;
     wait_for_oracle(&mut worker, &stream, Duration::from_secs(120))?;
     // Errors too: a wrong token, an unknown projection, a bad config.
     let (status, wrong) = worker.post("/projections/order_summary/replay", Some("nope"))?;
@@ -215,12 +201,7 @@ fn a_stalled_broker_shows_in_readiness_and_lag_and_the_worker_catches_up_after()
     broker.create_topic("orders", 2)?;
     let registry = Registry::start(dir.path())?;
     let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
-    let before = orders::generate("orders", 300, 25);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "before.jsonl", &before.lines)?,
-    )?;
+    let before = produce_orders(dir.path(), &broker, &registry, "before", 300, 25)?;
     wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
     wait_until("ready before the stall", Duration::from_secs(30), || {
         worker.get("/readyz").is_ok_and(|(s, _)| s == 200)
@@ -273,12 +254,7 @@ fn a_stalled_broker_shows_in_readiness_and_lag_and_the_worker_catches_up_after()
     ensure!(read_status == 200, "reads during the stall: {read_status}");
     println!("lag during the stall: {first_lag:.1} s, then {later_lag:.1} s");
 
-    let after = orders::generate("orders", 300, 26);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "after.jsonl", &after.lines)?,
-    )?;
+    let after = produce_orders(dir.path(), &broker, &registry, "after", 300, 26)?;
     let all = concat(&before, &after);
     worker.service.check_alive()?;
     wait_for_oracle(&mut worker, &all, Duration::from_secs(120))?;
@@ -353,34 +329,14 @@ fn a_full_disk_pauses_folding_without_advancing_offsets_and_folding_resumes_when
     broker.create_topic("orders", 2)?;
     let registry = Registry::start(dir.path())?;
     let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
-    let before = orders::generate("orders", 300, 27);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "before.jsonl", &before.lines)?,
-    )?;
+    let before = produce_orders(dir.path(), &broker, &registry, "before", 300, 27)?;
     wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
 
     let filler = disk.fill()?;
-    let after = orders::generate("orders", 300, 28);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "after.jsonl", &after.lines)?,
-    )?;
-    let mut status = serde_json::Value::Null;
-    wait_until(
-        "the projection to report the refused write",
-        Duration::from_secs(60),
-        || {
-            status = worker
-                .projection("order_summary")
-                .map(|p| p["status"].clone())
-                .unwrap_or_default();
-            status["state"] == "store_unavailable"
-        },
-    )
-    .with_context(|| format!("last status {status}\n{}", worker.service.log()))?;
+    let after = produce_orders(dir.path(), &broker, &registry, "after", 300, 28)?;
+    let status = wait_for_status(&worker, "order_summary", "the refused write reported", |s| {
+        s["state"] == "store_unavailable"
+    })?;
     ensure!(
         status["error"]
             .as_str()
@@ -403,16 +359,7 @@ fn a_full_disk_pauses_folding_without_advancing_offsets_and_folding_resumes_when
     );
     // Nothing of the refused batch is visible and no offset moved: reads serve
     // exactly the state before the disk filled; the new orders are unknown.
-    ensure!(
-        worker.applied_offsets("order_summary")? == before.lines.len() as i64,
-        "offsets did not advance"
-    );
-    let unchanged = OrderStream {
-        lines: before.lines.clone(),
-        placed: before.placed.clone(),
-        ghosts: [before.ghosts.clone(), after.placed.clone()].concat(),
-    };
-    assert_state_matches_oracle(&worker, &unchanged)?;
+    assert_nothing_applied_after(&worker, &before, &after)?;
 
     std::fs::remove_file(filler)?;
     let all = concat(&before, &after);
@@ -453,12 +400,7 @@ fn a_replaced_broker_is_reconnected_to_without_a_restart() -> Result<()> {
     broker.replace()?;
     broker.create_topic("orders", 2)?;
     produce(&broker, &registry, &before_events)?;
-    let after = orders::generate("orders", 300, 30);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "after.jsonl", &after.lines)?,
-    )?;
+    let after = produce_orders(dir.path(), &broker, &registry, "after", 300, 30)?;
     let all = concat(&before, &after);
     let crashed = until_no_librdkafka_crash(&mut worker, dir.path(), |worker| {
         wait_for_oracle(worker, &all, Duration::from_secs(120))
@@ -479,12 +421,7 @@ fn a_log_shorter_than_the_stored_offsets_stops_the_projection_with_offsets_reset
     broker.create_topic("orders", 2)?;
     let registry = Registry::start(dir.path())?;
     let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
-    let before = orders::generate("orders", 300, 31);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "before.jsonl", &before.lines)?,
-    )?;
+    let before = produce_orders(dir.path(), &broker, &registry, "before", 300, 31)?;
     wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
 
     // A new, empty broker; the topic comes back with far fewer events than the
@@ -492,12 +429,7 @@ fn a_log_shorter_than_the_stored_offsets_stops_the_projection_with_offsets_reset
     // nothing at all.
     broker.replace()?;
     broker.create_topic("orders", 2)?;
-    let after = orders::generate("orders", 30, 32);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "after.jsonl", &after.lines)?,
-    )?;
+    let after = produce_orders(dir.path(), &broker, &registry, "after", 30, 32)?;
     let mut status = serde_json::Value::Null;
     until_no_librdkafka_crash(&mut worker, dir.path(), |worker| {
         let outcome = wait_until(
@@ -528,12 +460,7 @@ fn a_log_shorter_than_the_stored_offsets_stops_the_projection_with_offsets_reset
     );
     // Nothing new was folded onto the old state: it is still exactly `before`,
     // and the new log's orders are unknown.
-    let unchanged = OrderStream {
-        lines: before.lines.clone(),
-        placed: before.placed.clone(),
-        ghosts: [before.ghosts.clone(), after.placed.clone()].concat(),
-    };
-    assert_state_matches_oracle(&worker, &unchanged)
+    assert_nothing_applied_after(&worker, &before, &after)
 }
 
 /// Runs `check`; when the worker died of a segmentation fault meanwhile, restarts
@@ -631,50 +558,21 @@ fn a_read_only_store_pauses_folding_serves_reads_and_loses_nothing() -> Result<(
     broker.create_topic("orders", 2)?;
     let registry = Registry::start(dir.path())?;
     let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
-    let before = orders::generate("orders", 300, 33);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "before.jsonl", &before.lines)?,
-    )?;
+    let before = produce_orders(dir.path(), &broker, &registry, "before", 300, 33)?;
     wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
 
     disk.fail()?;
-    let after = orders::generate("orders", 300, 34);
-    produce(
-        &broker,
-        &registry,
-        &write_events(dir.path(), "after.jsonl", &after.lines)?,
-    )?;
-    let mut status = serde_json::Value::Null;
-    wait_until(
-        "the projection to report the refused write",
-        Duration::from_secs(60),
-        || {
-            status = worker
-                .projection("order_summary")
-                .map(|p| p["status"].clone())
-                .unwrap_or_default();
-            status["state"] == "store_unavailable"
-        },
-    )
-    .with_context(|| format!("last status {status}\n{}", worker.service.log()))?;
+    let after = produce_orders(dir.path(), &broker, &registry, "after", 300, 34)?;
+    let status = wait_for_status(&worker, "order_summary", "the refused write reported", |s| {
+        s["state"] == "store_unavailable"
+    })?;
     ensure!(
         status["error"]
             .as_str()
             .is_some_and(|e| e.contains("Read-only file system")),
         "the error names the cause: {status}"
     );
-    ensure!(
-        worker.applied_offsets("order_summary")? == before.lines.len() as i64,
-        "offsets did not advance"
-    );
-    let unchanged = OrderStream {
-        lines: before.lines.clone(),
-        placed: before.placed.clone(),
-        ghosts: [before.ghosts.clone(), after.placed.clone()].concat(),
-    };
-    assert_state_matches_oracle(&worker, &unchanged)?;
+    assert_nothing_applied_after(&worker, &before, &after)?;
 
     // Ext4 cannot be made writable again while mounted: stop the worker, repair
     // and remount the file system, start it again. Nothing was lost.

@@ -10,7 +10,7 @@ use projector_tests::{
     order_summary_projections, produce, produce_command, start_order_summary_worker, wait_for_oracle,
     wait_until, worker_config, write_events, Broker, Registry, Service, Worker,
 };
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::{json, Value};
 
 #[test]
@@ -41,12 +41,7 @@ fn twenty_thousand_events_fold_to_the_oracle_state() -> Result<()> {
 
 #[test]
 fn sigkill_while_events_flow_loses_nothing_and_applies_nothing_twice() -> Result<()> {
-    let seed: u64 = std::env::var("PROJECTOR_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random::<u64>() % 10_000);
-    println!("crash test seed: {seed} (set PROJECTOR_TEST_SEED to repeat)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = projector_tests::seeded_rng("crash test");
 
     let dir = tempfile::tempdir()?;
     let broker = Broker::start(dir.path())?;
@@ -54,7 +49,7 @@ fn sigkill_while_events_flow_loses_nothing_and_applies_nothing_twice() -> Result
     let registry = Registry::start(dir.path())?;
     let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
 
-    let stream = orders::generate("orders", 5_000, seed);
+    let stream = orders::generate("orders", 5_000, rng.random_range(0..10_000));
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;
     // About 28 s of traffic at 700 events/s. Each kill waits until the worker is
     // folding (its committed count passed a random mark), so it lands mid-stream.

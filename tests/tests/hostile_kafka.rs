@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use projector_tests::orders;
 use projector_tests::{
-    assert_matches, metric_value, produce, repo_root, set_compatibility, wait_applied, wait_until,
+    assert_matches, metric_value, produce, repo_root, set_compatibility, wait_applied, wait_for_status,
     worker_config, write_events, Broker, Registry, Worker,
 };
 use serde_json::{json, Value};
@@ -186,19 +186,12 @@ dead_letter_topic = "orders-dlt"
     // is larger than the producer may send, so the projection stops at it, saying
     // why, instead of retrying forever.
     let (huge_offset, _) = *poison_offsets.last().expect("the huge value");
-    let mut status = Value::Null;
-    wait_until(
+    let status = wait_for_status(
+        &worker,
+        "dead_letters",
         "dead_letters to stop at the 10 MB value",
-        Duration::from_secs(60),
-        || {
-            status = worker
-                .projection("dead_letters")
-                .map(|p| p["status"].clone())
-                .unwrap_or_default();
-            status["state"] == "poisoned"
-        },
-    )
-    .with_context(|| format!("status {status}"))?;
+        |s| s["state"] == "poisoned",
+    )?;
     ensure!(
         status["offset"] == huge_offset
             && status["reason"] == "bad_frame"

@@ -13,7 +13,7 @@ use projector_tests::{
     order_summary_projections, produce_command, wait_for_oracle, wait_until, worker_config, write_events,
     Broker, Registry, Service, Worker,
 };
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const TOKEN: &str = "torture-admin-token";
 const KILLS: usize = 20;
@@ -51,12 +51,7 @@ fn replay_running(worker: &Worker) -> bool {
 
 #[test]
 fn twenty_sigkills_at_seeded_moments_lose_nothing_and_apply_nothing_twice() -> Result<()> {
-    let seed: u64 = std::env::var("PROJECTOR_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random::<u64>() % 10_000);
-    println!("torture seed: {seed} (set PROJECTOR_TEST_SEED to repeat)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = projector_tests::seeded_rng("torture");
     let mut moments: Vec<Moment> = [
         [Moment::MidStream; 8].as_slice(),
         &[Moment::AfterCommit; 4],
@@ -80,7 +75,7 @@ fn twenty_sigkills_at_seeded_moments_lose_nothing_and_apply_nothing_twice() -> R
     let mut worker = start_worker(&home_a, &broker, &registry)?;
     let mut second: Option<Worker> = None;
 
-    let stream = orders::generate("orders", 30_000, seed);
+    let stream = orders::generate("orders", 30_000, rng.random_range(0..10_000));
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;
     let mut producer = Service::start(
         "producer",
