@@ -129,6 +129,18 @@ impl Converter<'_> {
                 Value::Enum(index as u32, symbol.to_owned())
             }
             Schema::Union(union) => {
+                // The usual optional field: take the null branch without trying
+                // (and formatting the failures of) the others.
+                let null = union.variants().iter().position(|b| matches!(b, Schema::Null));
+                match (json.is_null(), null) {
+                    (true, Some(index)) => return Ok(Value::Union(index as u32, Box::new(Value::Null))),
+                    (false, Some(null_index)) if union.variants().len() == 2 => {
+                        let index = 1 - null_index;
+                        let value = self.convert(json, &union.variants()[index], path)?;
+                        return Ok(Value::Union(index as u32, Box::new(value)));
+                    }
+                    _ => {}
+                }
                 let mut errors = Vec::new();
                 for (index, branch) in union.variants().iter().enumerate() {
                     match self.convert(json, branch, path) {

@@ -281,10 +281,14 @@ fn check_logs_reach_offsets(
         if memory.log_reaches.get(&key) == Some(&(next, *high)) {
             continue;
         }
-        if log_reaches(probe, source, next) {
-            memory.log_reaches.insert(key.clone(), (next, *high));
-            memory.log_short.remove(&key);
-            continue;
+        match probe_log(probe, source, next, *high) {
+            LogProbe::Reaches => {
+                memory.log_reaches.insert(key.clone(), (next, *high));
+                memory.log_short.remove(&key);
+                continue;
+            }
+            LogProbe::Unknown => continue,
+            LogProbe::Short => {}
         }
         let short = memory.log_short.entry(key).or_default();
         *short += 1;
@@ -301,33 +305,61 @@ fn check_logs_reach_offsets(
     }
 }
 
-/// True when the broker returns the record before `next` (or a later one): the
-/// log reaches the stored offset.
-fn log_reaches(probe: &BaseConsumer, partition: &SourcePartition, next: i64) -> bool {
-    let mut assignment = TopicPartitionList::new();
-    let assigned = assignment
-        .add_partition_offset(&partition.topic, partition.partition, Offset::Offset(next - 1))
-        .is_ok()
-        && probe.assign(&assignment).is_ok();
-    if !assigned {
-        // Nothing known either way.
-        return true;
+/// What a probe found about a partition's log and a stored offset.
+enum LogProbe {
+    /// The record before the offset (or a later one) is there.
+    Reaches,
+    /// The log ends before the offset.
+    Short,
+    /// The broker did not say (slow, unreachable, mid leader change).
+    Unknown,
+}
+
+/// Checks that the log of `partition` reaches `next`, its high watermark being
+/// `high`. A broker that returns nothing for `next - 1` but the record at
+/// `high - 1` serves the log and has nothing further: short.
+fn probe_log(probe: &BaseConsumer, partition: &SourcePartition, next: i64, high: i64) -> LogProbe {
+    if high <= 0 {
+        // The brokers answered the watermark query: the log is empty.
+        return LogProbe::Short;
     }
+    match fetch_from(probe, partition, next - 1) {
+        Some(true) => LogProbe::Reaches,
+        Some(false) => LogProbe::Short,
+        None => match fetch_from(probe, partition, high - 1) {
+            Some(true) => LogProbe::Short,
+            _ => LogProbe::Unknown,
+        },
+    }
+}
+
+/// Fetches from `offset`: `Some(true)` when a record at or after it comes back,
+/// `Some(false)` when the broker says the offset is out of range, `None` when
+/// nothing comes within [`PROBE_WAIT`].
+fn fetch_from(probe: &BaseConsumer, partition: &SourcePartition, offset: i64) -> Option<bool> {
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&partition.topic, partition.partition, Offset::Offset(offset))
+        .ok()?;
+    probe.assign(&assignment).ok()?;
     let deadline = Instant::now() + PROBE_WAIT;
-    let mut reaches = false;
+    let mut found = None;
     while Instant::now() < deadline {
         match probe.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
-                reaches = message.offset() >= next - 1;
+                found = Some(message.offset() >= offset);
                 break;
             }
             Some(Err(KafkaError::MessageConsumption(
                 RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
-            ))) => break,
+            ))) => {
+                found = Some(false);
+                break;
+            }
             Some(Err(e)) => debug!(error = %e, "log probe"),
             None => {}
         }
     }
     let _ = probe.unassign();
-    reaches
+    found
 }

@@ -218,6 +218,7 @@ impl Fold {
             return false;
         }
         *state = RunState::Starting;
+        *self.log_behind.lock().expect("log_behind lock") = None;
         true
     }
 

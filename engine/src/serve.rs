@@ -248,7 +248,8 @@ async fn scan_keys(
 impl ApiState {
     /// Admits a request carrying `Authorization: Bearer <admin token>`.
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(expected) = &self.admin_token else {
+        // An empty token would admit requests that carry none: it disables them.
+        let Some(expected) = self.admin_token.as_ref().filter(|t| !t.trim().is_empty()) else {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
                 "admin endpoints are disabled: set http.admin_token (or PROJECTOR__HTTP__ADMIN_TOKEN)".into(),
@@ -261,7 +262,7 @@ impl ApiState {
             // The auth scheme is case-insensitive (RFC 9110 §11.1).
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map_or("", |(_, token)| token);
-        if constant_time_eq(offered.as_bytes(), expected.as_bytes()) {
+        if !offered.is_empty() && constant_time_eq(offered.as_bytes(), expected.as_bytes()) {
             Ok(())
         } else {
             Err(ApiError(
@@ -455,7 +456,63 @@ async fn abort_replay(
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
+
+    fn state_with_token(dir: &std::path::Path, token: Option<&str>) -> ApiState {
+        ApiState {
+            projections: Arc::default(),
+            store: Arc::new(Store::open(dir, false).unwrap()),
+            admin_token: token.map(str::to_owned),
+        }
+    }
+
+    fn authorization(value: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = value {
+            headers.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn an_empty_admin_token_admits_nobody() {
+        for token in ["", "  "] {
+            let dir = tempfile::tempdir().unwrap();
+            let state = state_with_token(dir.path(), Some(token));
+            for offered in [None, Some("Bearer "), Some("Bearer"), Some("Bearer   ")] {
+                let refused = state.authorize(&authorization(offered)).unwrap_err();
+                assert_eq!(
+                    refused.0,
+                    StatusCode::FORBIDDEN,
+                    "token {token:?}, offered {offered:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with_token(dir.path(), Some("tok"));
+        for offered in ["Bearer tok", "bearer tok", "BEARER tok"] {
+            assert!(
+                state.authorize(&authorization(Some(offered))).is_ok(),
+                "{offered}"
+            );
+        }
+        for offered in [
+            None,
+            Some("Bearer"),
+            Some("Bearer "),
+            Some("Bearer to"),
+            Some("Bearer tokx"),
+            Some("Basic tok"),
+            Some("tok"),
+        ] {
+            let refused = state.authorize(&authorization(offered)).unwrap_err();
+            assert_eq!(refused.0, StatusCode::UNAUTHORIZED, "{offered:?}");
+        }
+    }
 
     #[test]
     fn token_comparison_needs_every_byte_and_the_length() {

@@ -305,8 +305,17 @@ impl FoldLoop {
             }
             drive_replay(consumer, batch)?;
             if let Some(found) = fold.take_log_behind() {
-                stop_on_log_behind(consumer, batch, found)?;
-                return Ok(());
+                // Only for a partition this loop still folds, still at that offset
+                // (the report may be older than a rebalance or a resume).
+                let owned = consumer.assignment().is_ok_and(|assigned| {
+                    assigned
+                        .find_partition(&found.partition.topic, found.partition.partition)
+                        .is_some()
+                });
+                if owned && batch.position(&found.partition)? == found.next {
+                    stop_on_log_behind(consumer, batch, found)?;
+                    return Ok(());
+                }
             }
             let message = consumer.poll(Duration::from_millis(50));
             handle_rebalance(consumer, batch)?;
@@ -728,10 +737,15 @@ impl OpenBatch {
     /// read again from the stored offsets.
     fn write_until_stored(&self, batch: &BatchWrite) -> Result<(), LoopError> {
         let mut failures = 0u32;
-        let was_assigned = self.fold.is_assigned();
+        // Restored once written: a batch committed as the loop halts on a poison
+        // event must leave the projection poisoned, not running.
+        let (state_before, was_assigned) = (self.fold.state(), self.fold.is_assigned());
         loop {
             let error = match self.deps.store.commit(&self.fold.generation, batch) {
                 Ok(()) => break,
+                // Only I/O trouble is waited out; anything else (corruption, a
+                // missing column family) fails the loop as before.
+                Err(error) if !error.is_io() => return Err(error.into()),
                 Err(error) => error,
             };
             metrics::STORE_WRITE_FAILURES
@@ -762,7 +776,7 @@ impl OpenBatch {
                 attempts = failures + 1,
                 "the store accepts writes again: batch written, folding resumed"
             );
-            self.fold.set_state(RunState::Running);
+            self.fold.set_state(state_before);
             if was_assigned {
                 self.fold.set_assigned();
             }

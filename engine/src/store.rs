@@ -34,6 +34,16 @@ pub struct StoreError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+impl StoreError {
+    /// True for RocksDB I/O errors (a full or read-only disk, a failing device):
+    /// the kind a writer can wait out.
+    pub fn is_io(&self) -> bool {
+        self.source
+            .downcast_ref::<rocksdb::Error>()
+            .is_some_and(|e| matches!(e.kind(), rocksdb::ErrorKind::IOError))
+    }
+}
+
 fn failed<E: std::error::Error + Send + Sync + 'static>(
     context: impl Into<String>,
 ) -> impl FnOnce(E) -> StoreError {

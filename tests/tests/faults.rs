@@ -397,9 +397,13 @@ fn a_replaced_broker_is_reconnected_to_without_a_restart() -> Result<()> {
     // The memory broker dies with its log; a new one takes the port, the topic is
     // created again and refilled with the same records (same keys, so the same
     // partitions and offsets), then new ones follow.
+    // The worker is paused meanwhile: an empty or half-refilled log would rightly
+    // stop it with offsets_reset (the next test).
+    worker.service.signal("STOP")?;
     broker.replace()?;
     broker.create_topic("orders", 2)?;
     produce(&broker, &registry, &before_events)?;
+    worker.service.signal("CONT")?;
     let after = produce_orders(dir.path(), &broker, &registry, "after", 300, 30)?;
     let all = concat(&before, &after);
     let crashed = until_no_librdkafka_crash(&mut worker, dir.path(), |worker| {
@@ -538,7 +542,10 @@ impl Ext4 {
 
 impl Drop for Ext4 {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 

@@ -75,7 +75,7 @@ fn twenty_sigkills_at_seeded_moments_lose_nothing_and_apply_nothing_twice() -> R
     let mut worker = start_worker(&home_a, &broker, &registry)?;
     let mut second: Option<Worker> = None;
 
-    let stream = orders::generate("orders", 30_000, rng.random_range(0..10_000));
+    let stream = orders::generate("orders", 36_000, rng.random_range(0..10_000));
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;
     let mut producer = Service::start(
         "producer",
@@ -104,17 +104,21 @@ fn twenty_sigkills_at_seeded_moments_lose_nothing_and_apply_nothing_twice() -> R
                 "just after a commit".to_owned()
             }
             Moment::Rebalance => {
-                let delay = Duration::from_millis(rng.random_range(0..3_000));
-                let what = match second.take() {
+                let (what, delay) = match second.take() {
                     None => {
                         second = Some(start_worker(&home_b, &broker, &registry)?);
-                        "while a second worker joins"
+                        ("while a second worker joins", rng.random_range(0..3_000))
                     }
                     Some(mut other) => {
                         other.service.kill();
-                        "while a second worker's partitions come back"
+                        // Its partitions move back once its session (6 s) expires.
+                        (
+                            "while a second worker's partitions come back",
+                            rng.random_range(4_000..8_000),
+                        )
                     }
                 };
+                let delay = Duration::from_millis(delay);
                 std::thread::sleep(delay);
                 format!("{what} (+{} ms)", delay.as_millis())
             }
