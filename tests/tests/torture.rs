@@ -75,11 +75,14 @@ fn twenty_sigkills_at_seeded_moments_lose_nothing_and_apply_nothing_twice() -> R
     let mut worker = start_worker(&home_a, &broker, &registry)?;
     let mut second: Option<Worker> = None;
 
-    let stream = orders::generate("orders", 36_000, rng.random_range(0..10_000));
+    // About 120,000 events at 360/s: 5.5 minutes, longer than the 20 kill cycles
+    // take here (180-250 s, each waiting out a group join), so every kill lands
+    // while the producer writes.
+    let stream = orders::generate("orders", 30_000, rng.random_range(0..10_000));
     let events = write_events(dir.path(), "events.jsonl", &stream.lines)?;
     let mut producer = Service::start(
         "producer",
-        produce_command(&broker, &registry, &events, 600),
+        produce_command(&broker, &registry, &events, 360),
         &dir.path().join("producer.log"),
     )?;
     let started = Instant::now();
