@@ -21,6 +21,16 @@ fn concat(first: &OrderStream, second: &OrderStream) -> OrderStream {
     }
 }
 
+/// A broker with topic `orders` of `partitions` partitions, a registry, and a
+/// worker folding it into `order_summary`, all with their files in `dir`.
+fn order_summary_deployment(dir: &std::path::Path, partitions: u32) -> Result<(Broker, Registry, Worker)> {
+    let broker = Broker::start(dir)?;
+    broker.create_topic("orders", partitions)?;
+    let registry = Registry::start(dir)?;
+    let worker = start_order_summary_worker(dir, &broker, &registry)?;
+    Ok((broker, registry, worker))
+}
+
 fn stop_gracefully(worker: &mut Worker) -> Result<()> {
     worker.service.signal("TERM")?;
     let status = worker.service.wait_exit(Duration::from_secs(30))?;
@@ -35,10 +45,7 @@ fn stop_gracefully(worker: &mut Worker) -> Result<()> {
 #[test]
 fn sigterm_mid_stream_commits_leaves_and_a_restart_continues_exactly() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let broker = Broker::start(dir.path())?;
-    broker.create_topic("orders", 4)?;
-    let registry = Registry::start(dir.path())?;
-    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let (broker, registry, mut worker) = order_summary_deployment(dir.path(), 4)?;
     let stream = orders::generate("orders", 3_000, 21);
     let mut producer = Service::start(
         "producer",
@@ -197,10 +204,7 @@ fn secrets_stay_out_of_logs_and_answers() -> Result<()> {
 #[test]
 fn a_stalled_broker_shows_in_readiness_and_lag_and_the_worker_catches_up_after() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let broker = Broker::start(dir.path())?;
-    broker.create_topic("orders", 2)?;
-    let registry = Registry::start(dir.path())?;
-    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let (broker, registry, mut worker) = order_summary_deployment(dir.path(), 2)?;
     let before = produce_orders(dir.path(), &broker, &registry, "before", 300, 25)?;
     wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
     wait_until("ready before the stall", Duration::from_secs(30), || {
@@ -325,10 +329,7 @@ fn a_full_disk_pauses_folding_without_advancing_offsets_and_folding_resumes_when
 {
     let dir = tempfile::tempdir()?;
     let disk = Tmpfs::mount(&dir.path().join("data"), "512m")?;
-    let broker = Broker::start(dir.path())?;
-    broker.create_topic("orders", 2)?;
-    let registry = Registry::start(dir.path())?;
-    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let (broker, registry, mut worker) = order_summary_deployment(dir.path(), 2)?;
     let before = produce_orders(dir.path(), &broker, &registry, "before", 300, 27)?;
     wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
 
@@ -384,10 +385,7 @@ fn a_full_disk_pauses_folding_without_advancing_offsets_and_folding_resumes_when
 #[test]
 fn a_replaced_broker_is_reconnected_to_without_a_restart() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start(dir.path())?;
-    broker.create_topic("orders", 2)?;
-    let registry = Registry::start(dir.path())?;
-    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let (mut broker, registry, mut worker) = order_summary_deployment(dir.path(), 2)?;
     let before = orders::generate("orders", 300, 29);
     let before_events = write_events(dir.path(), "before.jsonl", &before.lines)?;
     produce(&broker, &registry, &before_events)?;
@@ -421,10 +419,7 @@ fn a_replaced_broker_is_reconnected_to_without_a_restart() -> Result<()> {
 #[test]
 fn a_log_shorter_than_the_stored_offsets_stops_the_projection_with_offsets_reset() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start(dir.path())?;
-    broker.create_topic("orders", 2)?;
-    let registry = Registry::start(dir.path())?;
-    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let (mut broker, registry, mut worker) = order_summary_deployment(dir.path(), 2)?;
     let before = produce_orders(dir.path(), &broker, &registry, "before", 300, 31)?;
     wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
 
@@ -561,10 +556,7 @@ fn a_read_only_store_pauses_folding_serves_reads_and_loses_nothing() -> Result<(
     let image = dir.path().join("store.img");
     let data = dir.path().join("data");
     let disk = Ext4::mount(&image, &data)?;
-    let broker = Broker::start(dir.path())?;
-    broker.create_topic("orders", 2)?;
-    let registry = Registry::start(dir.path())?;
-    let mut worker = start_order_summary_worker(dir.path(), &broker, &registry)?;
+    let (broker, registry, mut worker) = order_summary_deployment(dir.path(), 2)?;
     let before = produce_orders(dir.path(), &broker, &registry, "before", 300, 33)?;
     wait_for_oracle(&mut worker, &before, Duration::from_secs(120))?;
 
