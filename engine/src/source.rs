@@ -6,6 +6,10 @@
 //! truth: on assignment the consumer starts from them, and a message below the next
 //! offset of its partition (a redelivery) is dropped, so nothing is applied twice.
 //!
+//! Messages are polled in chunks; while one chunk is folded, the next is decoded on
+//! a second thread ([`crate::decode_ahead`]). A rebalance or a consumer error is
+//! handled only after every message polled before it has been folded.
+//!
 //! A loop folds one generation ([`Fold`]); a replay's loop also drives the replay's
 //! handover (see [`crate::replay`]) and then goes on as the live loop.
 
@@ -28,6 +32,7 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::config::{KafkaConfig, PoisonPolicy, ReplayConfig, StoreConfig};
 use crate::dead_letter::DeadLetters;
 use crate::decode::{DecodeError, Decoder};
+use crate::decode_ahead::{DecodeAhead, Decoded, DecoderGone};
 use crate::metrics;
 use crate::poison::PoisonReason;
 use crate::projection::{Event, EventMeta, FoldError, PartitionState};
@@ -103,6 +108,10 @@ enum LoopError {
              written and will be folded again from the stored offsets ({error})"
     )]
     UnwrittenAtShutdown { events: u64, error: StoreError },
+    #[error("starting the decoding thread: {0}")]
+    DecoderThread(std::io::Error),
+    #[error(transparent)]
+    DecoderGone(#[from] DecoderGone),
 }
 
 /// Kafka callbacks of one projection's consumer: positions on assignment, revocations.
@@ -204,7 +213,7 @@ struct OpenBatch {
     replay: Option<Arc<Replay>>,
     /// When a throttled replay started counting, and the events since.
     throttle: Option<(Instant, u64, u32)>,
-    decoder: Decoder,
+    decode_ahead: DecodeAhead,
     deps: SourceDeps,
     /// Next offset to apply per partition, as far as this loop knows (committed or in
     /// the open batch).
@@ -264,6 +273,12 @@ impl FoldLoop {
             .as_ref()
             .and(deps.replay_config.max_events_per_second)
             .map(|rate| (Instant::now(), 0, rate.max(1)));
+        let decode_ahead = DecodeAhead::start(
+            decoder,
+            format!("decode-{}", fold.generation.column_family()),
+            deps.shutdown.clone(),
+        )
+        .map_err(LoopError::DecoderThread)?;
         consumer.subscribe(&topics)?;
         Ok(FoldLoop {
             consumer,
@@ -273,7 +288,7 @@ impl FoldLoop {
                 fold,
                 replay,
                 throttle,
-                decoder,
+                decode_ahead,
                 deps,
                 positions: HashMap::new(),
                 topics: HashMap::new(),
@@ -288,16 +303,22 @@ impl FoldLoop {
     }
 
     fn run(&mut self) -> Result<(), LoopError> {
-        let runtime = self.batch.runtime.clone();
         let fold = self.batch.fold.clone();
         fold.set_state(RunState::Running);
-        let max_wait = Duration::from_millis(self.batch.deps.store_config.batch_max_wait_ms);
-        let max_events = self.batch.deps.store_config.batch_max_events as u64;
         let consumer = &self.consumer;
-        let dead_letters = self.dead_letters.as_ref();
         let batch = &mut self.batch;
+        let folder = ChunkFolder {
+            runtime: batch.runtime.clone(),
+            fold: fold.clone(),
+            dead_letters: self.dead_letters.as_ref(),
+            max_wait: Duration::from_millis(batch.deps.store_config.batch_max_wait_ms),
+            max_events: batch.deps.store_config.batch_max_events as u64,
+        };
+        // Messages polled and being decoded while the chunk before them is folded.
+        let mut ahead: Option<Vec<BorrowedMessage<'_>>> = None;
         loop {
             if batch.deps.shutdown.load(Ordering::Relaxed) || fold.stop_requested() {
+                // A chunk still ahead was not applied: it is read again next time.
                 commit(consumer, batch)?;
                 info!("stopping: batch committed");
                 fold.set_state(RunState::Stopped);
@@ -312,100 +333,221 @@ impl FoldLoop {
                         .find_partition(&found.partition.topic, found.partition.partition)
                         .is_some()
                 });
-                if owned && batch.position(&found.partition)? == found.next {
+                // A chunk polled ahead may hold the very offset the probe missed.
+                let polled_ahead = ahead.iter().flatten().any(|m| {
+                    m.partition() == found.partition.partition && m.topic() == &*found.partition.topic
+                });
+                if owned && !polled_ahead && batch.position(&found.partition)? == found.next {
                     stop_on_log_behind(consumer, batch, found)?;
                     return Ok(());
                 }
             }
-            let message = consumer.poll(Duration::from_millis(50));
-            handle_rebalance(consumer, batch)?;
-            let message = match message {
-                None => {
-                    commit(consumer, batch)?;
-                    continue;
-                }
-                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
-                    if stop_on_offsets_outside_the_log(consumer, batch)? {
-                        return Ok(());
-                    }
-                    continue;
-                }
-                Some(Err(e)) => {
-                    warn!(error = %e, "consumer error");
-                    continue;
-                }
-                Some(Ok(message)) => message,
-            };
-            let partition = SourcePartition {
-                topic: batch.intern(message.topic()),
-                partition: message.partition(),
-            };
-            let offset = message.offset();
-            let next = batch.position(&partition)?;
-            if offset >= next && batch.unapplied_noted.insert(partition.clone()) {
-                fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
-            }
-            if offset < next {
-                debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
-                continue;
-            }
-            let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
-                metrics::OPERATOR_SKIPS.with_label_values(&[&runtime.name]).inc();
-                warn!(topic = %partition.topic, partition = partition.partition, offset,
-                    "operator skip: event at {partition} offset {offset} skipped without folding");
-                Outcome::Applied
+            let wait = if ahead.is_some() {
+                Duration::ZERO
             } else {
-                match batch.apply(&message, &partition) {
-                    Ok(()) => Outcome::Applied,
-                    Err(Stop::Interrupted) => Outcome::Retry,
-                    Err(Stop::Poison { reason, error }) => {
-                        let shutdown = batch.deps.shutdown.clone();
-                        let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
-                        handle_poison(
-                            &runtime,
-                            &fold,
-                            dead_letters,
-                            &message,
-                            &partition,
-                            reason,
-                            error,
-                            &keep_waiting,
-                        )?
-                    }
-                }
+                Duration::from_millis(50)
             };
-            match outcome {
-                Outcome::Applied => {}
-                Outcome::Retry => {
-                    // Never go on to later messages past one left unapplied: stop
-                    // here, committed up to it, and let the next run start from it.
-                    drop(message);
-                    commit(consumer, batch)?;
-                    info!("stopping mid-message: batch committed");
-                    fold.set_state(RunState::Stopped);
-                    return Ok(());
-                }
-                Outcome::Halt => {
-                    let timestamp = message.timestamp().to_millis().unwrap_or(0);
-                    drop(message);
-                    commit(consumer, batch)?;
-                    // The event it stopped at stays unapplied: its age is the lag.
-                    fold.note_unapplied(&partition, timestamp);
+            let polled = poll_chunk(consumer, wait);
+            if !polled.messages.is_empty() {
+                let max_bytes = batch.runtime.max_event_bytes;
+                // Values over the limit are poison without being decoded.
+                batch.decode_ahead.submit(
+                    polled
+                        .messages
+                        .iter()
+                        .map(|m| m.payload().filter(|v| v.len() <= max_bytes)),
+                )?;
+            }
+            if let Some(previous) = ahead.take() {
+                if folder.fold_chunk(consumer, batch, previous)? == ChunkEnd::LoopEnded {
                     return Ok(());
                 }
             }
-            batch.positions.insert(partition.clone(), offset + 1);
-            batch.offsets.insert(partition, offset + 1);
-            batch.events += 1;
-            if let Some(timestamp) = message.timestamp().to_millis() {
-                batch.timestamps.push(timestamp);
+            // A rebalance or an offset error is handled with every message polled
+            // before it folded, as when messages were taken one at a time.
+            let rebalanced = rebalance_pending(consumer);
+            if rebalanced || polled.offsets_outside_log || polled.messages.is_empty() {
+                if !polled.messages.is_empty()
+                    && folder.fold_chunk(consumer, batch, polled.messages)? == ChunkEnd::LoopEnded
+                {
+                    return Ok(());
+                }
+                if rebalanced {
+                    handle_rebalance(consumer, batch)?;
+                }
+                if polled.offsets_outside_log && stop_on_offsets_outside_the_log(consumer, batch)? {
+                    return Ok(());
+                }
+                if !rebalanced && !polled.offsets_outside_log {
+                    // Nothing more to read right now: write what was folded.
+                    commit(consumer, batch)?;
+                }
+            } else {
+                ahead = Some(polled.messages);
             }
-            let started = *batch.started.get_or_insert_with(Instant::now);
-            if batch.events >= max_events || started.elapsed() >= max_wait {
-                commit(consumer, batch)?;
-            }
-            batch.throttle();
         }
+    }
+}
+
+/// Messages taken from the consumer in one go.
+struct Polled<'c> {
+    messages: Vec<BorrowedMessage<'c>>,
+    /// The consumer reported a partition's position outside its log.
+    offsets_outside_log: bool,
+}
+
+/// Messages polled at most per chunk: enough to keep the decoding thread busy,
+/// few enough that a quiet topic's events are folded at once.
+const CHUNK_MESSAGES: usize = 500;
+
+/// Polls what the consumer has ready, waiting up to `wait` for the first message;
+/// stops early at a rebalance or a consumer error.
+fn poll_chunk(consumer: &BaseConsumer<SourceContext>, wait: Duration) -> Polled<'_> {
+    let mut polled = Polled {
+        messages: Vec::new(),
+        offsets_outside_log: false,
+    };
+    let mut timeout = wait;
+    while polled.messages.len() < CHUNK_MESSAGES {
+        match consumer.poll(timeout) {
+            None => break,
+            Some(Ok(message)) => polled.messages.push(message),
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                polled.offsets_outside_log = true;
+                break;
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "consumer error");
+                break;
+            }
+        }
+        if rebalance_pending(consumer) {
+            break;
+        }
+        timeout = Duration::ZERO;
+    }
+    polled
+}
+
+/// The consumer's rebalance callback left something for the loop to handle.
+fn rebalance_pending(consumer: &BaseConsumer<SourceContext>) -> bool {
+    let context = consumer.context();
+    !context.revoked.lock().expect("lock").is_empty()
+        || context.assignment_error.lock().expect("lock").is_some()
+}
+
+/// Whether the loop goes on after a chunk.
+#[derive(Debug, PartialEq, Eq)]
+enum ChunkEnd {
+    Folded,
+    /// Stopped at a message (poison under `stop`, or shutdown mid-message).
+    LoopEnded,
+}
+
+/// The per-message decisions of the loop, for the messages of one chunk.
+struct ChunkFolder<'d> {
+    runtime: Arc<ProjectionRuntime>,
+    fold: Arc<Fold>,
+    dead_letters: Option<&'d DeadLetters>,
+    max_wait: Duration,
+    max_events: u64,
+}
+
+impl ChunkFolder<'_> {
+    /// Folds `messages`, the oldest chunk submitted for decoding, in order.
+    fn fold_chunk(
+        &self,
+        consumer: &BaseConsumer<SourceContext>,
+        batch: &mut OpenBatch,
+        messages: Vec<BorrowedMessage<'_>>,
+    ) -> Result<ChunkEnd, LoopError> {
+        let decoded = batch.decode_ahead.next()?;
+        for (message, decoded) in messages.into_iter().zip(decoded) {
+            if self.fold_message(consumer, batch, message, decoded)? == ChunkEnd::LoopEnded {
+                return Ok(ChunkEnd::LoopEnded);
+            }
+        }
+        Ok(ChunkEnd::Folded)
+    }
+
+    fn fold_message(
+        &self,
+        consumer: &BaseConsumer<SourceContext>,
+        batch: &mut OpenBatch,
+        message: BorrowedMessage<'_>,
+        decoded: Decoded,
+    ) -> Result<ChunkEnd, LoopError> {
+        let (runtime, fold) = (&self.runtime, &self.fold);
+        let partition = SourcePartition {
+            topic: batch.intern(message.topic()),
+            partition: message.partition(),
+        };
+        let offset = message.offset();
+        let next = batch.position(&partition)?;
+        if offset >= next && batch.unapplied_noted.insert(partition.clone()) {
+            fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
+        }
+        if offset < next {
+            debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
+            return Ok(ChunkEnd::Folded);
+        }
+        let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
+            metrics::OPERATOR_SKIPS.with_label_values(&[&runtime.name]).inc();
+            warn!(topic = %partition.topic, partition = partition.partition, offset,
+                "operator skip: event at {partition} offset {offset} skipped without folding");
+            Outcome::Applied
+        } else {
+            match batch.apply(&message, &partition, decoded) {
+                Ok(()) => Outcome::Applied,
+                Err(Stop::Interrupted) => Outcome::Retry,
+                Err(Stop::Poison { reason, error }) => {
+                    let shutdown = batch.deps.shutdown.clone();
+                    let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
+                    handle_poison(
+                        runtime,
+                        fold,
+                        self.dead_letters,
+                        &message,
+                        &partition,
+                        reason,
+                        error,
+                        &keep_waiting,
+                    )?
+                }
+            }
+        };
+        match outcome {
+            Outcome::Applied => {}
+            Outcome::Retry => {
+                // Never go on to later messages past one left unapplied: stop
+                // here, committed up to it, and let the next run start from it.
+                drop(message);
+                commit(consumer, batch)?;
+                info!("stopping mid-message: batch committed");
+                fold.set_state(RunState::Stopped);
+                return Ok(ChunkEnd::LoopEnded);
+            }
+            Outcome::Halt => {
+                let timestamp = message.timestamp().to_millis().unwrap_or(0);
+                drop(message);
+                commit(consumer, batch)?;
+                // The event it stopped at stays unapplied: its age is the lag.
+                fold.note_unapplied(&partition, timestamp);
+                return Ok(ChunkEnd::LoopEnded);
+            }
+        }
+        batch.positions.insert(partition.clone(), offset + 1);
+        batch.offsets.insert(partition, offset + 1);
+        batch.events += 1;
+        if let Some(timestamp) = message.timestamp().to_millis() {
+            batch.timestamps.push(timestamp);
+        }
+        let started = *batch.started.get_or_insert_with(Instant::now);
+        if batch.events >= self.max_events || started.elapsed() >= self.max_wait {
+            commit(consumer, batch)?;
+        }
+        batch.throttle();
+        Ok(ChunkEnd::Folded)
     }
 }
 
@@ -652,7 +794,12 @@ impl OpenBatch {
     /// Decodes, upcasts and folds one message. When it fails, the batch is as it
     /// was before the message, even if an upcaster split it and some of its events
     /// were already folded.
-    fn apply(&mut self, message: &BorrowedMessage<'_>, partition: &SourcePartition) -> Result<(), Stop> {
+    fn apply(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        partition: &SourcePartition,
+        decoded: Decoded,
+    ) -> Result<(), Stop> {
         let size = message.payload_len();
         if size > self.runtime.max_event_bytes {
             return Err(Stop::Poison {
@@ -663,18 +810,13 @@ impl OpenBatch {
                 ),
             });
         }
-        let shutdown = self.deps.shutdown.clone();
-        let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
-        let events = self
-            .decoder
-            .decode(message.payload(), &keep_waiting)
-            .map_err(|e| match e {
-                DecodeError::Poison { reason, message } => Stop::Poison {
-                    reason,
-                    error: message,
-                },
-                DecodeError::Interrupted(_) => Stop::Interrupted,
-            })?;
+        let events = decoded.map_err(|e| match e {
+            DecodeError::Poison { reason, message } => Stop::Poison {
+                reason,
+                error: message,
+            },
+            DecodeError::Interrupted(_) => Stop::Interrupted,
+        })?;
         let meta = EventMeta {
             topic: partition.topic.clone(),
             partition: partition.partition,
@@ -907,7 +1049,15 @@ fn consumer_config(kafka: &KafkaConfig, generation: &crate::store::Generation) -
         // Positions always come from the store (or the beginning); a position
         // outside the log must stop the projection, not silently move it.
         .set("auto.offset.reset", "error")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // librdkafka prefetches up to 100,000 messages per partition by default:
+        // with small events and many partitions that is hundreds of MB of queued
+        // messages. 10,000 per partition keep the fold fed as long as the fetcher
+        // looks again soon after the queue drops below that (its default pause is
+        // 1 s, which starved the fold in `make bench`). `librdkafka_options` may
+        // change both.
+        .set("queued.min.messages", "10000")
+        .set("fetch.queue.backoff.ms", "10");
     for (key, value) in &kafka.librdkafka_options {
         config.set(key, value);
     }

@@ -382,15 +382,23 @@ impl Store {
     /// Writes one batch atomically: state rows and offsets together.
     pub fn commit(&self, generation: &Generation, batch: &BatchWrite) -> Result<(), StoreError> {
         let cf = self.cf(generation)?;
+        let mut rows: Vec<(Vec<u8>, &Option<Json>)> = batch
+            .rows
+            .iter()
+            .map(|(key, partition, state)| (state_key(key, partition), state))
+            .collect();
+        // In key order, each memtable insert starts its search where the last one
+        // ended instead of at the top of the skip list.
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut write = WriteBatch::default();
-        for (key, partition, state) in &batch.rows {
-            let row = state_key(key, partition);
+        let mut encoded = Vec::new();
+        for (row, state) in rows {
             match state {
-                Some(state) => write.put_cf(
-                    &cf,
-                    row,
-                    serde_json::to_vec(state).map_err(failed("encoding state"))?,
-                ),
+                Some(state) => {
+                    encoded.clear();
+                    serde_json::to_writer(&mut encoded, state).map_err(failed("encoding state"))?;
+                    write.put_cf(&cf, row, &encoded);
+                }
                 None => write.delete_cf(&cf, row),
             }
         }

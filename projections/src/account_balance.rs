@@ -77,7 +77,7 @@ impl Entity for AccountBalance {
             let Some(current) = state.as_ref() else {
                 return Ok(());
             };
-            let mut balance: Balance = serde_json::from_value(current.clone())
+            let mut balance: Balance = Balance::deserialize(current)
                 .map_err(|e| FoldError(format!("stored balance is unreadable: {e}")))?;
             let movement: Movement = event.parse()?;
             if movement.amount_cents < 0 {

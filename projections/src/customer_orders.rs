@@ -51,8 +51,7 @@ struct Placed {
 }
 
 fn read(json: &Json) -> Result<Orders, FoldError> {
-    serde_json::from_value(json.clone())
-        .map_err(|e| FoldError(format!("stored customer orders unreadable: {e}")))
+    Orders::deserialize(json).map_err(|e| FoldError(format!("stored customer orders unreadable: {e}")))
 }
 
 impl Entity for CustomerOrders {

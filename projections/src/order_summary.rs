@@ -94,7 +94,7 @@ impl Entity for OrderSummary {
     fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError> {
         let current: Option<Summary> = state
             .as_ref()
-            .map(|s| serde_json::from_value(s.clone()))
+            .map(Summary::deserialize)
             .transpose()
             .map_err(|e| FoldError(format!("stored order summary is unreadable: {e}")))?;
         let next = match (event.name, current) {

@@ -64,7 +64,7 @@ pub fn utc_day(millis: i64) -> Result<String, FoldError> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(json: &Json) -> Result<T, FoldError> {
-    serde_json::from_value(json.clone()).map_err(|e| FoldError(format!("stored state unreadable: {e}")))
+    T::deserialize(json).map_err(|e| FoldError(format!("stored state unreadable: {e}")))
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Json, FoldError> {
