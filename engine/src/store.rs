@@ -368,9 +368,10 @@ impl Store {
     ) -> Result<Option<Json>, StoreError> {
         let cf = self.cf(generation)?;
         // (Error contexts are formatted only on error: this runs for every event.)
+        // Pinned: parsed straight from RocksDB's block or memtable, not a copy.
         let bytes = self
             .db
-            .get_cf(&cf, state_key(key, partition))
+            .get_pinned_cf(&cf, state_key(key, partition))
             .map_err(|e| failed(format!("reading `{key}` of {partition}"))(e))?;
         bytes
             .map(|b| {
