@@ -18,6 +18,7 @@ pub fn to_json(value: Value) -> Result<Json, String> {
 /// A JSON value as an Avro value of `schema`. Missing record fields take their
 /// default; fields the schema does not have are an error, as are numbers out of
 /// range.
+#[cfg(test)]
 pub fn from_json(json: &Json, schema: &Schema) -> Result<Value, String> {
     JsonToAvro::new(schema)?.convert(json)
 }

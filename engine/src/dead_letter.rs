@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use tracing::warn;
 
+use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
+use crate::kafka_client::Role;
 use crate::poison::PoisonReason;
 
 /// A producer to one projection's dead-letter topic.
@@ -47,18 +48,8 @@ impl DeadLetters {
         topic: &str,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &kafka.brokers)
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000");
-        for (key, value) in &kafka.librdkafka_options {
-            if !is_consumer_only(key) {
-                config.set(key, value);
-            }
-        }
         Ok(DeadLetters {
-            producer: config.create()?,
+            producer: crate::kafka_client::config(kafka, Role::Producer).create()?,
             topic: topic.to_owned(),
             runtime,
         })
@@ -100,7 +91,7 @@ impl DeadLetters {
                 value: Some(value),
             });
         }
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.topic).headers(headers.clone());
@@ -126,26 +117,7 @@ impl DeadLetters {
                 });
             }
             warn!(topic = %self.topic, error = %failure, "dead letter not acknowledged; retrying");
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            std::thread::sleep(backoff.next_delay());
         }
     }
-}
-
-/// Consumer properties from `librdkafka_options` that a producer would warn about.
-fn is_consumer_only(key: &str) -> bool {
-    matches!(
-        key,
-        "session.timeout.ms"
-            | "heartbeat.interval.ms"
-            | "max.poll.interval.ms"
-            | "group.instance.id"
-            | "auto.offset.reset"
-            | "fetch.min.bytes"
-            | "fetch.wait.max.ms"
-            | "queued.min.messages"
-            | "fetch.queue.backoff.ms"
-            | "partition.assignment.strategy"
-            | "group.protocol"
-    )
 }

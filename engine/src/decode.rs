@@ -125,13 +125,21 @@ fn decode_body(
     mut body: &[u8],
     schemas: &SchemaSet,
 ) -> Result<Vec<CurrentEvent>, DecodeError> {
-    let payload =
-        apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref()).map_err(|e| {
-            DecodeError::poison(
-                PoisonReason::DecodeFailed,
-                format!("{} (schema id {schema_id}): {e}", plan.event_name),
-            )
-        })?;
+    let decoded = crate::panics::contained(|| {
+        apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref())
+    })
+    .map_err(|panic| {
+        DecodeError::poison(
+            PoisonReason::DecodeFailed,
+            format!("{} (schema id {schema_id}): {panic}", plan.event_name),
+        )
+    })?;
+    let payload = decoded.map_err(|e| {
+        DecodeError::poison(
+            PoisonReason::DecodeFailed,
+            format!("{} (schema id {schema_id}): {e}", plan.event_name),
+        )
+    })?;
     if !body.is_empty() {
         return Err(DecodeError::poison(
             PoisonReason::DecodeFailed,
@@ -147,8 +155,10 @@ fn decode_body(
             name: plan.event_name.clone(),
             payload,
         }]),
-        Some(version) => schemas
-            .upcast(&plan.event_name, version, payload)
+        // An upcaster is user code (CEL rules, Rust upcasters): a panic in it is
+        // this event's `upcast_failed`, not the end of the decoding thread.
+        Some(version) => crate::panics::contained(|| schemas.upcast(&plan.event_name, version, payload))
+            .and_then(|upcast| upcast)
             .map_err(|e| DecodeError::poison(PoisonReason::UpcastFailed, e)),
     }
 }

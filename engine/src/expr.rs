@@ -17,6 +17,41 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| {
     Arc::new(env)
 });
 
+/// Why an expression did not give a value; each names the expression.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExprError {
+    /// CEL could not parse or check it.
+    #[error("`{expr}` does not compile: {message}")]
+    Compile {
+        /// The expression.
+        expr: String,
+        /// CEL's error.
+        message: String,
+    },
+    /// Evaluating it failed (a type error, a division by zero).
+    #[error("`{expr}` failed: {message}")]
+    Failed {
+        /// The expression.
+        expr: String,
+        /// CEL's error.
+        message: String,
+    },
+    /// It reads a field the input does not have, where a value is required.
+    #[error("`{expr}` failed: it reads a field the input does not have")]
+    MissingField {
+        /// The expression.
+        expr: String,
+    },
+    /// A guard gave something else than true or false.
+    #[error("`{expr}` gave {got}, expected true or false")]
+    NotBoolean {
+        /// The expression.
+        expr: String,
+        /// What it gave.
+        got: String,
+    },
+}
+
 /// A compiled expression with its source, for error messages.
 pub struct Expr {
     source: String,
@@ -34,10 +69,11 @@ impl std::fmt::Debug for Expr {
 
 impl Expr {
     /// Compiles `source`; the error is CEL's parse error.
-    pub fn compile(source: &str) -> Result<Expr, String> {
-        let program = ENV
-            .compile(source)
-            .map_err(|e| format!("`{source}` does not compile: {e}"))?;
+    pub fn compile(source: &str) -> Result<Expr, ExprError> {
+        let program = ENV.compile(source).map_err(|e| ExprError::Compile {
+            expr: source.to_owned(),
+            message: e.to_string(),
+        })?;
         let mut expr = Expr {
             source: source.to_owned(),
             program,
@@ -53,26 +89,6 @@ impl Expr {
     /// The expression as written.
     pub fn source(&self) -> &str {
         &self.source
-    }
-
-    /// Evaluates with `variables` bound; the result as JSON.
-    pub fn eval(&self, variables: &[(&str, &Json)]) -> Result<Json, String> {
-        self.eval_optional(variables)?.ok_or_else(|| {
-            format!(
-                "`{}` failed: it reads a field the input does not have",
-                self.source
-            )
-        })
-    }
-
-    /// Like [`Expr::eval`], but `None` when the expression reads a field the input
-    /// does not have (`event.customerId` of an event without one).
-    pub fn eval_optional(&self, variables: &[(&str, &Json)]) -> Result<Option<Json>, String> {
-        let mut scope = Scope::default();
-        for (name, value) in variables {
-            scope.bind_json(name, value);
-        }
-        self.eval_in(&scope)
     }
 
     /// The fields of `variable` the expression reads, when it only ever reads
@@ -146,45 +162,41 @@ impl Expr {
     }
 
     /// Evaluates against variables bound once in `scope` (cheaper than
-    /// [`Expr::eval_optional`] when several expressions read the same input).
-    pub fn eval_in(&self, scope: &Scope) -> Result<Option<Json>, String> {
+    /// binding them per expression when several expressions read the same input).
+    pub fn eval_in(&self, scope: &Scope) -> Result<Option<Json>, ExprError> {
         if let Some(constant) = &self.constant {
             return Ok(Some(constant.clone()));
         }
+        let failed = |message: String| ExprError::Failed {
+            expr: self.source.clone(),
+            message,
+        };
         let result = match self.program.execute(&scope.context) {
             Ok(result) => result,
             Err(cel::ExecutionError::NoSuchKey(_)) => return Ok(None),
-            Err(e) => return Err(format!("`{}` failed: {e}", self.source)),
+            Err(e) => return Err(failed(e.to_string())),
         };
         result
             .json()
             .map(Some)
-            .map_err(|e| format!("`{}` gave a value that is not JSON: {e}", self.source))
+            .map_err(|e| failed(format!("it gave a value that is not JSON: {e}")))
     }
 
     /// [`Expr::eval_in`] for a value that must be there.
-    pub fn value_in(&self, scope: &Scope) -> Result<Json, String> {
-        self.eval_in(scope)?.ok_or_else(|| {
-            format!(
-                "`{}` failed: it reads a field the input does not have",
-                self.source
-            )
+    pub fn value_in(&self, scope: &Scope) -> Result<Json, ExprError> {
+        self.eval_in(scope)?.ok_or_else(|| ExprError::MissingField {
+            expr: self.source.clone(),
         })
     }
 
     /// [`Expr::eval_in`] for a guard: true or false.
-    pub fn test_in(&self, scope: &Scope) -> Result<bool, String> {
+    pub fn test_in(&self, scope: &Scope) -> Result<bool, ExprError> {
         match self.value_in(scope)? {
             Json::Bool(b) => Ok(b),
-            other => Err(format!("`{}` gave {other}, expected true or false", self.source)),
-        }
-    }
-
-    /// Evaluates a guard: true, false, or an error when the result is not a bool.
-    pub fn test(&self, variables: &[(&str, &Json)]) -> Result<bool, String> {
-        match self.eval(variables)? {
-            Json::Bool(b) => Ok(b),
-            other => Err(format!("`{}` gave {other}, expected true or false", self.source)),
+            other => Err(ExprError::NotBoolean {
+                expr: self.source.clone(),
+                got: other.to_string(),
+            }),
         }
     }
 }
@@ -315,6 +327,24 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn scope(variables: &[(&str, &Json)]) -> Scope {
+        let mut scope = Scope::default();
+        for (name, value) in variables {
+            scope.bind_json(name, value);
+        }
+        scope
+    }
+
+    impl Expr {
+        fn eval(&self, variables: &[(&str, &Json)]) -> Result<Json, ExprError> {
+            self.value_in(&scope(variables))
+        }
+
+        fn test(&self, variables: &[(&str, &Json)]) -> Result<bool, ExprError> {
+            self.test_in(&scope(variables))
+        }
+    }
+
     #[test]
     fn evaluates_over_json() {
         let event = json!({"total": 12.345, "items": [1, 2, 3], "name": "Ab"});
@@ -338,12 +368,20 @@ mod tests {
 
     #[test]
     fn errors_say_what_failed() {
-        assert!(Expr::compile("event.(").unwrap_err().contains("does not compile"));
+        assert!(Expr::compile("event.(")
+            .unwrap_err()
+            .to_string()
+            .contains("does not compile"));
         let error = Expr::compile("event.missing + 1")
             .unwrap()
             .eval(&[("event", &json!({}))])
             .unwrap_err();
-        assert!(error.contains("event.missing"), "{error}");
+        assert_eq!(
+            error,
+            ExprError::MissingField {
+                expr: "event.missing + 1".into()
+            }
+        );
         let fields = Expr::compile("event.a + size(event.items) + (event.b == 'event.x' ? 1 : 0)").unwrap();
         assert_eq!(fields.fields_read("event").unwrap(), ["a", "items", "b"]);
         assert_eq!(Expr::compile("size(event)").unwrap().fields_read("event"), None);
@@ -361,8 +399,8 @@ mod tests {
         assert_eq!(Expr::compile("event.a.b").unwrap().field_access(), None);
         assert_eq!(Expr::compile("event.a + 1").unwrap().field_access(), None);
         let missing = Expr::compile("event.missing + 1").unwrap();
-        assert_eq!(missing.eval_optional(&[("event", &json!({}))]).unwrap(), None);
+        assert_eq!(missing.eval_in(&scope(&[("event", &json!({}))])).unwrap(), None);
         let not_bool = Expr::compile("1").unwrap().test(&[]).unwrap_err();
-        assert!(not_bool.contains("expected true or false"));
+        assert!(matches!(not_bool, ExprError::NotBoolean { got, .. } if got == "1"));
     }
 }

@@ -3,19 +3,22 @@
 //!
 //! Lag is measured against the offsets stored with state (the truth), not the
 //! group's committed offsets: events = high watermark − next offset to apply;
-//! seconds = age of the oldest event not yet applied (its record timestamp, when
-//! the fold loop has seen it; otherwise how long the lag has been there), 0 when
-//! caught up.
+//! seconds = age of the oldest event not yet applied: its record timestamp, from
+//! the fold loop when it has polled that event, else fetched from the broker
+//! (once per stored offset). A partition whose records past the stored offset are
+//! only transaction markers or aborted records (a transactional producer's topic)
+//! is caught up: 0 in events and seconds. Each worker reports only the partitions
+//! its fold loops own, and drops a partition's series when it loses it.
 //!
 //! The same refresh measures each running replay's progress against the high
-//! watermarks, which decides when it hands over (see [`crate::replay`]).
+//! watermarks and tells the projection's supervisor when it has caught up (see
+//! [`crate::supervisor`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -23,10 +26,12 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
 use crate::config::KafkaConfig;
+use crate::fold_state::{Command, Fold, LogBehind, RunState};
+use crate::kafka_client::{self, Role};
 use crate::metrics;
 use crate::replay::Replay;
-use crate::runtime::{Fold, LogBehind, ProjectionRuntime, RunState};
 use crate::store::{SourcePartition, Store};
+use crate::supervisor::Supervisor;
 
 /// Total lag in events and the largest lag in seconds of each projection, as of
 /// the last refresh (for summaries such as the demo's).
@@ -71,7 +76,25 @@ struct Memory {
     log_reaches: HashMap<(String, SourcePartition), (i64, i64)>,
     /// Consecutive probes that found a partition's log shorter than its offset.
     log_short: HashMap<(String, SourcePartition), u32>,
+    /// What the broker said is at a stored next offset: (next offset, high
+    /// watermark, what is there).
+    oldest: HashMap<(String, SourcePartition), (i64, i64, Oldest)>,
 }
+
+/// The oldest record at or after a partition's next offset to apply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Oldest {
+    /// A record with this timestamp (ms).
+    At(i64),
+    /// No data record up to the high watermark: only transaction markers or
+    /// aborted records are left, so the partition is caught up.
+    NoneLeft,
+    /// The broker did not say in time.
+    Unknown,
+}
+
+/// How long a lag probe waits for the record at a stored offset.
+const LAG_PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a probe waits for the record before a stored offset.
 const PROBE_WAIT: Duration = Duration::from_secs(3);
@@ -84,34 +107,43 @@ pub fn spawn(
     kafka: &KafkaConfig,
     switch_lag_events: i64,
     store: Arc<Store>,
-    projections: Vec<Arc<ProjectionRuntime>>,
+    projections: Vec<Arc<Supervisor>>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, rdkafka::error::KafkaError> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.brokers);
-    for (key, value) in &kafka.librdkafka_options {
-        config.set(key, value);
-    }
     // Only metadata and watermark queries: no group, no subscription.
-    config.remove("group.id");
-    let client: BaseConsumer = config.create()?;
+    let client: BaseConsumer = kafka_client::config(kafka, Role::Metadata).create()?;
     // Reads single records by assignment to check that a log reaches an offset.
-    // (librdkafka assigns only in a consumer with a group id; it never joins or
-    // commits here.)
-    config
-        .set("group.id", format!("{}.log-probe", kafka.group_prefix))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "error");
-    let probe: BaseConsumer = config.create()?;
+    let probe: BaseConsumer = kafka_client::config(
+        kafka,
+        Role::Probe {
+            group_id: &format!("{}.log-probe", kafka.group_prefix),
+            partition_eof: false,
+        },
+    )
+    .create()?;
+    // Reads the record at a stored offset for its timestamp; says when nothing but
+    // transaction markers is left (the end of the partition before any record).
+    let lag_probe: BaseConsumer = kafka_client::config(
+        kafka,
+        Role::Probe {
+            group_id: &format!("{}.lag-probe", kafka.group_prefix),
+            partition_eof: true,
+        },
+    )
+    .create()?;
     Ok(std::thread::Builder::new()
         .name("lag-monitor".into())
         .spawn(move || {
             let mut memory = Memory::default();
             while !shutdown.load(Ordering::Relaxed) {
                 for projection in &projections {
-                    refresh(&client, &probe, &store, projection, &mut memory);
+                    let probes = Probes {
+                        log: &probe,
+                        lag: &lag_probe,
+                    };
+                    refresh(&client, &probes, &store, projection, &mut memory);
                     if let Some(replay) = projection.replay() {
-                        refresh_replay(&client, &store, &replay, switch_lag_events);
+                        refresh_replay(&client, &store, projection, &replay, switch_lag_events);
                     }
                 }
                 let deadline = Instant::now() + REFRESH;
@@ -159,7 +191,15 @@ fn watermarks(client: &BaseConsumer, topics: &[String]) -> Option<Vec<(SourcePar
     Some(found)
 }
 
-fn refresh_replay(client: &BaseConsumer, store: &Store, replay: &Replay, switch_lag_events: i64) {
+/// Measures a replay's progress; within `switch_lag_events` of the high
+/// watermarks, tells the supervisor it caught up (the handover starts).
+fn refresh_replay(
+    client: &BaseConsumer,
+    store: &Store,
+    projection: &Supervisor,
+    replay: &Arc<Replay>,
+    switch_lag_events: i64,
+) {
     let Ok(stored) = store.offsets(&replay.fold.generation) else {
         return;
     };
@@ -174,14 +214,27 @@ fn refresh_replay(client: &BaseConsumer, store: &Store, replay: &Replay, switch_
     if positions.is_empty() {
         return;
     }
-    replay.record_progress(&positions, switch_lag_events);
+    let progress = replay.record_progress(&positions);
+    if progress.lag_events <= switch_lag_events {
+        if let Err(e) = projection.replay_caught_up(replay, store) {
+            warn!(error = %e, "starting the handover");
+        }
+    }
+}
+
+/// The consumers the monitor reads single records with.
+struct Probes<'a> {
+    /// Checks that a log reaches a stored offset.
+    log: &'a BaseConsumer,
+    /// Reads the oldest unapplied record's timestamp.
+    lag: &'a BaseConsumer,
 }
 
 fn refresh(
     client: &BaseConsumer,
-    probe: &BaseConsumer,
+    probes: &Probes<'_>,
     store: &Store,
-    projection: &ProjectionRuntime,
+    projection: &Supervisor,
     memory: &mut Memory,
 ) {
     let live = projection.live();
@@ -216,23 +269,44 @@ fn refresh(
             .insert(projection.name.clone(), total);
         return;
     };
-    check_logs_reach_offsets(probe, &projection.name, &live, &watermarks, &stored, memory);
+    check_logs_reach_offsets(probes.log, &projection.name, &live, &watermarks, &stored, memory);
+    let owned = live.owned_partitions();
+    forget_unowned(&projection.name, &owned, memory);
     for (source, low, high) in watermarks {
+        if !owned.contains(&source) {
+            continue;
+        }
         let next = stored.get(&source).copied().unwrap_or(low);
-        let lag_events = (high - next).max(0);
+        let mut lag_events = (high - next).max(0);
         let since_key = (projection.name.clone(), source.clone());
-        let lag_seconds = if lag_events == 0 {
-            memory.lagging_since.remove(&since_key);
-            0.0
+        let oldest = if lag_events == 0 {
+            Oldest::NoneLeft
+        } else if let Some(timestamp_ms) = live.oldest_unapplied(&source) {
+            Oldest::At(timestamp_ms)
         } else {
-            let since = *memory
+            oldest_unapplied(probes.lag, memory, &since_key, next, high)
+        };
+        let lag_seconds = match oldest {
+            Oldest::NoneLeft => {
+                lag_events = 0;
+                memory.lagging_since.remove(&since_key);
+                0.0
+            }
+            Oldest::At(timestamp_ms) => {
+                let age = Duration::from_millis((now_ms - timestamp_ms).max(0) as u64);
+                // Should the broker not answer next time, the lag ages from here.
+                memory.lagging_since.insert(
+                    since_key.clone(),
+                    Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                );
+                age.as_secs_f64()
+            }
+            Oldest::Unknown => memory
                 .lagging_since
                 .entry(since_key.clone())
-                .or_insert_with(Instant::now);
-            match live.oldest_unapplied(&source) {
-                Some(timestamp_ms) => ((now_ms - timestamp_ms).max(0) as f64) / 1000.0,
-                None => since.elapsed().as_secs_f64(),
-            }
+                .or_insert_with(Instant::now)
+                .elapsed()
+                .as_secs_f64(),
         };
         let partition_label = source.partition.to_string();
         let labels = [projection.name.as_str(), &source.topic, partition_label.as_str()];
@@ -251,6 +325,86 @@ fn refresh(
         .lock()
         .expect("summary lock")
         .insert(projection.name.clone(), total);
+}
+
+/// Drops the series and memory of partitions this worker no longer owns (another
+/// worker of the group folds them and reports their lag).
+fn forget_unowned(name: &str, owned: &std::collections::BTreeSet<SourcePartition>, memory: &mut Memory) {
+    let lost: Vec<SourcePartition> = memory
+        .published
+        .keys()
+        .filter(|(projection, source)| projection == name && !owned.contains(source))
+        .map(|(_, source)| source.clone())
+        .collect();
+    for source in lost {
+        let key = (name.to_owned(), source.clone());
+        memory.published.remove(&key);
+        memory.lagging_since.remove(&key);
+        memory.oldest.remove(&key);
+        let partition_label = source.partition.to_string();
+        let labels = [name, &*source.topic, partition_label.as_str()];
+        let _ = metrics::CONSUMER_LAG_EVENTS.remove_label_values(&labels);
+        let _ = metrics::CONSUMER_LAG_SECONDS.remove_label_values(&labels);
+        debug!(projection = name, partition = %source, "partition no longer owned: its lag series dropped");
+    }
+}
+
+/// The oldest record at or after `next` that the fold loop has not polled: asked
+/// of the broker once per stored offset (the record there does not change), and
+/// again for "none left" when the high watermark moves.
+fn oldest_unapplied(
+    probe: &BaseConsumer,
+    memory: &mut Memory,
+    key: &(String, SourcePartition),
+    next: i64,
+    high: i64,
+) -> Oldest {
+    match memory.oldest.get(key) {
+        Some(&(at, _, found @ Oldest::At(_))) if at == next => return found,
+        Some(&(at, seen_high, Oldest::NoneLeft)) if at == next && seen_high == high => {
+            return Oldest::NoneLeft
+        }
+        _ => {}
+    }
+    let found = probe_oldest(probe, &key.1, next);
+    memory.oldest.insert(key.clone(), (next, high, found));
+    found
+}
+
+/// Fetches from `next` (read-committed, like the fold's consumer): the first
+/// record's timestamp, or [`Oldest::NoneLeft`] when the end of the partition comes
+/// first.
+fn probe_oldest(probe: &BaseConsumer, partition: &SourcePartition, next: i64) -> Oldest {
+    let mut assignment = TopicPartitionList::new();
+    if assignment
+        .add_partition_offset(&partition.topic, partition.partition, Offset::Offset(next))
+        .is_err()
+        || probe.assign(&assignment).is_err()
+    {
+        return Oldest::Unknown;
+    }
+    let deadline = Instant::now() + LAG_PROBE_WAIT;
+    let mut found = Oldest::Unknown;
+    while Instant::now() < deadline {
+        match probe.poll(Duration::from_millis(50)) {
+            Some(Ok(message)) if message.offset() >= next => {
+                found = message
+                    .timestamp()
+                    .to_millis()
+                    .map_or(Oldest::Unknown, Oldest::At);
+                break;
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition.partition => {
+                found = Oldest::NoneLeft;
+                break;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => debug!(error = %e, "lag probe"),
+            None => {}
+        }
+    }
+    let _ = probe.unassign();
+    found
 }
 
 /// Finds partitions whose log ends before their stored next offset (the topic was
@@ -295,12 +449,12 @@ fn check_logs_reach_offsets(
         warn!(topic = %source.topic, partition = source.partition, offset = next, high,
             "the log of {source} seems to end before the stored offset {next} (probe {short})");
         if *short >= SHORT_PROBES_TO_STOP {
-            live.report_log_behind(LogBehind {
+            live.tell(Command::LogBehind(LogBehind {
                 partition: source.clone(),
                 next,
                 low: *low,
                 high: *high,
-            });
+            }));
         }
     }
 }

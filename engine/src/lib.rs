@@ -1,30 +1,37 @@
 //! Projector's engine: turns Avro event streams on Kafka into read models in RocksDB.
 //!
-//! The path of one event: [`source`] consumes it, [`frame`] and [`decode`] turn the
+//! The path of one event: [`fold`] consumes it, [`frame`] and [`decode`] turn the
 //! Confluent-framed Avro into an event of the current schema ([`schemas`],
 //! [`registry_client`]) on a thread of its own ([`decode_ahead`]), a
 //! [`projection::Projection`] folds it, and [`store`] commits the batch's state with
-//! its offsets. [`serve`] answers reads; [`registry`] is a development schema
-//! registry.
+//! its offsets. [`serve`] answers reads.
+//!
+//! Public: what the `projector` binary, the built-in projections and the tests
+//! use; everything else is the engine's own.
 
-pub mod avro_json;
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod avro_json;
+mod backoff;
 pub mod config;
-pub mod dead_letter;
-pub mod declarative;
-pub mod decode;
-pub mod decode_ahead;
-pub mod expr;
-pub mod frame;
+mod dead_letter;
+mod declarative;
+mod decode;
+mod decode_ahead;
+mod expr;
+mod fold;
+mod fold_state;
+mod frame;
+mod kafka_client;
 pub mod lag;
 pub mod metrics;
-pub mod poison;
+mod panics;
+mod poison;
 pub mod projection;
-pub mod registry;
-pub mod registry_client;
-pub mod replay;
-pub mod runtime;
+mod registry_client;
+mod replay;
 pub mod schemas;
-pub mod serve;
-pub mod source;
+mod serve;
 pub mod store;
+mod supervisor;
 pub mod worker;

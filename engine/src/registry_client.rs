@@ -1,18 +1,22 @@
 //! Writer schemas by id, from a Confluent-compatible schema registry, cached.
 //!
 //! A schema id never changes meaning, so a fetched schema is cached for the life of
-//! the process. A registry that is down is waited for (capped exponential backoff),
-//! never treated as a bad event.
+//! the process. What an answer means is decided by its HTTP status and, for a 404,
+//! Confluent's error code: only `40403` (schema not found) says the id does not
+//! exist, which makes the event poison. Anything else (a registry that is down,
+//! overloaded, misconfigured behind a proxy, or refusing our credentials) is not
+//! the event's fault: it is waited out with capped exponential backoff, loudly.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, SrSettings};
-use schema_registry_converter::error::SRCError;
-
+use crate::backoff::Backoff;
 use crate::config::RegistryConfig;
 use crate::metrics;
+
+/// Confluent's error code for "schema not found" (with HTTP 404).
+const SCHEMA_NOT_FOUND: i64 = 40403;
 
 /// What a registry lookup can end in, besides a schema.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -36,9 +40,40 @@ pub enum RegistryError {
     Client(String),
 }
 
+/// One answer of the registry, classified.
+#[derive(Debug)]
+enum Answer {
+    /// The schema's text.
+    Schema(String),
+    /// 404 with error code 40403.
+    NotFound,
+    /// 200 with something that is not an Avro schema.
+    NotAvro(String),
+    /// Anything to wait out, with what happened.
+    Unavailable(String),
+}
+
+/// The body of `GET /schemas/ids/{id}`.
+#[derive(serde::Deserialize)]
+struct SchemaById {
+    schema: String,
+    #[serde(default, rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+/// The body of a Confluent error answer.
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    error_code: i64,
+    #[serde(default)]
+    message: String,
+}
+
 /// Cached registry client.
 pub struct RegistryClient {
-    settings: SrSettings,
+    http: reqwest::Client,
+    base_url: String,
+    credentials: Option<(String, Option<String>)>,
     max_backoff: Duration,
     cache: Mutex<HashMap<u32, Arc<apache_avro::Schema>>>,
     runtime: tokio::runtime::Handle,
@@ -47,16 +82,19 @@ pub struct RegistryClient {
 impl RegistryClient {
     /// A client for `config`; requests run on `runtime`.
     pub fn new(config: &RegistryConfig, runtime: tokio::runtime::Handle) -> Result<Self, RegistryError> {
-        let mut builder = SrSettings::new_builder(config.url.trim_end_matches('/').to_owned());
-        builder.set_timeout(Duration::from_millis(config.timeout_ms));
-        if let Some(user) = &config.username {
-            builder.set_basic_authorization(user, config.password.as_deref());
-        }
-        let settings = builder
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
             .build()
-            .map_err(|e| RegistryError::Client(e.error.clone()))?;
+            .map_err(|e| RegistryError::Client(e.to_string()))?;
+        let base_url = config.url.trim_end_matches('/').to_owned();
+        reqwest::Url::parse(&base_url).map_err(|e| RegistryError::Client(format!("registry.url: {e}")))?;
         Ok(RegistryClient {
-            settings,
+            http,
+            base_url,
+            credentials: config
+                .username
+                .clone()
+                .map(|user| (user, config.password.clone())),
             max_backoff: Duration::from_millis(config.max_backoff_ms.max(1)),
             cache: Mutex::new(HashMap::new()),
             runtime,
@@ -64,8 +102,8 @@ impl RegistryClient {
     }
 
     /// The writer schema with `id`. Blocks (retrying) while the registry is
-    /// unreachable, until it answers or `keep_waiting` returns false. Call it from a
-    /// thread that is not a tokio worker.
+    /// unavailable, until it answers or `keep_waiting` returns false. Call it from
+    /// a thread that is not a tokio worker.
     pub fn schema(
         &self,
         id: u32,
@@ -74,18 +112,16 @@ impl RegistryClient {
         if let Some(schema) = self.cache.lock().expect("registry cache lock").get(&id) {
             return Ok(schema.clone());
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.max_backoff);
         loop {
-            let answer = self.runtime.block_on(get_schema_by_id(id, &self.settings));
-            match answer {
-                Ok(registered) => {
+            match self.runtime.block_on(self.fetch(id)) {
+                Answer::Schema(text) => {
                     metrics::registry_request("ok");
-                    let schema = apache_avro::Schema::parse_str(&registered.schema).map_err(|e| {
-                        RegistryError::BadSchema {
+                    let schema =
+                        apache_avro::Schema::parse_str(&text).map_err(|e| RegistryError::BadSchema {
                             id,
                             message: e.to_string(),
-                        }
-                    })?;
+                        })?;
                     let schema = Arc::new(schema);
                     self.cache
                         .lock()
@@ -93,41 +129,134 @@ impl RegistryClient {
                         .insert(id, schema.clone());
                     return Ok(schema);
                 }
-                Err(error) if is_not_found(&error) => {
+                Answer::NotAvro(message) => {
+                    metrics::registry_request("ok");
+                    return Err(RegistryError::BadSchema { id, message });
+                }
+                Answer::NotFound => {
                     metrics::registry_request("not_found");
                     return Err(RegistryError::UnknownId(id));
                 }
-                Err(error) => {
+                Answer::Unavailable(why) => {
                     metrics::registry_request("error");
                     if !keep_waiting() {
-                        return Err(RegistryError::Interrupted(describe(&error)));
+                        return Err(RegistryError::Interrupted(why));
                     }
+                    let delay = backoff.next_delay();
                     tracing::warn!(
                         schema_id = id,
-                        retry_in_ms = backoff.as_millis() as u64,
-                        error = %describe(&error),
+                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        error = %why,
                         "schema registry unavailable; retrying"
                     );
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(self.max_backoff);
+                    std::thread::sleep(delay);
                 }
             }
         }
     }
+
+    async fn fetch(&self, id: u32) -> Answer {
+        let url = format!("{}/schemas/ids/{id}", self.base_url);
+        let mut request = self
+            .http
+            .get(&url)
+            .header("Accept", "application/vnd.schemaregistry.v1+json");
+        if let Some((user, password)) = &self.credentials {
+            request = request.basic_auth(user, password.as_deref());
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return Answer::Unavailable(format!("GET {url}: {e}")),
+        };
+        let status = response.status();
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(e) => return Answer::Unavailable(format!("GET {url}: {status}, reading the body: {e}")),
+        };
+        classify(&url, status.as_u16(), &body)
+    }
 }
 
-/// 404 with Confluent's "schema not found" code; anything else may be transient.
-fn is_not_found(error: &SRCError) -> bool {
-    !error.retriable
-        && error
-            .cause
-            .as_deref()
-            .is_some_and(|cause| cause.contains("error_code: 40403"))
+/// What an answer with `status` and `body` means.
+fn classify(url: &str, status: u16, body: &[u8]) -> Answer {
+    match status {
+        200 => match serde_json::from_slice::<SchemaById>(body) {
+            Ok(found) => match found.schema_type.as_deref() {
+                None | Some("AVRO") => Answer::Schema(found.schema),
+                Some(other) => Answer::NotAvro(format!("it is a {other} schema")),
+            },
+            Err(e) => Answer::Unavailable(format!("GET {url}: 200 with an unreadable body: {e}")),
+        },
+        404 => match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(error) if error.error_code == SCHEMA_NOT_FOUND => Answer::NotFound,
+            // A 404 without the registry's code is a wrong URL or a proxy, not a
+            // missing schema: the events are fine.
+            Ok(error) => Answer::Unavailable(format!(
+                "GET {url}: 404 with error code {} ({}); is registry.url right?",
+                error.error_code, error.message
+            )),
+            Err(_) => Answer::Unavailable(format!("GET {url}: 404 without a registry error; is registry.url right?")),
+        },
+        401 | 403 => Answer::Unavailable(format!(
+            "GET {url}: {status}: the registry refuses these credentials (registry.username, registry.password)"
+        )),
+        _ => Answer::Unavailable(format!(
+            "GET {url}: {status} {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )),
+    }
 }
 
-fn describe(error: &SRCError) -> String {
-    match &error.cause {
-        Some(cause) => format!("{}: {cause}", error.error),
-        None => error.error.clone(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str) -> Answer {
+        classify("http://r/schemas/ids/7", status, body.as_bytes())
+    }
+
+    #[test]
+    fn only_a_404_with_code_40403_means_the_id_does_not_exist() {
+        assert!(matches!(
+            answer(404, r#"{"error_code":40403,"message":"Schema not found"}"#),
+            Answer::NotFound
+        ));
+        for (status, body) in [
+            (404, r#"{"error_code":404,"message":"HTTP 404 Not Found"}"#),
+            (404, "<html>not here</html>"),
+            (401, r#"{"error_code":401,"message":"Unauthorized"}"#),
+            (403, ""),
+            (
+                500,
+                r#"{"error_code":50001,"message":"Error in the backend data store"}"#,
+            ),
+            (503, ""),
+            (429, ""),
+            (200, "not json"),
+        ] {
+            assert!(
+                matches!(answer(status, body), Answer::Unavailable(_)),
+                "{status} {body} is waited out"
+            );
+        }
+    }
+
+    #[test]
+    fn a_schema_answer_is_avro_or_refused() {
+        assert!(matches!(
+            answer(200, r#"{"schema":"\"string\""}"#),
+            Answer::Schema(s) if s == "\"string\""
+        ));
+        assert!(matches!(
+            answer(200, r#"{"schema":"\"string\"","schemaType":"AVRO"}"#),
+            Answer::Schema(_)
+        ));
+        assert!(matches!(
+            answer(
+                200,
+                r#"{"schema":"syntax = \"proto3\";","schemaType":"PROTOBUF"}"#
+            ),
+            Answer::NotAvro(_)
+        ));
     }
 }

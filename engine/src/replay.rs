@@ -14,6 +14,9 @@
 //!    reads go to N+1 from then on, the replay loop goes on as the live loop, and N
 //!    is dropped in the background.
 //!
+//! [`crate::supervisor`] carries the steps out; this module holds a replay's
+//! progress.
+//!
 //! If the replay stops before step 3 (poison event, failure, abort), the live loop
 //! is started again and N goes on as if nothing happened. A worker killed at any
 //! point resumes from what the store says: the replay mark and every generation's
@@ -25,11 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tracing::{error, info, warn};
 
+use crate::fold_state::Fold;
 use crate::metrics;
-use crate::runtime::{Fold, ProjectionRuntime};
-use crate::store::{SourcePartition, Store, StoreError};
+use crate::store::SourcePartition;
 
 /// Which step a replay is at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -75,44 +77,26 @@ pub struct Replay {
     /// The fold building the new generation.
     pub fold: Arc<Fold>,
     started_at: u64,
-    phase: Mutex<Phase>,
     progress: Mutex<Progress>,
     /// Last (instant, applied) the rate was computed from.
     rate_sample: Mutex<Option<(Instant, i64)>>,
-    caught_up: AtomicBool,
     aborting: AtomicBool,
 }
 
 impl Replay {
-    fn new(fold: Arc<Fold>) -> Replay {
+    pub(crate) fn new(fold: Arc<Fold>) -> Replay {
         Replay {
             fold,
             started_at: unix_seconds(),
-            phase: Mutex::new(Phase::Replaying),
             progress: Mutex::new(Progress::default()),
             rate_sample: Mutex::new(None),
-            caught_up: AtomicBool::new(false),
             aborting: AtomicBool::new(false),
         }
     }
 
-    /// The replay of a generation found marked in the store at start-up.
-    pub fn resumed(fold: Arc<Fold>) -> Arc<Replay> {
-        Arc::new(Replay::new(fold))
-    }
-
-    /// Which step it is at.
-    pub fn phase(&self) -> Phase {
-        *self.phase.lock().expect("phase lock")
-    }
-
-    fn set_phase(&self, phase: Phase) {
-        *self.phase.lock().expect("phase lock") = phase;
-    }
-
-    /// True once its lag was within the switch threshold.
-    pub fn caught_up(&self) -> bool {
-        self.caught_up.load(Ordering::SeqCst)
+    /// Asks the replay to stop and drop its generation.
+    pub(crate) fn request_abort(&self) {
+        self.aborting.store(true, Ordering::SeqCst);
     }
 
     /// True once an abort was requested.
@@ -120,11 +104,11 @@ impl Replay {
         self.aborting.load(Ordering::SeqCst)
     }
 
-    /// Its status, as the API shows it.
-    pub fn status(&self) -> serde_json::Value {
+    /// Its status at `phase`, as the API shows it.
+    pub fn status(&self, phase: Phase) -> serde_json::Value {
         serde_json::json!({
             "generation": self.fold.generation.number,
-            "phase": self.phase(),
+            "phase": phase,
             "fold": self.fold.state(),
             "events_committed": self.fold.committed_events(),
             "started_at": self.started_at,
@@ -135,17 +119,13 @@ impl Replay {
     /// Records progress measured against the high watermarks: per partition, the
     /// replay's next offset and the partition's (low, high) watermarks. Returns
     /// the progress.
-    pub fn record_progress(
-        &self,
-        positions: &BTreeMap<SourcePartition, (i64, i64, i64)>,
-        switch_lag_events: i64,
-    ) -> Progress {
-        let (mut applied, mut target, mut lag) = (0, 0, 0);
+    pub fn record_progress(&self, positions: &BTreeMap<SourcePartition, (i64, i64, i64)>) -> Progress {
+        let (mut applied, mut target, mut lag) = (0i64, 0i64, 0i64);
         for &(next, low, high) in positions.values() {
             let next = next.max(low);
-            applied += (next - low).max(0);
-            target += (high - low).max(0);
-            lag += (high - next).max(0);
+            applied = applied.saturating_add(next.saturating_sub(low).max(0));
+            target = target.saturating_add(high.saturating_sub(low).max(0));
+            lag = lag.saturating_add(high.saturating_sub(next).max(0));
         }
         let now = Instant::now();
         let mut sample = self.rate_sample.lock().expect("rate lock");
@@ -189,178 +169,15 @@ impl Replay {
         metrics::REPLAY_ETA_SECONDS
             .with_label_values(&labels)
             .set(progress.eta_seconds.unwrap_or(-1.0));
-        if lag <= switch_lag_events {
-            self.caught_up.store(true, Ordering::SeqCst);
-        }
         progress.clone()
     }
 
-    fn labels(&self) -> (String, String) {
+    pub(crate) fn labels(&self) -> (String, String) {
         (
             self.fold.name().to_owned(),
             self.fold.generation.number.to_string(),
         )
     }
-}
-
-/// Why a replay could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// One is running already; its status.
-    #[error("a replay of this projection is running already")]
-    Running(serde_json::Value),
-    /// The store could not create the generation.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// Starts a replay of `runtime` into a new generation with the configured
-/// definition; refused while one runs.
-pub fn start(runtime: &ProjectionRuntime, store: &Store) -> Result<Arc<Replay>, StartError> {
-    let mut slot = runtime.replay_slot();
-    if let Some(running) = slot.as_ref() {
-        return Err(StartError::Running(running.status()));
-    }
-    let generation = store.begin_replay(&runtime.name, &runtime.configured_definition)?;
-    let topics = crate::config::definition_topics(&runtime.configured_definition);
-    let fold = Arc::new(Fold::new(
-        generation,
-        runtime.configured_projection.clone(),
-        topics,
-        false,
-    ));
-    let replay = Arc::new(Replay::new(fold.clone()));
-    *slot = Some(replay.clone());
-    drop(slot);
-    info!(projection = %runtime.name, generation = fold.generation.number, "replay started");
-    runtime.spawn(fold);
-    Ok(replay)
-}
-
-/// Asks the running replay of `runtime` to stop and drop its generation; the
-/// generation being aborted, or `None` when no replay runs.
-pub fn abort(runtime: &ProjectionRuntime, store: &Store) -> Result<Option<u64>, StoreError> {
-    let Some(replay) = runtime.replay() else {
-        return Ok(None);
-    };
-    replay.aborting.store(true, Ordering::SeqCst);
-    replay.fold.request_stop();
-    let generation = replay.fold.generation.number;
-    info!(projection = %runtime.name, generation, "replay abort requested");
-    if !replay.fold.loop_running() {
-        // Stopped on a poison event or a failure: nothing will exit, clean up here.
-        after_loop(runtime, store, &replay, false);
-    }
-    Ok(Some(generation))
-}
-
-/// Step 1 of the handover, called by the replay loop: once caught up, asks the
-/// live loop to stop. True while the handover is under way.
-pub(crate) fn begin_handover(runtime: &ProjectionRuntime, replay: &Replay) -> bool {
-    match replay.phase() {
-        Phase::HandingOver => true,
-        Phase::Replaying if replay.caught_up() && !replay.aborting() => {
-            let live = runtime.live();
-            info!(projection = %runtime.name, from = live.generation.number, to = replay.fold.generation.number,
-                "replay caught up: handing over");
-            live.request_stop();
-            replay.set_phase(Phase::HandingOver);
-            true
-        }
-        Phase::Replaying => false,
-    }
-}
-
-/// Step 2 of the handover: the offsets the replay must reach, once the live loop
-/// has stopped (its stored offsets are final); `None` while it is still stopping.
-pub(crate) fn live_final_offsets(
-    runtime: &ProjectionRuntime,
-    store: &Store,
-) -> Result<Option<BTreeMap<SourcePartition, i64>>, StoreError> {
-    let live = runtime.live();
-    if live.loop_running() {
-        return Ok(None);
-    }
-    store.offsets(&live.generation).map(Some)
-}
-
-/// Step 3: the replay's batch is committed at or past the live offsets; switch.
-pub(crate) fn switch(
-    runtime: &ProjectionRuntime,
-    store: &Arc<Store>,
-    replay: &Replay,
-) -> Result<(), StoreError> {
-    store.switch_live(&replay.fold.generation)?;
-    let generation = replay.fold.generation.number;
-    let previous = runtime.promote(
-        replay,
-        ReplayOutcome {
-            generation,
-            outcome: "switched",
-            ended_at: unix_seconds(),
-        },
-    );
-    let labels = replay.labels();
-    let labels = [labels.0.as_str(), labels.1.as_str()];
-    metrics::REPLAY_PROGRESS_RATIO.with_label_values(&labels).set(1.0);
-    metrics::REPLAY_EVENTS_PER_SECOND
-        .with_label_values(&labels)
-        .set(0.0);
-    metrics::REPLAY_ETA_SECONDS.with_label_values(&labels).set(0.0);
-    info!(projection = %runtime.name, from = previous.generation.number, to = generation,
-        "replay switched: generation {generation} is live");
-    let store = store.clone();
-    std::thread::Builder::new()
-        .name(format!("drop-{}", previous.generation.column_family()))
-        .spawn(move || match store.drop_generation(&previous.generation) {
-            Ok(()) => info!(generation = %previous.generation.column_family(), "old generation dropped"),
-            Err(e) => warn!(error = %e, "dropping the old generation (dropped at the next start instead)"),
-        })
-        .map(|_| ())
-        .unwrap_or_else(|e| warn!(error = %e, "spawning the drop of the old generation"));
-    Ok(())
-}
-
-/// Called when a replay's loop exits without having switched: an aborted replay
-/// is dropped; a live loop stopped for the handover is started again. On
-/// shutdown nothing changes: the next start resumes the replay.
-pub(crate) fn after_loop(runtime: &ProjectionRuntime, store: &Store, replay: &Replay, shutting_down: bool) {
-    if shutting_down {
-        return;
-    }
-    let live = runtime.live();
-    if live.stop_requested() && !live.loop_running() {
-        warn!(projection = %runtime.name, "handover interrupted: the live generation folds again");
-        live.cancel_stop();
-        live.set_state(crate::runtime::RunState::Starting);
-        runtime.spawn(live);
-    }
-    replay.set_phase(Phase::Replaying);
-    replay.caught_up.store(false, Ordering::SeqCst);
-    if !replay.aborting() {
-        return;
-    }
-    let generation = replay.fold.generation.clone();
-    let dropped = store
-        .end_replay(&runtime.name)
-        .and_then(|()| store.drop_generation(&generation));
-    if let Err(e) = dropped {
-        error!(error = %e, "dropping the aborted replay's generation (dropped at the next start instead)");
-    }
-    let labels = replay.labels();
-    for metric in [
-        &*metrics::REPLAY_PROGRESS_RATIO,
-        &*metrics::REPLAY_EVENTS_PER_SECOND,
-        &*metrics::REPLAY_ETA_SECONDS,
-    ] {
-        let _ = metric.remove_label_values(&[&labels.0, &labels.1]);
-    }
-    runtime.forget_replay(ReplayOutcome {
-        generation: generation.number,
-        outcome: "aborted",
-        ended_at: unix_seconds(),
-    });
-    info!(projection = %runtime.name, generation = generation.number, "replay aborted; its generation dropped");
 }
 
 fn unix_seconds() -> u64 {

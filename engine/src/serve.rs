@@ -16,15 +16,14 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::metrics;
-use crate::replay::{self, StartError};
-use crate::runtime::ProjectionRuntime;
 use crate::store::Store;
+use crate::supervisor::{StartError, Supervisor};
 
 /// What the handlers read.
 #[derive(Clone)]
 pub struct ApiState {
     /// Projections by name.
-    pub projections: Arc<BTreeMap<String, Arc<ProjectionRuntime>>>,
+    pub projections: Arc<BTreeMap<String, Arc<Supervisor>>>,
     /// The worker's database.
     pub store: Arc<Store>,
     /// Bearer token of the admin endpoints; `None` disables them.
@@ -89,23 +88,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 }
 
 impl ApiState {
-    fn projection(&self, name: &str) -> Result<&Arc<ProjectionRuntime>, ApiError> {
+    fn projection(&self, name: &str) -> Result<&Arc<Supervisor>, ApiError> {
         self.projections
             .get(name)
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no projection named `{name}`")))
     }
 
-    fn describe(&self, projection: &ProjectionRuntime) -> Result<Value, ApiError> {
+    fn describe(&self, projection: &Supervisor) -> Result<Value, ApiError> {
         let live = projection.live();
-        let offsets: BTreeMap<String, i64> = self
-            .store
-            .offsets(&live.generation)
-            .map_err(internal)?
-            .into_iter()
-            .map(|(partition, next)| (partition.to_string(), next))
-            .collect();
+        // A damaged offset row must not hide every projection's status: it is
+        // shown beside the others (the fold loop stops on it, naming it).
+        let (offsets, store_error) = match self.store.offsets(&live.generation) {
+            Ok(offsets) => (
+                offsets
+                    .into_iter()
+                    .map(|(partition, next)| (partition.to_string(), next))
+                    .collect::<BTreeMap<String, i64>>(),
+                None,
+            ),
+            Err(error) => (BTreeMap::new(), Some(error.to_string())),
+        };
         let definition = self.store.definition(&live.generation).map_err(internal)?;
-        Ok(json!({
+        let mut description = json!({
             "name": projection.name,
             "kind": projection.kind,
             "topics": live.topics,
@@ -117,9 +121,13 @@ impl ApiState {
                 "events": crate::lag::summary(&projection.name).0,
                 "seconds": crate::lag::summary(&projection.name).1,
             },
-            "replay": projection.replay().map(|r| r.status()),
+            "replay": projection.replay_status(),
             "last_replay": projection.last_replay(),
-        }))
+        });
+        if let Some(error) = store_error {
+            description["store_error"] = json!(error);
+        }
+        Ok(description)
     }
 }
 
@@ -406,14 +414,18 @@ async fn start_replay(
     expect_no_options(&headers, body).await?;
     let projection = state.projection(&name)?.clone();
     let store = state.store.clone();
-    let started = tokio::task::spawn_blocking(move || replay::start(&projection, &store))
-        .await
-        .map_err(internal)?;
+    let started = tokio::task::spawn_blocking(move || {
+        projection
+            .start_replay(&store)
+            .map(|replay| (replay, projection.replay_status()))
+    })
+    .await
+    .map_err(internal)?;
     match started {
-        Ok(replay) => {
+        Ok((replay, status)) => {
             tracing::warn!(projection = %name, generation = replay.fold.generation.number,
                 "operator started a replay");
-            Ok((StatusCode::ACCEPTED, Json(json!({ "replay": replay.status() }))).into_response())
+            Ok((StatusCode::ACCEPTED, Json(json!({ "replay": status }))).into_response())
         }
         Err(StartError::Running(status)) => Ok((
             StatusCode::CONFLICT,
@@ -438,9 +450,8 @@ async fn abort_replay(
     expect_no_options(&headers, body).await?;
     let projection = state.projection(&name)?.clone();
     let store = state.store.clone();
-    let aborted = tokio::task::spawn_blocking(move || replay::abort(&projection, &store))
+    let aborted = tokio::task::spawn_blocking(move || projection.abort_replay(&store))
         .await
-        .map_err(internal)?
         .map_err(internal)?;
     match aborted {
         Some(generation) => {

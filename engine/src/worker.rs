@@ -10,14 +10,14 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, ProjectionConfig, ProjectionDefinition};
 use crate::declarative::Declarative;
 use crate::decode::Decoder;
+use crate::fold::{self, SourceDeps};
+use crate::fold_state::Fold;
 use crate::projection::{Projection, ProjectionRegistry};
 use crate::registry_client::RegistryClient;
-use crate::replay::Replay;
-use crate::runtime::{Fold, ProjectionRuntime};
 use crate::schemas::{RustUpcasters, SchemaSet};
 use crate::serve::{self, ApiState};
-use crate::source::{self, SourceDeps};
 use crate::store::{Generation, Store};
+use crate::supervisor::Supervisor;
 
 /// The largest single allocation Avro decoding may make (a string, bytes, an array
 /// block): a corrupt length prefix must not take the process down.
@@ -109,10 +109,8 @@ fn build(
     let definition: ProjectionDefinition = serde_json::from_value(definition.clone())
         .map_err(|e| (String::new(), format!("unreadable definition: {e}")))?;
     if let Some(declarative) = &definition.declarative {
-        let compiled = Declarative::compile(declarative).map_err(|e| {
-            let (path, message) = e.split_once(": ").unwrap_or(("", &e));
-            (format!("declarative.{path}"), message.to_owned())
-        })?;
+        let compiled =
+            Declarative::compile(declarative).map_err(|e| (format!("declarative.{}", e.path), e.message))?;
         return Ok(Arc::new(compiled));
     }
     let kind = definition.kind.as_deref().unwrap_or_default();
@@ -191,7 +189,6 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
     };
 
     let mut runtimes = BTreeMap::new();
-    let mut replays = Vec::new();
     for (entry, projection) in config.projections.iter().zip(projections) {
         for dropped in store.drop_orphans(&entry.name)? {
             info!(generation = %dropped, "dropped a generation left by an interrupted switch or abort");
@@ -205,22 +202,19 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
             true,
             &builtins.projections,
         )?;
-        let runtime = Arc::new(ProjectionRuntime::new(entry, projection.clone(), live));
-        if let Some(generation) = store.replay_generation(&entry.name)? {
-            info!(projection = %entry.name, generation = generation.number, "resuming the replay");
-            let fold = stored_fold(
+        let replay = match store.replay_generation(&entry.name)? {
+            Some(generation) => Some(stored_fold(
                 &store,
                 entry,
                 &projection,
                 generation,
                 false,
                 &builtins.projections,
-            )?;
-            let replay = Replay::resumed(Arc::new(fold));
-            *runtime.replay_slot() = Some(replay.clone());
-            replays.push((runtime.clone(), replay));
-        }
-        runtimes.insert(entry.name.clone(), runtime);
+            )?),
+            None => None,
+        };
+        let supervisor = Arc::new(Supervisor::new(entry, projection.clone(), live, replay));
+        runtimes.insert(entry.name.clone(), supervisor);
     }
 
     let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -239,15 +233,12 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
                     return;
                 };
                 let decoder = Decoder::new(registry.clone(), schemas.clone());
-                let thread = source::spawn(runtime, fold, decoder, deps.clone());
+                let thread = fold::spawn(runtime, fold, decoder, deps.clone());
                 threads.lock().expect("threads lock").push(thread);
             }
         };
         runtime.set_spawner(Box::new(spawner));
-        runtime.spawn(runtime.live());
-    }
-    for (runtime, replay) in replays {
-        runtime.spawn(replay.fold.clone());
+        runtime.start();
     }
 
     let lag_monitor = crate::lag::spawn(

@@ -1,7 +1,8 @@
 //! `account_balance`: one entity per bank account, keyed by `accountId`, over the
 //! `accounts` topic: `{account_id, owner, balance_cents, deposits, withdrawals}`
 //! (`deposits` and `withdrawals` count the movements). Movements of an account that
-//! was never opened are ignored; a negative amount is refused (`fold_failed`).
+//! was never opened are ignored; a negative amount, or one that would take the
+//! balance past the range of an `i64`, is refused (`fold_failed`).
 
 use engine::projection::{Entity, Event, FoldError, Projection};
 use serde::{Deserialize, Serialize};
@@ -83,12 +84,19 @@ impl Entity for AccountBalance {
             if movement.amount_cents < 0 {
                 return Err(FoldError(format!("{} with a negative amount", event.name)));
             }
+            let (before, account) = (balance.balance_cents, balance.account_id.clone());
+            let overflow = || {
+                FoldError(format!(
+                    "{} of {} cents overflows the balance of {account} ({before} cents)",
+                    event.name, movement.amount_cents
+                ))
+            };
             if event.name == DEPOSITED {
-                balance.balance_cents += movement.amount_cents;
-                balance.deposits += 1;
+                balance.balance_cents = before.checked_add(movement.amount_cents).ok_or_else(overflow)?;
+                balance.deposits = balance.deposits.checked_add(1).ok_or_else(overflow)?;
             } else {
-                balance.balance_cents -= movement.amount_cents;
-                balance.withdrawals += 1;
+                balance.balance_cents = before.checked_sub(movement.amount_cents).ok_or_else(overflow)?;
+                balance.withdrawals = balance.withdrawals.checked_add(1).ok_or_else(overflow)?;
             }
             balance
         };
@@ -99,5 +107,63 @@ impl Entity for AccountBalance {
     /// Accounts are keyed like the topic: one partition holds each.
     fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
         partials.into_iter().next()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use apache_avro::types::Value;
+    use engine::projection::EventMeta;
+
+    use super::*;
+
+    fn fold(state: &mut Option<Json>, name: &str, fields: &[(&str, Value)]) -> Result<(), FoldError> {
+        let meta = EventMeta {
+            topic: "accounts".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+        };
+        let payload = Value::Record(fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
+        let event = Event {
+            name,
+            payload: &payload,
+            meta: &meta,
+        };
+        AccountBalance.fold(state, &event)
+    }
+
+    fn movement(cents: i64) -> [(&'static str, Value); 3] {
+        [
+            ("accountId", Value::String("a1".into())),
+            ("amountCents", Value::Long(cents)),
+            ("at", Value::TimestampMillis(1)),
+        ]
+    }
+
+    #[test]
+    fn a_deposit_or_withdrawal_past_the_i64_range_fails_and_leaves_the_balance() {
+        let mut state = None;
+        let opened = [
+            ("accountId", Value::String("a1".into())),
+            ("owner", Value::String("ann".into())),
+            ("openedAt", Value::TimestampMillis(1)),
+        ];
+        fold(&mut state, OPENED, &opened).unwrap();
+        fold(&mut state, DEPOSITED, &movement(i64::MAX - 5)).unwrap();
+        let before = state.clone();
+        let error = fold(&mut state, DEPOSITED, &movement(6)).unwrap_err();
+        assert!(error.0.contains("overflows the balance of a1"), "{error}");
+        assert_eq!(state, before, "the balance is unchanged");
+
+        let mut state = None;
+        fold(&mut state, OPENED, &opened).unwrap();
+        fold(&mut state, WITHDRAWN, &movement(i64::MAX)).unwrap();
+        fold(&mut state, WITHDRAWN, &movement(1)).unwrap();
+        let before = state.clone();
+        assert!(fold(&mut state, WITHDRAWN, &movement(1)).is_err());
+        assert_eq!(state, before);
+        assert_eq!(before.unwrap()["balance_cents"], serde_json::json!(i64::MIN));
     }
 }

@@ -77,8 +77,14 @@ impl Entity for CustomerOrders {
         if let Err(position) = orders.order_ids.binary_search(&placed.order_id) {
             orders.order_ids.insert(position, placed.order_id);
         }
-        orders.order_count += 1;
-        orders.lifetime_value_cents += placed.total_cents;
+        let overflow = || FoldError(format!("the totals of customer {} overflow", orders.customer_id));
+        let order_count = orders.order_count.checked_add(1).ok_or_else(overflow)?;
+        let lifetime_value_cents = orders
+            .lifetime_value_cents
+            .checked_add(placed.total_cents)
+            .ok_or_else(overflow)?;
+        orders.order_count = order_count;
+        orders.lifetime_value_cents = lifetime_value_cents;
         orders.last_order_at = orders.last_order_at.max(placed.placed_at);
         *state = Some(serde_json::to_value(orders).map_err(|e| FoldError(e.to_string()))?);
         Ok(())

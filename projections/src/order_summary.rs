@@ -81,6 +81,14 @@ struct OrderShipped {
     tracking_id: String,
 }
 
+/// The version after `version` (a count of events, which cannot realistically
+/// overflow; checked all the same, like all arithmetic on input).
+fn next_version(version: u64) -> Result<u64, FoldError> {
+    version
+        .checked_add(1)
+        .ok_or_else(|| FoldError("the order's event count overflows".to_owned()))
+}
+
 impl Entity for OrderSummary {
     fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
         match event.name {
@@ -113,7 +121,7 @@ impl Entity for OrderSummary {
                     total_cents: placed.total_cents,
                     currency: placed.currency,
                     tracking_id: current.as_ref().and_then(|c| c.tracking_id.clone()),
-                    version: current.map_or(0, |c| c.version) + 1,
+                    version: next_version(current.map_or(0, |c| c.version))?,
                 }
             }
             // Not placed yet: nothing to summarise.
@@ -123,7 +131,7 @@ impl Entity for OrderSummary {
                 Summary {
                     status: Status::Shipped,
                     tracking_id: Some(shipped.tracking_id),
-                    version: current.version + 1,
+                    version: next_version(current.version)?,
                     ..current
                 }
             }
@@ -136,7 +144,7 @@ impl Entity for OrderSummary {
                 };
                 Summary {
                     status,
-                    version: current.version + 1,
+                    version: next_version(current.version)?,
                     ..current
                 }
             }

@@ -81,8 +81,9 @@ fn add_to_day(state: &mut dyn PartitionState, day: &str, cents: i64, orders: i64
                 orders: 0,
             },
         };
-        totals.revenue_cents += cents;
-        totals.orders += orders;
+        let overflow = || FoldError(format!("the revenue of {day} overflows an i64"));
+        totals.revenue_cents = totals.revenue_cents.checked_add(cents).ok_or_else(overflow)?;
+        totals.orders = totals.orders.checked_add(orders).ok_or_else(overflow)?;
         *current = Some(to_json(&totals)?);
         Ok(())
     })
@@ -121,7 +122,11 @@ impl Projection for RevenueByDay {
                 }
                 entry.cancelled = true;
                 let updated = to_json(&entry)?;
-                add_to_day(state, &entry.day, -entry.total_cents, -1)?;
+                let refund = entry
+                    .total_cents
+                    .checked_neg()
+                    .ok_or_else(|| FoldError(format!("the total of order {order_id} cannot be negated")))?;
+                add_to_day(state, &entry.day, refund, -1)?;
                 state.update(&entry_key, &mut |current| {
                     *current = Some(updated.clone());
                     Ok(())

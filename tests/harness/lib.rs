@@ -45,6 +45,11 @@ pub fn projector_bin() -> PathBuf {
         .join("projector")
 }
 
+/// The test-only worker binary (`tests/bin/test_worker.rs`), beside `projector`.
+pub fn test_worker_bin() -> PathBuf {
+    projector_bin().with_file_name("projector-test-worker")
+}
+
 fn cache_dir() -> PathBuf {
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)

@@ -63,6 +63,15 @@ pub fn generate(topic: &str, orders: usize, seed: u64) -> OrderStream {
     }
 }
 
+/// `first` then `second`, as one stream.
+pub fn concat(first: &OrderStream, second: &OrderStream) -> OrderStream {
+    OrderStream {
+        lines: [first.lines.clone(), second.lines.clone()].concat(),
+        placed: [first.placed.clone(), second.placed.clone()].concat(),
+        ghosts: [first.ghosts.clone(), second.ghosts.clone()].concat(),
+    }
+}
+
 fn lifecycle(rng: &mut StdRng, order_id: &str, at: i64) -> Vec<Value> {
     let items: Vec<Value> = (0..rng.random_range(1..4))
         .map(|n| json!({"sku": format!("sku-{n}"), "qty": rng.random_range(1..5), "priceCents": rng.random_range(100..10_000)}))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{free_port, http, projector_bin, tansu_bin, wait_until};
+use crate::{free_port, http, projector_bin, tansu_bin, test_worker_bin, wait_until};
 
 /// A child process with its output in a log file.
 pub struct Service {
@@ -234,25 +234,46 @@ pub struct Worker {
     pub service: Service,
     port: u16,
     config: PathBuf,
+    /// The binary and the verb before `--config` (`run` for `projector`).
+    program: (PathBuf, Option<&'static str>),
 }
 
 impl Worker {
     /// Writes the config (`{HTTP_LISTEN}` in it becomes a free port) and starts the
     /// worker; waits until its HTTP API answers.
     pub fn start(dir: &Path, config_text: &str) -> Result<Worker> {
+        Self::start_program(dir, config_text, (projector_bin(), Some("run")))
+    }
+
+    /// Like [`Worker::start`], with the test-only worker binary, which knows one
+    /// more projection kind, `panic_on_marker` (see `tests/bin/test_worker.rs`).
+    pub fn start_test_worker(dir: &Path, config_text: &str) -> Result<Worker> {
+        Self::start_program(dir, config_text, (test_worker_bin(), None))
+    }
+
+    fn start_program(
+        dir: &Path,
+        config_text: &str,
+        program: (PathBuf, Option<&'static str>),
+    ) -> Result<Worker> {
         let port = free_port();
         let config = dir.join("projector.toml");
         std::fs::write(
             &config,
             config_text.replace("{HTTP_LISTEN}", &format!("127.0.0.1:{port}")),
         )?;
-        Self::start_with(dir, config, port)
+        Self::start_with(dir, config, port, program)
     }
 
-    fn start_with(dir: &Path, config: PathBuf, port: u16) -> Result<Worker> {
-        let mut command = Command::new(projector_bin());
+    fn start_with(
+        dir: &Path,
+        config: PathBuf,
+        port: u16,
+        program: (PathBuf, Option<&'static str>),
+    ) -> Result<Worker> {
+        let mut command = Command::new(&program.0);
         command
-            .arg("run")
+            .args(program.1)
             .arg("--config")
             .arg(&config)
             .current_dir(crate::repo_root())
@@ -263,13 +284,14 @@ impl Worker {
             service,
             port,
             config,
+            program,
         })
     }
 
     /// Starts the same worker again (same config, same data) after it stopped.
     pub fn restart(&mut self, dir: &Path) -> Result<()> {
         self.service.kill();
-        let again = Self::start_with(dir, self.config.clone(), self.port)?;
+        let again = Self::start_with(dir, self.config.clone(), self.port, self.program.clone())?;
         *self = again;
         Ok(())
     }

@@ -22,6 +22,9 @@ Corruptions for poison tests, applied to the serialized bytes:
 --rate, a steady stream for a live benchmark; record timestamps are the send time).
 --hold-until FILE serializes everything first (registering schemas), prints
 "serialized", and sends only once FILE exists.
+--transactional ID produces in transactions with that transactional.id: records
+that carry the same "txn" number (consecutive) go in one transaction, which is
+aborted when any of them says "abort": true and committed otherwise.
 Prints one JSON line at the end: {"produced": N}.
 """
 
@@ -60,19 +63,23 @@ def main():
     parser.add_argument("--record")
     parser.add_argument("--hold-until")
     parser.add_argument("--repeat-for", type=float, default=0)
+    parser.add_argument("--transactional")
     parser.add_argument("--flush-each", action="store_true",
                         help="one record per batch (Tansu reports a multi-record last batch's high watermark short)")
     args = parser.parse_args()
 
     registry = SchemaRegistryClient({"url": args.registry})
     serializers = {}
-    producer = Producer({
+    producer_config = {
         "bootstrap.servers": args.brokers,
         "linger.ms": 5,
         "enable.idempotence": False,
         "acks": "all",
         "message.max.bytes": 32 * 1024 * 1024,
-    })
+    }
+    if args.transactional:
+        producer_config.update({"transactional.id": args.transactional, "enable.idempotence": True})
+    producer = Producer(producer_config)
     failures = []
 
     def delivered(err, _msg):
@@ -94,6 +101,7 @@ def main():
 
     schema_ids = {}
     records = []
+    transactions = []
     with open(args.events) as lines:
         for line in lines:
             record = json.loads(line)
@@ -126,6 +134,12 @@ def main():
                     value = value + bytes(record["append_zeros"])
             headers = [(k, v.encode()) for k, v in record.get("headers", {}).items()]
             records.append((topic, key, value, headers, record.get("timestamp")))
+            transactions.append((record.get("txn"), bool(record.get("abort"))))
+
+    if args.transactional:
+        produce_in_transactions(producer, records, transactions)
+        print(json.dumps({"produced": len(records)}))
+        return
 
     if args.hold_until:
         print("serialized", flush=True)
@@ -172,6 +186,27 @@ def main():
     if remaining or failures:
         sys.exit(f"produce.py: {remaining} undelivered, failures: {failures[:5]}")
     print(json.dumps({"produced": produced}))
+
+
+def produce_in_transactions(producer, records, transactions):
+    """Sends consecutive records with the same txn number in one transaction;
+    aborts it when any of them asks to."""
+    producer.init_transactions(30)
+    index = 0
+    while index < len(records):
+        txn = transactions[index][0]
+        end = index
+        while end < len(records) and transactions[end][0] == txn:
+            end += 1
+        producer.begin_transaction()
+        for topic, key, value, headers, timestamp in records[index:end]:
+            extra = {"timestamp": timestamp} if timestamp is not None else {}
+            producer.produce(topic, key=key, value=value, headers=headers or None, **extra)
+        if any(abort for _, abort in transactions[index:end]):
+            producer.abort_transaction(30)
+        else:
+            producer.commit_transaction(30)
+        index = end
 
 
 if __name__ == "__main__":

@@ -5,21 +5,12 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use projector_tests::orders::{self, OrderStream};
+use projector_tests::orders::{self, concat};
 use projector_tests::{
     assert_nothing_applied_after, assert_state_matches_oracle, produce, produce_command, produce_orders,
     start_order_summary_worker, wait_applied, wait_for_oracle, wait_for_status, wait_until, worker_config,
     write_events, Broker, Registry, Service, Worker,
 };
-
-/// Two streams of distinct orders, as one.
-fn concat(first: &OrderStream, second: &OrderStream) -> OrderStream {
-    OrderStream {
-        lines: [first.lines.clone(), second.lines.clone()].concat(),
-        placed: [first.placed.clone(), second.placed.clone()].concat(),
-        ghosts: [first.ghosts.clone(), second.ghosts.clone()].concat(),
-    }
-}
 
 /// A broker with topic `orders` of `partitions` partitions, a registry, and a
 /// worker folding it into `order_summary`, all with their files in `dir`.

@@ -37,8 +37,8 @@ pub async fn run(config_path: &Path, listen: SocketAddr, builtins: engine::worke
 
     let registry_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let registry_url = format!("http://{}", registry_listener.local_addr()?);
-    let subjects = engine::registry::open(None).map_err(anyhow::Error::msg)?;
-    tokio::spawn(async move { axum::serve(registry_listener, engine::registry::router(subjects)).await });
+    let subjects = registry::open(None).map_err(anyhow::Error::msg)?;
+    tokio::spawn(async move { axum::serve(registry_listener, registry::router(subjects)).await });
 
     let mut config = Config::load(config_path)?;
     config.kafka.brokers = brokers.clone();

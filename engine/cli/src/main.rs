@@ -166,12 +166,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{}: ok ({summary})", config.display());
         }
         Command::Registry { listen, data } => {
-            let subjects = engine::registry::open(data).map_err(anyhow::Error::msg)?;
+            let subjects = registry::open(data).map_err(anyhow::Error::msg)?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             tracing::info!(%listen, "schema registry started");
-            axum_serve(listener, engine::registry::router(subjects)).await?;
+            axum_serve(listener, registry::router(subjects)).await?;
         }
     }
     Ok(())

@@ -114,6 +114,26 @@ struct Rule {
     delete: Option<Expr>,
 }
 
+/// A declarative definition that does not compile: where (`on[1].add.revenue`,
+/// relative to the definition) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct CompileError {
+    /// The key of the definition that is wrong.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl CompileError {
+    fn at(path: impl Into<String>, message: impl std::fmt::Display) -> CompileError {
+        CompileError {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
 /// A compiled declarative projection.
 #[derive(Debug)]
 pub struct Declarative {
@@ -129,15 +149,14 @@ pub struct Declarative {
 
 impl Declarative {
     /// Compiles `config`; errors name the rule and the field (`on[1].add.revenue`).
-    pub fn compile(config: &DeclarativeConfig) -> Result<Declarative, String> {
-        let key = Expr::compile(&config.key).map_err(|e| format!("key: {e}"))?;
+    pub fn compile(config: &DeclarativeConfig) -> Result<Declarative, CompileError> {
+        let key = Expr::compile(&config.key).map_err(|e| CompileError::at("key", e))?;
         let mut fields: HashMap<String, FieldOp> = HashMap::new();
         let mut rules = Vec::new();
-        let mut sources = vec![config.key.clone()];
         for (index, rule) in config.on.iter().enumerate() {
             let at = |what: &str| format!("on[{index}].{what}");
             let compile =
-                |what: String, source: &str| Expr::compile(source).map_err(|e| format!("{what}: {e}"));
+                |what: String, source: &str| Expr::compile(source).map_err(|e| CompileError::at(what, e));
             let mut writes = Vec::new();
             let groups: [(&str, FieldOp, &BTreeMap<String, String>); 4] = [
                 ("set", FieldOp::Set, &rule.set),
@@ -152,14 +171,13 @@ impl Declarative {
                         op,
                         compile(at(&format!("{name}.{field}")), source)?,
                     ));
-                    sources.push(source.clone());
                 }
             }
             for (field, append) in &rule.append {
                 if append.max_len == 0 {
-                    return Err(format!(
-                        "{}: max_len must be at least 1",
-                        at(&format!("append.{field}"))
+                    return Err(CompileError::at(
+                        at(&format!("append.{field}.max_len")),
+                        "max_len must be at least 1",
                     ));
                 }
                 let op = FieldOp::Append {
@@ -170,7 +188,6 @@ impl Declarative {
                     op,
                     compile(at(&format!("append.{field}")), &append.value)?,
                 ));
-                sources.push(append.value.clone());
             }
             let declared = writes
                 .iter()
@@ -178,14 +195,16 @@ impl Declarative {
                 .chain(rule.count.iter().map(|field| (field.clone(), FieldOp::Count)));
             for (field, op) in declared {
                 if field.is_empty() {
-                    return Err(format!("{}: a field name cannot be empty", at("")));
+                    return Err(CompileError::at(at(""), "a field name cannot be empty"));
                 }
                 match fields.get(&field) {
                     Some(existing) if !same_merge(*existing, op) => {
-                        return Err(format!(
-                            "{}: field `{field}` is written as {op:?} here and as {existing:?} elsewhere; \
-                             a field needs one operation so partial states merge",
-                            at(&field)
+                        return Err(CompileError::at(
+                            at(&field),
+                            format!(
+                                "field `{field}` is written as {op:?} here and as {existing:?} elsewhere; \
+                                 a field needs one operation so partial states merge"
+                            ),
                         ))
                     }
                     _ => {
@@ -196,7 +215,6 @@ impl Declarative {
             let mut remove = Vec::new();
             for (field, source) in &rule.remove {
                 remove.push((field.clone(), compile(at(&format!("remove.{field}")), source)?));
-                sources.push(source.clone());
             }
             let when = rule.when.as_deref().map(|s| compile(at("when"), s)).transpose()?;
             let delete = rule
@@ -204,7 +222,6 @@ impl Declarative {
                 .as_deref()
                 .map(|s| compile(at("delete"), s))
                 .transpose()?;
-            sources.extend(rule.when.iter().chain(rule.delete.iter()).cloned());
             rules.push(Rule {
                 event: rule.event.clone(),
                 when,
@@ -217,8 +234,9 @@ impl Declarative {
         for rule in &rules {
             for (field, _) in &rule.remove {
                 if !matches!(fields.get(field), Some(FieldOp::Append { .. })) {
-                    return Err(format!(
-                        "remove.{field}: `{field}` is not a list written by append"
+                    return Err(CompileError::at(
+                        format!("remove.{field}"),
+                        format!("`{field}` is not a list written by append"),
                     ));
                 }
             }
@@ -242,7 +260,6 @@ impl Declarative {
             }
             Some(fields)
         });
-        drop(sources);
         Ok(Declarative {
             key,
             rules,
@@ -348,7 +365,7 @@ impl Inputs<'_, '_> {
                 None => Ok(None),
             };
         }
-        expr.eval_in(self.scope())
+        expr.eval_in(self.scope()).map_err(|e| e.to_string())
     }
 
     fn scope(&mut self) -> &Scope {

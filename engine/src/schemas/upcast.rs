@@ -146,7 +146,7 @@ impl Step {
             scope.bind_json_fields("event", input, self.event_fields.as_deref());
         }
         if let Some(guard) = &self.drop_event_if {
-            if guard.test_in(&scope)? {
+            if guard.test_in(&scope).map_err(|e| e.to_string())? {
                 return Ok(Vec::new());
             }
         }
@@ -169,7 +169,7 @@ impl Step {
                     output.insert(new.clone(), value);
                 }
                 for (field, expr) in set {
-                    output.insert(field.clone(), expr.value_in(&scope)?);
+                    output.insert(field.clone(), expr.value_in(&scope).map_err(|e| e.to_string())?);
                 }
                 for field in drop {
                     output.remove(field);
@@ -185,7 +185,9 @@ impl Step {
                 .map(|(event, version, set)| {
                     let payload = set
                         .iter()
-                        .map(|(field, expr)| Ok((field.clone(), expr.value_in(&scope)?)))
+                        .map(|(field, expr)| {
+                            Ok((field.clone(), expr.value_in(&scope).map_err(|e| e.to_string())?))
+                        })
                         .collect::<Result<Map<_, _>, String>>()?;
                     Ok(UpcastOutput {
                         event: event.clone(),

@@ -1,0 +1,134 @@
+//! The fold loop of one generation of a projection: consume, decode, fold, commit.
+//!
+//! Each projection has its own consumer group and its own thread per generation.
+//! The loop keeps a write-back cache of the keys a batch touched ([`batch`]) and
+//! commits the batch as one RocksDB write with the next offset of every partition
+//! it read. Offsets in RocksDB are the truth: on assignment the consumer starts
+//! from them ([`consumer`]), and a message below the next offset of its partition
+//! (a redelivery) is dropped, so nothing is applied twice.
+//!
+//! Messages are polled in chunks; while one chunk is folded, the next is decoded
+//! on a second thread ([`crate::decode_ahead`]). A rebalance or a consumer error is
+//! handled only after every message polled before it has been folded ([`run`]).
+//! Events that cannot be decoded or folded go through the poison policy
+//! ([`policy`]).
+//!
+//! A loop folds one generation ([`Fold`]) and takes commands from its
+//! projection's [`Supervisor`]; a replay's loop folds up to the target of a
+//! handover, switches, and then goes on as the live loop.
+
+mod batch;
+mod commit;
+mod consumer;
+mod policy;
+mod run;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdkafka::error::KafkaError;
+use tracing::{error, info_span};
+
+use crate::config::{KafkaConfig, ReplayConfig, StoreConfig};
+use crate::decode::Decoder;
+use crate::decode_ahead::DecoderGone;
+use crate::fold_state::{Fold, RunState};
+use crate::store::{Store, StoreError};
+use crate::supervisor::Supervisor;
+
+/// What the fold loop needs besides its projection.
+#[derive(Clone)]
+pub struct SourceDeps {
+    /// Kafka settings.
+    pub kafka: KafkaConfig,
+    /// Batch settings.
+    pub store_config: StoreConfig,
+    /// Replay settings.
+    pub replay_config: ReplayConfig,
+    /// The worker's database.
+    pub store: Arc<Store>,
+    /// Set to stop: the loop commits its batch and leaves the group.
+    pub shutdown: Arc<AtomicBool>,
+    /// For the blocking calls of async clients (registry, dead-letter producer).
+    pub async_runtime: tokio::runtime::Handle,
+}
+
+/// Starts the fold loop of one generation of `projection` on its own thread (the
+/// caller has marked the fold's loop as running).
+pub fn spawn(
+    projection: Arc<Supervisor>,
+    fold: Arc<Fold>,
+    decoder: Decoder,
+    deps: SourceDeps,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(format!("fold-{}", fold.generation.column_family()))
+        .spawn(move || {
+            let span =
+                info_span!("projection", projection = %projection.name, generation = fold.generation.number);
+            let _entered = span.enter();
+            let replay = projection.replay().filter(|r| Arc::ptr_eq(&r.fold, &fold));
+            let commands = fold.listen();
+            let (store, shutdown) = (deps.store.clone(), deps.shutdown.clone());
+            // Whatever ends the loop, the projection says so: a panic in the engine
+            // itself is a failure like any other, never a thread gone quietly.
+            let outcome = crate::panics::contained(|| {
+                let mut fold_loop =
+                    run::FoldLoop::new(projection.clone(), fold.clone(), replay, commands, decoder, deps)?;
+                let end = fold_loop.run()?;
+                Ok::<_, LoopError>((end, fold_loop.into_commands()))
+            });
+            let failure = match outcome {
+                Ok(Ok((LoopEnd::Stopped, _))) => None,
+                Ok(Ok((LoopEnd::Refold, commands))) if !shutdown.load(Ordering::Relaxed) => {
+                    // A fold panicked: the open batch was dropped; a new loop folds
+                    // again from the stored offsets and applies the poison policy
+                    // to the event that panicked (see `Fold::remember_panic`).
+                    fold.hand_on(commands);
+                    projection.spawn(fold.clone());
+                    return;
+                }
+                Ok(Ok((LoopEnd::Refold, _))) => None,
+                Ok(Err(failure)) => Some(failure.to_string()),
+                Err(panic) => Some(format!("the fold loop {panic}")),
+            };
+            if let Some(failure) = failure {
+                error!(error = %failure, "fold loop stopped");
+                fold.set_state(RunState::Failed { error: failure });
+            }
+            projection.loop_exited(&fold, &store, shutdown.load(Ordering::Relaxed));
+        })
+        .expect("spawning a thread")
+}
+
+/// How a fold loop ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum LoopEnd {
+    /// Stopped (shutdown, handover, poison under `stop`, operator).
+    Stopped,
+    /// A fold panicked; its open batch was dropped unwritten and the loop must
+    /// start over from the stored offsets.
+    Refold,
+}
+
+/// Why the loop ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum LoopError {
+    #[error(transparent)]
+    DeadLetter(#[from] crate::dead_letter::DeadLetterError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("partition assignment failed: {0}")]
+    Assignment(String),
+    #[error(
+        "shut down while the store refused writes: the open batch of {events} events was not \
+             written and will be folded again from the stored offsets ({error})"
+    )]
+    UnwrittenAtShutdown { events: u64, error: StoreError },
+    #[error("starting the decoding thread: {0}")]
+    DecoderThread(std::io::Error),
+    #[error(transparent)]
+    DecoderGone(#[from] DecoderGone),
+}

@@ -1,0 +1,549 @@
+//! The loop itself: poll a chunk, hand it to the decoding thread, fold the chunk
+//! decoded before it message by message, commit when the batch is due, and handle
+//! rebalances, log-behind reports and a replay's handover between chunks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{BorrowedMessage, Message};
+use tracing::{debug, error, info, warn};
+
+use super::batch::{Batch, Stop};
+use super::consumer::{self, SourceConsumer};
+use super::policy::{self, Outcome, Poison};
+use super::{LoopEnd, LoopError, SourceDeps};
+use crate::config::PoisonPolicy;
+use crate::dead_letter::DeadLetters;
+use crate::decode::DecodeError;
+use crate::decode_ahead::{DecodeAhead, Decoded};
+use crate::fold_state::{Command, Fold, LogBehind, RunState};
+use crate::metrics;
+use crate::poison::PoisonReason;
+use crate::projection::EventMeta;
+use crate::replay::Replay;
+use crate::store::{SourcePartition, StoreError};
+use crate::supervisor::Supervisor;
+
+pub(super) struct FoldLoop {
+    consumer: SourceConsumer,
+    dead_letters: Option<DeadLetters>,
+    folding: Folding,
+}
+
+/// Everything of the loop but the consumer, so a message borrowed from the
+/// consumer can be folded into it.
+pub(super) struct Folding {
+    pub(super) runtime: Arc<Supervisor>,
+    pub(super) fold: Arc<Fold>,
+    /// Set while this loop builds a replay's generation.
+    replay: Option<Arc<Replay>>,
+    /// When a throttled replay started counting, and the events since.
+    throttle: Option<(Instant, u64, u32)>,
+    decode_ahead: DecodeAhead,
+    pub(super) deps: SourceDeps,
+    /// Next offset to apply per partition, as far as this loop knows (committed
+    /// or in the open batch).
+    positions: HashMap<SourcePartition, i64>,
+    topics: HashMap<String, Arc<str>>,
+    pub(super) batch: Batch,
+    /// Partitions whose first unapplied event of this batch was noted for lag.
+    pub(super) unapplied_noted: HashSet<SourcePartition>,
+    /// What the supervisor and the lag monitor tell this loop.
+    commands: Receiver<Command>,
+    /// A [`Command::Stop`] came: commit and stop.
+    pub(super) stopping: bool,
+    /// A [`Command::LogBehind`] came and is not handled yet.
+    log_behind: Option<LogBehind>,
+}
+
+impl FoldLoop {
+    pub(super) fn new(
+        runtime: Arc<Supervisor>,
+        fold: Arc<Fold>,
+        replay: Option<Arc<Replay>>,
+        commands: Receiver<Command>,
+        decoder: crate::decode::Decoder,
+        deps: SourceDeps,
+    ) -> Result<Self, LoopError> {
+        let dead_letters = match (&runtime.on_poison, &runtime.dead_letter_topic) {
+            (PoisonPolicy::DeadLetter, Some(topic)) => {
+                Some(DeadLetters::new(&deps.kafka, topic, deps.async_runtime.clone())?)
+            }
+            _ => None,
+        };
+        let throttle = replay
+            .as_ref()
+            .and(deps.replay_config.max_events_per_second)
+            .map(|rate| (Instant::now(), 0, rate.max(1)));
+        let decode_ahead = DecodeAhead::start(
+            decoder,
+            format!("decode-{}", fold.generation.column_family()),
+            deps.shutdown.clone(),
+        )
+        .map_err(LoopError::DecoderThread)?;
+        let consumer = consumer::subscribe(&deps.kafka, deps.store.clone(), fold.clone())?;
+        Ok(FoldLoop {
+            consumer,
+            dead_letters,
+            folding: Folding {
+                runtime,
+                fold,
+                replay,
+                throttle,
+                decode_ahead,
+                deps,
+                positions: HashMap::new(),
+                topics: HashMap::new(),
+                batch: Batch::default(),
+                unapplied_noted: HashSet::new(),
+                commands,
+                stopping: false,
+                log_behind: None,
+            },
+        })
+    }
+
+    /// The command channel, for the loop that starts over after this one.
+    pub(super) fn into_commands(mut self) -> Receiver<Command> {
+        std::mem::replace(&mut self.folding.commands, std::sync::mpsc::channel().1)
+    }
+
+    pub(super) fn run(&mut self) -> Result<LoopEnd, LoopError> {
+        let fold = self.folding.fold.clone();
+        fold.set_state(RunState::Running);
+        let consumer = &self.consumer;
+        let folding = &mut self.folding;
+        let folder = ChunkFolder {
+            runtime: folding.runtime.clone(),
+            fold: fold.clone(),
+            dead_letters: self.dead_letters.as_ref(),
+            max_wait: Duration::from_millis(folding.deps.store_config.batch_max_wait_ms),
+            max_events: folding.deps.store_config.batch_max_events as u64,
+        };
+        // Messages polled and being decoded while the chunk before them is folded.
+        let mut ahead: Option<Vec<BorrowedMessage<'_>>> = None;
+        loop {
+            folding.read_commands();
+            if folding.deps.shutdown.load(Ordering::Relaxed) || folding.stopping {
+                // A chunk still ahead was not applied: it is read again next time.
+                folding.commit(consumer)?;
+                info!("stopping: batch committed");
+                fold.set_state(RunState::Stopped);
+                return Ok(LoopEnd::Stopped);
+            }
+            drive_replay(consumer, folding)?;
+            if let Some(found) = folding.log_behind.take() {
+                // Only for a partition this loop still folds, still at that offset
+                // (the report may be older than a rebalance or a resume).
+                let owned = consumer.assignment().is_ok_and(|assigned| {
+                    assigned
+                        .find_partition(&found.partition.topic, found.partition.partition)
+                        .is_some()
+                });
+                // A chunk polled ahead may hold the very offset the probe missed.
+                let polled_ahead = ahead.iter().flatten().any(|m| {
+                    m.partition() == found.partition.partition && m.topic() == &*found.partition.topic
+                });
+                if owned && !polled_ahead && folding.position(&found.partition)? == found.next {
+                    stop_on_log_behind(consumer, folding, found)?;
+                    return Ok(LoopEnd::Stopped);
+                }
+            }
+            let wait = if ahead.is_some() {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(50)
+            };
+            let polled = consumer::poll_chunk(consumer, wait);
+            if !polled.messages.is_empty() {
+                let max_bytes = folding.runtime.max_event_bytes;
+                // Values over the limit are poison without being decoded.
+                folding.decode_ahead.submit(
+                    polled
+                        .messages
+                        .iter()
+                        .map(|m| m.payload().filter(|v| v.len() <= max_bytes)),
+                )?;
+            }
+            if let Some(previous) = ahead.take() {
+                if let Some(end) = folder.fold_chunk(consumer, folding, previous)?.loop_end() {
+                    return Ok(end);
+                }
+            }
+            // A rebalance or an offset error is handled with every message polled
+            // before it folded, as when messages were taken one at a time.
+            let rebalanced = consumer::rebalance_pending(consumer);
+            if rebalanced || polled.offsets_outside_log || polled.messages.is_empty() {
+                if !polled.messages.is_empty() {
+                    if let Some(end) = folder.fold_chunk(consumer, folding, polled.messages)?.loop_end() {
+                        return Ok(end);
+                    }
+                }
+                if rebalanced {
+                    handle_rebalance(consumer, folding)?;
+                }
+                if polled.offsets_outside_log && stop_on_offsets_outside_the_log(consumer, folding)? {
+                    return Ok(LoopEnd::Stopped);
+                }
+                if !rebalanced && !polled.offsets_outside_log {
+                    // Nothing more to read right now: write what was folded.
+                    folding.commit(consumer)?;
+                }
+            } else {
+                ahead = Some(polled.messages);
+            }
+        }
+    }
+}
+
+impl Drop for FoldLoop {
+    fn drop(&mut self) {
+        // Runs before the consumer is closed: its last revocation keeps ownership.
+        self.consumer
+            .context()
+            .closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether the loop goes on after a chunk.
+#[derive(Debug, PartialEq, Eq)]
+enum ChunkEnd {
+    Folded,
+    /// Stopped at a message (poison under `stop`, or shutdown mid-message).
+    LoopEnded,
+    /// A fold panicked: the open batch must be dropped and folded again.
+    Refold,
+}
+
+impl ChunkEnd {
+    /// How the loop ends after this chunk, if it does.
+    fn loop_end(self) -> Option<LoopEnd> {
+        match self {
+            ChunkEnd::Folded => None,
+            ChunkEnd::LoopEnded => Some(LoopEnd::Stopped),
+            ChunkEnd::Refold => Some(LoopEnd::Refold),
+        }
+    }
+}
+
+/// The per-message decisions of the loop, for the messages of one chunk.
+struct ChunkFolder<'d> {
+    runtime: Arc<Supervisor>,
+    fold: Arc<Fold>,
+    dead_letters: Option<&'d DeadLetters>,
+    max_wait: Duration,
+    max_events: u64,
+}
+
+impl ChunkFolder<'_> {
+    /// Folds `messages`, the oldest chunk submitted for decoding, in order.
+    fn fold_chunk(
+        &self,
+        consumer: &SourceConsumer,
+        folding: &mut Folding,
+        messages: Vec<BorrowedMessage<'_>>,
+    ) -> Result<ChunkEnd, LoopError> {
+        let decoded = folding.decode_ahead.next()?;
+        for (message, decoded) in messages.into_iter().zip(decoded) {
+            match self.fold_message(consumer, folding, message, decoded)? {
+                ChunkEnd::Folded => {}
+                end => return Ok(end),
+            }
+        }
+        Ok(ChunkEnd::Folded)
+    }
+
+    fn fold_message(
+        &self,
+        consumer: &SourceConsumer,
+        folding: &mut Folding,
+        message: BorrowedMessage<'_>,
+        decoded: Decoded,
+    ) -> Result<ChunkEnd, LoopError> {
+        let fold = &self.fold;
+        let partition = SourcePartition {
+            topic: folding.intern(message.topic()),
+            partition: message.partition(),
+        };
+        let offset = message.offset();
+        let next = folding.position(&partition)?;
+        if offset >= next && folding.unapplied_noted.insert(partition.clone()) {
+            fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
+        }
+        if offset < next {
+            debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
+            return Ok(ChunkEnd::Folded);
+        }
+        let shutdown = folding.deps.shutdown.clone();
+        let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
+        let poison = |reason, error| Poison {
+            message: &message,
+            partition: &partition,
+            reason,
+            error,
+        };
+        let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
+            metrics::OPERATOR_SKIPS
+                .with_label_values(&[&self.runtime.name])
+                .inc();
+            warn!(topic = %partition.topic, partition = partition.partition, offset,
+                "operator skip: event at {partition} offset {offset} skipped without folding");
+            Outcome::Applied
+        } else if let Some(panic) = fold.take_known_panic(&partition, offset) {
+            // Folded again after this event's fold panicked: it is poison now.
+            let poison = poison(PoisonReason::FoldFailed, panic);
+            policy::handle(&self.runtime, fold, self.dead_letters, poison, &keep_waiting)?
+        } else {
+            match folding.apply(&message, &partition, decoded) {
+                Ok(()) => Outcome::Applied,
+                Err(Stop::Interrupted) => Outcome::Retry,
+                Err(Stop::Store(error)) => return Err(error.into()),
+                Err(Stop::Panicked(panic)) => {
+                    error!(topic = %partition.topic, partition = partition.partition, offset, error = %panic,
+                        "the fold of {partition} offset {offset} {panic}: the open batch is dropped unwritten \
+                         and folded again from the stored offsets, with this event as poison (fold_failed)");
+                    fold.remember_panic(&partition, offset, panic);
+                    return Ok(ChunkEnd::Refold);
+                }
+                Err(Stop::Poison { reason, error }) => {
+                    let poison = poison(reason, error);
+                    policy::handle(&self.runtime, fold, self.dead_letters, poison, &keep_waiting)?
+                }
+            }
+        };
+        match outcome {
+            Outcome::Applied => {}
+            Outcome::Retry => {
+                // Never go on to later messages past one left unapplied: stop
+                // here, committed up to it, and let the next run start from it.
+                drop(message);
+                folding.commit(consumer)?;
+                info!("stopping mid-message: batch committed");
+                fold.set_state(RunState::Stopped);
+                return Ok(ChunkEnd::LoopEnded);
+            }
+            Outcome::Halt => {
+                let timestamp = message.timestamp().to_millis().unwrap_or(0);
+                drop(message);
+                folding.commit(consumer)?;
+                // The event it stopped at stays unapplied: its age is the lag.
+                fold.note_unapplied(&partition, timestamp);
+                return Ok(ChunkEnd::LoopEnded);
+            }
+        }
+        folding.positions.insert(partition.clone(), offset + 1);
+        folding
+            .batch
+            .advance(partition, offset + 1, message.timestamp().to_millis());
+        if folding.batch.is_due(self.max_events, self.max_wait) {
+            folding.commit(consumer)?;
+        }
+        folding.throttle();
+        Ok(ChunkEnd::Folded)
+    }
+}
+
+fn handle_rebalance(consumer: &SourceConsumer, folding: &mut Folding) -> Result<(), LoopError> {
+    if let Some(error) = consumer.context().assignment_error.lock().expect("lock").take() {
+        folding.commit(consumer)?;
+        return Err(LoopError::Assignment(error));
+    }
+    let revoked: Vec<SourcePartition> =
+        std::mem::take(&mut *consumer.context().revoked.lock().expect("lock"));
+    if !revoked.is_empty() {
+        // The open batch is consistent (state and offsets of the events already
+        // folded), so it is committed as it is; the partitions' positions are
+        // forgotten and read from the store again if they come back.
+        folding.commit(consumer)?;
+        for partition in revoked {
+            folding.positions.remove(&partition);
+        }
+    }
+    Ok(())
+}
+
+/// After the consumer reported a fetch position outside a partition's log: finds
+/// the partition whose stored offset lies outside `[low, high]` and stops the
+/// projection there with reason `offsets_reset` (true), rather than let the
+/// consumer jump to another position and fold new data onto old state.
+fn stop_on_offsets_outside_the_log(
+    consumer: &SourceConsumer,
+    folding: &mut Folding,
+) -> Result<bool, LoopError> {
+    let assignment = consumer.assignment()?;
+    for element in assignment.elements() {
+        let partition = SourcePartition {
+            topic: folding.intern(element.topic()),
+            partition: element.partition(),
+        };
+        let next = folding.position(&partition)?;
+        let Ok((low, high)) =
+            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(5))
+        else {
+            continue;
+        };
+        if next < low || next > high {
+            stop_on_log_behind(
+                consumer,
+                folding,
+                LogBehind {
+                    partition,
+                    next,
+                    low,
+                    high,
+                },
+            )?;
+            return Ok(true);
+        }
+    }
+    warn!("the consumer reported an offset out of range, but every stored offset is inside its log");
+    Ok(false)
+}
+
+/// Stops the projection with reason `offsets_reset` at a partition whose log no
+/// longer holds its stored offset, rather than fold new data onto old state.
+fn stop_on_log_behind(
+    consumer: &SourceConsumer,
+    folding: &mut Folding,
+    found: LogBehind,
+) -> Result<(), LoopError> {
+    folding.commit(consumer)?;
+    let LogBehind {
+        partition,
+        next,
+        low,
+        high,
+    } = found;
+    let error = format!(
+        "the stored next offset {next} of {partition} is outside its log [{low}, {high}]: the topic \
+         was recreated or truncated, or events expired before they were applied; \
+         `projector reset` or a replay rebuilds the projection from the log as it is now"
+    );
+    error!(topic = %partition.topic, partition = partition.partition, offset = next,
+        reason = "offsets_reset", "projection stopped: {error}");
+    folding.fold.set_state(RunState::Poisoned {
+        topic: partition.topic.to_string(),
+        partition: partition.partition,
+        offset: next,
+        reason: PoisonReason::OffsetsReset,
+        error,
+    });
+    Ok(())
+}
+
+/// A replay's part of the handover (see [`crate::supervisor`]): once the
+/// supervisor has the live generation's final offsets and this loop has folded up
+/// to them, commit and switch.
+fn drive_replay(consumer: &SourceConsumer, folding: &mut Folding) -> Result<(), LoopError> {
+    let Some(replay) = folding.replay.clone() else {
+        return Ok(());
+    };
+    let Some(target) = folding.runtime.handover_target(&replay) else {
+        return Ok(());
+    };
+    for (partition, next) in &target {
+        if folding.position(partition)? < *next {
+            return Ok(());
+        }
+    }
+    folding.commit(consumer)?;
+    folding.runtime.switch(&replay, &folding.deps.store)?;
+    folding.replay = None;
+    folding.throttle = None;
+    Ok(())
+}
+
+impl Folding {
+    /// Takes in what the supervisor and the lag monitor said since last time.
+    pub(super) fn read_commands(&mut self) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Stop => self.stopping = true,
+                Command::LogBehind(found) => self.log_behind = Some(found),
+            }
+        }
+    }
+
+    fn intern(&mut self, topic: &str) -> Arc<str> {
+        if let Some(interned) = self.topics.get(topic) {
+            return interned.clone();
+        }
+        let interned: Arc<str> = topic.into();
+        self.topics.insert(topic.to_owned(), interned.clone());
+        interned
+    }
+
+    /// Holds a throttled replay to its configured rate.
+    fn throttle(&mut self) {
+        let Some((since, events, rate)) = &mut self.throttle else {
+            return;
+        };
+        *events += 1;
+        let due = Duration::from_secs_f64(*events as f64 / f64::from(*rate));
+        let elapsed = since.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+        if *events >= u64::from(*rate) {
+            // Restart the count every second or so, so a pause is not made up for
+            // with a burst.
+            *since = Instant::now();
+            *events = 0;
+        }
+    }
+
+    /// Next offset to apply in `partition`.
+    fn position(&mut self, partition: &SourcePartition) -> Result<i64, StoreError> {
+        if let Some(next) = self.positions.get(partition) {
+            return Ok(*next);
+        }
+        let next = self
+            .deps
+            .store
+            .next_offset(&self.fold.generation, partition)?
+            .unwrap_or(0);
+        self.positions.insert(partition.clone(), next);
+        Ok(next)
+    }
+
+    /// Decodes, upcasts and folds one message into the batch.
+    fn apply(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        partition: &SourcePartition,
+        decoded: Decoded,
+    ) -> Result<(), Stop> {
+        let size = message.payload_len();
+        if size > self.runtime.max_event_bytes {
+            return Err(Stop::Poison {
+                reason: PoisonReason::BadFrame,
+                error: format!(
+                    "value of {size} bytes exceeds max_event_bytes = {}",
+                    self.runtime.max_event_bytes
+                ),
+            });
+        }
+        let events = decoded.map_err(|e| match e {
+            DecodeError::Poison { reason, message } => Stop::Poison {
+                reason,
+                error: message,
+            },
+            DecodeError::Interrupted(_) => Stop::Interrupted,
+        })?;
+        let meta = EventMeta {
+            topic: partition.topic.clone(),
+            partition: partition.partition,
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            key: message.key().map(|k| String::from_utf8_lossy(k).into()),
+        };
+        let source = (&*self.deps.store, &self.fold.generation);
+        self.batch
+            .fold_message(self.fold.projection.as_ref(), source, &events, &meta, partition)
+    }
+}

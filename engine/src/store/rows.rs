@@ -1,0 +1,91 @@
+//! A generation's rows as the fold loop uses them: a key's partial state and a
+//! partition's next offset, read one at a time, and a batch of both written in
+//! one `WriteBatch` (DESIGN.md invariant 1).
+
+use std::collections::BTreeMap;
+
+use rocksdb::WriteBatch;
+use serde_json::Value as Json;
+
+use super::keys::{decode_offset, offset_key, state_key};
+use super::{failed, BatchWrite, Generation, SourcePartition, Store, StoreError};
+
+impl Store {
+    /// Next offset to apply for one partition, if any batch of it was committed.
+    pub fn next_offset(
+        &self,
+        generation: &Generation,
+        partition: &SourcePartition,
+    ) -> Result<Option<i64>, StoreError> {
+        let cf = self.cf(generation)?;
+        let bytes = self
+            .db
+            .get_cf(&cf, offset_key(partition))
+            .map_err(failed(format!("reading offset of {partition}")))?;
+        bytes
+            .map(|b| decode_offset(generation, partition, &b))
+            .transpose()
+    }
+
+    /// Every committed offset of a generation.
+    pub fn offsets(&self, generation: &Generation) -> Result<BTreeMap<SourcePartition, i64>, StoreError> {
+        self.read_view(generation)?.offsets()
+    }
+
+    /// The partial state of `key` from one source partition.
+    pub fn partial(
+        &self,
+        generation: &Generation,
+        key: &str,
+        partition: &SourcePartition,
+    ) -> Result<Option<Json>, StoreError> {
+        let cf = self.cf(generation)?;
+        // (Error contexts are formatted only on error: this runs for every event.)
+        // Pinned: parsed straight from RocksDB's block or memtable, not a copy.
+        let bytes = self
+            .db
+            .get_pinned_cf(&cf, state_key(key, partition))
+            .map_err(|e| failed(format!("reading `{key}` of {partition}"))(e))?;
+        bytes
+            .map(|b| {
+                serde_json::from_slice(&b).map_err(|e| {
+                    failed(format!(
+                        "the state row of `{key}` from {partition} in column family {} is unreadable",
+                        generation.column_family()
+                    ))(e)
+                })
+            })
+            .transpose()
+    }
+
+    /// Writes one batch atomically: state rows and offsets together.
+    pub fn commit(&self, generation: &Generation, batch: &BatchWrite) -> Result<(), StoreError> {
+        let cf = self.cf(generation)?;
+        let mut rows: Vec<(Vec<u8>, &Option<Json>)> = batch
+            .rows
+            .iter()
+            .map(|(key, partition, state)| (state_key(key, partition), state))
+            .collect();
+        // In key order, each memtable insert starts its search where the last one
+        // ended instead of at the top of the skip list.
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut write = WriteBatch::default();
+        let mut encoded = Vec::new();
+        for (row, state) in rows {
+            match state {
+                Some(state) => {
+                    encoded.clear();
+                    serde_json::to_writer(&mut encoded, state).map_err(failed("encoding state"))?;
+                    write.put_cf(&cf, row, &encoded);
+                }
+                None => write.delete_cf(&cf, row),
+            }
+        }
+        for (partition, next) in &batch.offsets {
+            write.put_cf(&cf, offset_key(partition), (*next as u64).to_be_bytes());
+        }
+        self.db
+            .write_opt(write, &self.write_options)
+            .map_err(failed(format!("committing a batch of {}", generation.projection)))
+    }
+}

@@ -1,0 +1,88 @@
+//! `projector run` with one extra, test-only projection kind, `panic_on_marker`:
+//! `order_summary`, except that its fold panics on an `OrderPlaced` whose order id
+//! starts with `panic-`. The end-to-end tests run it to prove that a panic in
+//! projection code is contained (DESIGN.md invariant 6); it is not part of the
+//! product and never ships in the `projector` binary.
+//!
+//! Usage: `projector-test-worker --config FILE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use engine::projection::{Event, FoldError, PartitionState, Projection};
+use projections::order_summary::OrderSummary;
+use serde_json::Value as Json;
+
+/// `order_summary` that panics on a marker order.
+struct PanicOnMarker;
+
+impl Projection for PanicOnMarker {
+    fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
+        if let apache_avro::types::Value::Record(fields) = event.payload {
+            let marker = fields.iter().any(|(name, value)| {
+                name == "orderId"
+                    && matches!(value, apache_avro::types::Value::String(id) if id.starts_with("panic-"))
+            });
+            if marker {
+                // Change the state first, as a buggy fold might, so the test also
+                // proves that a half-done change is never committed.
+                state.update("~scratch", &mut |s| {
+                    *s = Some(Json::from("half-done"));
+                    Ok(())
+                })?;
+                panic!("marker event at offset {}", event.meta.offset);
+            }
+        }
+        Projection::apply(&OrderSummary, event, state)
+    }
+
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json> {
+        Projection::merge(&OrderSummary, key, partials)
+    }
+}
+
+fn build_panic_on_marker(_options: &Json) -> Result<Box<dyn Projection>, String> {
+    Ok(Box::new(PanicOnMarker))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().collect();
+    let config = match args.as_slice() {
+        [_, flag, path] if flag == "--config" => PathBuf::from(path),
+        _ => {
+            eprintln!("usage: projector-test-worker --config FILE");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut builtins = engine::worker::Builtins {
+        projections: projections::registry(),
+        upcasters: projections::upcasters(),
+    };
+    builtins
+        .projections
+        .insert("panic_on_marker", build_panic_on_marker);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("projector-test-worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let loaded = engine::config::Config::load(&config)?;
+        engine::worker::run(loaded, &config, &builtins).await?;
+        anyhow::Ok(())
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("projector-test-worker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
