@@ -235,12 +235,18 @@ pub fn order_summary_projections(projections: &[(&str, &str)]) -> String {
         .collect()
 }
 
-/// A blocking HTTP client with short timeouts.
+/// A blocking HTTP client with short timeouts, shared: building one loads the
+/// system's CA certificates, which costs more than the requests tests make.
 pub fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("http client")
+    static CLIENT: std::sync::LazyLock<reqwest::blocking::Client> = std::sync::LazyLock::new(|| {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            // No pooled connections: tests kill and restart workers on one port.
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("http client")
+    });
+    CLIENT.clone()
 }
 
 /// Produces the JSON-lines `events` file with Confluent's Python client

@@ -20,6 +20,7 @@
 mod batch;
 mod commit;
 mod consumer;
+mod message;
 mod policy;
 mod run;
 

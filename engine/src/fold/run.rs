@@ -10,18 +10,17 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::batch::{Batch, Stop};
 use super::consumer::{self, SourceConsumer};
-use super::policy::{self, Outcome, Poison};
+use super::message::ChunkFolder;
 use super::{LoopEnd, LoopError, SourceDeps};
 use crate::config::PoisonPolicy;
 use crate::dead_letter::DeadLetters;
 use crate::decode::DecodeError;
 use crate::decode_ahead::{DecodeAhead, Decoded};
 use crate::fold_state::{Command, Fold, LogBehind, RunState};
-use crate::metrics;
 use crate::poison::PoisonReason;
 use crate::projection::EventMeta;
 use crate::replay::Replay;
@@ -43,11 +42,11 @@ pub(super) struct Folding {
     replay: Option<Arc<Replay>>,
     /// When a throttled replay started counting, and the events since.
     throttle: Option<(Instant, u64, u32)>,
-    decode_ahead: DecodeAhead,
+    pub(super) decode_ahead: DecodeAhead,
     pub(super) deps: SourceDeps,
     /// Next offset to apply per partition, as far as this loop knows (committed
     /// or in the open batch).
-    positions: HashMap<SourcePartition, i64>,
+    pub(super) positions: HashMap<SourcePartition, i64>,
     topics: HashMap<String, Arc<str>>,
     pub(super) batch: Batch,
     /// Partitions whose first unapplied event of this batch was noted for lag.
@@ -210,144 +209,6 @@ impl Drop for FoldLoop {
     }
 }
 
-/// Whether the loop goes on after a chunk.
-#[derive(Debug, PartialEq, Eq)]
-enum ChunkEnd {
-    Folded,
-    /// Stopped at a message (poison under `stop`, or shutdown mid-message).
-    LoopEnded,
-    /// A fold panicked: the open batch must be dropped and folded again.
-    Refold,
-}
-
-impl ChunkEnd {
-    /// How the loop ends after this chunk, if it does.
-    fn loop_end(self) -> Option<LoopEnd> {
-        match self {
-            ChunkEnd::Folded => None,
-            ChunkEnd::LoopEnded => Some(LoopEnd::Stopped),
-            ChunkEnd::Refold => Some(LoopEnd::Refold),
-        }
-    }
-}
-
-/// The per-message decisions of the loop, for the messages of one chunk.
-struct ChunkFolder<'d> {
-    runtime: Arc<Supervisor>,
-    fold: Arc<Fold>,
-    dead_letters: Option<&'d DeadLetters>,
-    max_wait: Duration,
-    max_events: u64,
-}
-
-impl ChunkFolder<'_> {
-    /// Folds `messages`, the oldest chunk submitted for decoding, in order.
-    fn fold_chunk(
-        &self,
-        consumer: &SourceConsumer,
-        folding: &mut Folding,
-        messages: Vec<BorrowedMessage<'_>>,
-    ) -> Result<ChunkEnd, LoopError> {
-        let decoded = folding.decode_ahead.next()?;
-        for (message, decoded) in messages.into_iter().zip(decoded) {
-            match self.fold_message(consumer, folding, message, decoded)? {
-                ChunkEnd::Folded => {}
-                end => return Ok(end),
-            }
-        }
-        Ok(ChunkEnd::Folded)
-    }
-
-    fn fold_message(
-        &self,
-        consumer: &SourceConsumer,
-        folding: &mut Folding,
-        message: BorrowedMessage<'_>,
-        decoded: Decoded,
-    ) -> Result<ChunkEnd, LoopError> {
-        let fold = &self.fold;
-        let partition = SourcePartition {
-            topic: folding.intern(message.topic()),
-            partition: message.partition(),
-        };
-        let offset = message.offset();
-        let next = folding.position(&partition)?;
-        if offset >= next && folding.unapplied_noted.insert(partition.clone()) {
-            fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
-        }
-        if offset < next {
-            debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
-            return Ok(ChunkEnd::Folded);
-        }
-        let shutdown = folding.deps.shutdown.clone();
-        let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
-        let poison = |reason, error| Poison {
-            message: &message,
-            partition: &partition,
-            reason,
-            error,
-        };
-        let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
-            metrics::OPERATOR_SKIPS
-                .with_label_values(&[&self.runtime.name])
-                .inc();
-            warn!(topic = %partition.topic, partition = partition.partition, offset,
-                "operator skip: event at {partition} offset {offset} skipped without folding");
-            Outcome::Applied
-        } else if let Some(panic) = fold.take_known_panic(&partition, offset) {
-            // Folded again after this event's fold panicked: it is poison now.
-            let poison = poison(PoisonReason::FoldFailed, panic);
-            policy::handle(&self.runtime, fold, self.dead_letters, poison, &keep_waiting)?
-        } else {
-            match folding.apply(&message, &partition, decoded) {
-                Ok(()) => Outcome::Applied,
-                Err(Stop::Interrupted) => Outcome::Retry,
-                Err(Stop::Store(error)) => return Err(error.into()),
-                Err(Stop::Panicked(panic)) => {
-                    error!(topic = %partition.topic, partition = partition.partition, offset, error = %panic,
-                        "the fold of {partition} offset {offset} {panic}: the open batch is dropped unwritten \
-                         and folded again from the stored offsets, with this event as poison (fold_failed)");
-                    fold.remember_panic(&partition, offset, panic);
-                    return Ok(ChunkEnd::Refold);
-                }
-                Err(Stop::Poison { reason, error }) => {
-                    let poison = poison(reason, error);
-                    policy::handle(&self.runtime, fold, self.dead_letters, poison, &keep_waiting)?
-                }
-            }
-        };
-        match outcome {
-            Outcome::Applied => {}
-            Outcome::Retry => {
-                // Never go on to later messages past one left unapplied: stop
-                // here, committed up to it, and let the next run start from it.
-                drop(message);
-                folding.commit(consumer)?;
-                info!("stopping mid-message: batch committed");
-                fold.set_state(RunState::Stopped);
-                return Ok(ChunkEnd::LoopEnded);
-            }
-            Outcome::Halt => {
-                let timestamp = message.timestamp().to_millis().unwrap_or(0);
-                drop(message);
-                folding.commit(consumer)?;
-                // The event it stopped at stays unapplied: its age is the lag.
-                fold.note_unapplied(&partition, timestamp);
-                return Ok(ChunkEnd::LoopEnded);
-            }
-        }
-        folding.positions.insert(partition.clone(), offset + 1);
-        folding
-            .batch
-            .advance(partition, offset + 1, message.timestamp().to_millis());
-        if folding.batch.is_due(self.max_events, self.max_wait) {
-            folding.commit(consumer)?;
-        }
-        folding.throttle();
-        Ok(ChunkEnd::Folded)
-    }
-}
-
 fn handle_rebalance(consumer: &SourceConsumer, folding: &mut Folding) -> Result<(), LoopError> {
     if let Some(error) = consumer.context().assignment_error.lock().expect("lock").take() {
         folding.commit(consumer)?;
@@ -469,7 +330,7 @@ impl Folding {
         }
     }
 
-    fn intern(&mut self, topic: &str) -> Arc<str> {
+    pub(super) fn intern(&mut self, topic: &str) -> Arc<str> {
         if let Some(interned) = self.topics.get(topic) {
             return interned.clone();
         }
@@ -479,7 +340,7 @@ impl Folding {
     }
 
     /// Holds a throttled replay to its configured rate.
-    fn throttle(&mut self) {
+    pub(super) fn throttle(&mut self) {
         let Some((since, events, rate)) = &mut self.throttle else {
             return;
         };
@@ -498,7 +359,7 @@ impl Folding {
     }
 
     /// Next offset to apply in `partition`.
-    fn position(&mut self, partition: &SourcePartition) -> Result<i64, StoreError> {
+    pub(super) fn position(&mut self, partition: &SourcePartition) -> Result<i64, StoreError> {
         if let Some(next) = self.positions.get(partition) {
             return Ok(*next);
         }
@@ -512,7 +373,7 @@ impl Folding {
     }
 
     /// Decodes, upcasts and folds one message into the batch.
-    fn apply(
+    pub(super) fn apply(
         &mut self,
         message: &BorrowedMessage<'_>,
         partition: &SourcePartition,

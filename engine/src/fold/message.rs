@@ -1,0 +1,162 @@
+//! The loop's decisions for each message of a chunk, in message order: drop a
+//! redelivery, note the oldest unapplied event for lag, apply an operator's skip,
+//! fold, or hand a bad event to the poison policy; then advance the batch and
+//! commit it when it is due.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::message::{BorrowedMessage, Message};
+use tracing::{debug, error, info, warn};
+
+use super::batch::Stop;
+use super::consumer::SourceConsumer;
+use super::policy::{self, Outcome, Poison};
+use super::run::Folding;
+use super::{LoopEnd, LoopError};
+use crate::dead_letter::DeadLetters;
+use crate::decode_ahead::Decoded;
+use crate::fold_state::{Fold, RunState};
+use crate::metrics;
+use crate::poison::PoisonReason;
+use crate::store::SourcePartition;
+use crate::supervisor::Supervisor;
+
+/// Whether the loop goes on after a chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ChunkEnd {
+    Folded,
+    /// Stopped at a message (poison under `stop`, or shutdown mid-message).
+    LoopEnded,
+    /// A fold panicked: the open batch must be dropped and folded again.
+    Refold,
+}
+
+impl ChunkEnd {
+    /// How the loop ends after this chunk, if it does.
+    pub(super) fn loop_end(self) -> Option<LoopEnd> {
+        match self {
+            ChunkEnd::Folded => None,
+            ChunkEnd::LoopEnded => Some(LoopEnd::Stopped),
+            ChunkEnd::Refold => Some(LoopEnd::Refold),
+        }
+    }
+}
+
+/// The per-message decisions of the loop, for the messages of one chunk.
+pub(super) struct ChunkFolder<'d> {
+    pub(super) runtime: Arc<Supervisor>,
+    pub(super) fold: Arc<Fold>,
+    pub(super) dead_letters: Option<&'d DeadLetters>,
+    pub(super) max_wait: Duration,
+    pub(super) max_events: u64,
+}
+
+impl ChunkFolder<'_> {
+    /// Folds `messages`, the oldest chunk submitted for decoding, in order.
+    pub(super) fn fold_chunk(
+        &self,
+        consumer: &SourceConsumer,
+        folding: &mut Folding,
+        messages: Vec<BorrowedMessage<'_>>,
+    ) -> Result<ChunkEnd, LoopError> {
+        let decoded = folding.decode_ahead.next()?;
+        for (message, decoded) in messages.into_iter().zip(decoded) {
+            match self.fold_message(consumer, folding, message, decoded)? {
+                ChunkEnd::Folded => {}
+                end => return Ok(end),
+            }
+        }
+        Ok(ChunkEnd::Folded)
+    }
+
+    fn fold_message(
+        &self,
+        consumer: &SourceConsumer,
+        folding: &mut Folding,
+        message: BorrowedMessage<'_>,
+        decoded: Decoded,
+    ) -> Result<ChunkEnd, LoopError> {
+        let fold = &self.fold;
+        let partition = SourcePartition {
+            topic: folding.intern(message.topic()),
+            partition: message.partition(),
+        };
+        let offset = message.offset();
+        let next = folding.position(&partition)?;
+        if offset >= next && folding.unapplied_noted.insert(partition.clone()) {
+            fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
+        }
+        if offset < next {
+            debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
+            return Ok(ChunkEnd::Folded);
+        }
+        let shutdown = folding.deps.shutdown.clone();
+        let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
+        let poison = |reason, error| Poison {
+            message: &message,
+            partition: &partition,
+            reason,
+            error,
+        };
+        let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
+            metrics::OPERATOR_SKIPS
+                .with_label_values(&[&self.runtime.name])
+                .inc();
+            warn!(topic = %partition.topic, partition = partition.partition, offset,
+                "operator skip: event at {partition} offset {offset} skipped without folding");
+            Outcome::Applied
+        } else if let Some(panic) = fold.take_known_panic(&partition, offset) {
+            // Folded again after this event's fold panicked: it is poison now.
+            let poison = poison(PoisonReason::FoldFailed, panic);
+            policy::handle(&self.runtime, fold, self.dead_letters, poison, &keep_waiting)?
+        } else {
+            match folding.apply(&message, &partition, decoded) {
+                Ok(()) => Outcome::Applied,
+                Err(Stop::Interrupted) => Outcome::Retry,
+                Err(Stop::Store(error)) => return Err(error.into()),
+                Err(Stop::Panicked(panic)) => {
+                    error!(topic = %partition.topic, partition = partition.partition, offset, error = %panic,
+                        "the fold of {partition} offset {offset} {panic}: the open batch is dropped unwritten \
+                         and folded again from the stored offsets, with this event as poison (fold_failed)");
+                    fold.remember_panic(&partition, offset, panic);
+                    return Ok(ChunkEnd::Refold);
+                }
+                Err(Stop::Poison { reason, error }) => {
+                    let poison = poison(reason, error);
+                    policy::handle(&self.runtime, fold, self.dead_letters, poison, &keep_waiting)?
+                }
+            }
+        };
+        match outcome {
+            Outcome::Applied => {}
+            Outcome::Retry => {
+                // Never go on to later messages past one left unapplied: stop
+                // here, committed up to it, and let the next run start from it.
+                drop(message);
+                folding.commit(consumer)?;
+                info!("stopping mid-message: batch committed");
+                fold.set_state(RunState::Stopped);
+                return Ok(ChunkEnd::LoopEnded);
+            }
+            Outcome::Halt => {
+                let timestamp = message.timestamp().to_millis().unwrap_or(0);
+                drop(message);
+                folding.commit(consumer)?;
+                // The event it stopped at stays unapplied: its age is the lag.
+                fold.note_unapplied(&partition, timestamp);
+                return Ok(ChunkEnd::LoopEnded);
+            }
+        }
+        folding.positions.insert(partition.clone(), offset + 1);
+        folding
+            .batch
+            .advance(partition, offset + 1, message.timestamp().to_millis());
+        if folding.batch.is_due(self.max_events, self.max_wait) {
+            folding.commit(consumer)?;
+        }
+        folding.throttle();
+        Ok(ChunkEnd::Folded)
+    }
+}

@@ -1,0 +1,67 @@
+//! Unit tests of this module.
+
+use super::*;
+
+fn state_with_token(dir: &std::path::Path, token: Option<&str>) -> ApiState {
+    ApiState {
+        projections: Arc::default(),
+        store: Arc::new(Store::open(dir, false).unwrap()),
+        admin_token: token.map(str::to_owned),
+    }
+}
+
+fn authorization(value: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(value) = value {
+        headers.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+    }
+    headers
+}
+
+#[test]
+fn an_empty_admin_token_admits_nobody() {
+    for token in ["", "  "] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_with_token(dir.path(), Some(token));
+        for offered in [None, Some("Bearer "), Some("Bearer"), Some("Bearer   ")] {
+            let refused = state.authorize(&authorization(offered)).unwrap_err();
+            assert_eq!(
+                refused.0,
+                StatusCode::FORBIDDEN,
+                "token {token:?}, offered {offered:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = state_with_token(dir.path(), Some("tok"));
+    for offered in ["Bearer tok", "bearer tok", "BEARER tok"] {
+        assert!(
+            state.authorize(&authorization(Some(offered))).is_ok(),
+            "{offered}"
+        );
+    }
+    for offered in [
+        None,
+        Some("Bearer"),
+        Some("Bearer "),
+        Some("Bearer to"),
+        Some("Bearer tokx"),
+        Some("Basic tok"),
+        Some("tok"),
+    ] {
+        let refused = state.authorize(&authorization(offered)).unwrap_err();
+        assert_eq!(refused.0, StatusCode::UNAUTHORIZED, "{offered:?}");
+    }
+}
+
+#[test]
+fn token_comparison_needs_every_byte_and_the_length() {
+    assert!(constant_time_eq(b"secret", b"secret"));
+    assert!(!constant_time_eq(b"secreT", b"secret"));
+    assert!(!constant_time_eq(b"secret-and-more", b"secret"));
+    assert!(!constant_time_eq(b"", b"secret"));
+}
