@@ -157,9 +157,13 @@ fn decode_body(
         }]),
         // An upcaster is user code (CEL rules, Rust upcasters): a panic in it is
         // this event's `upcast_failed`, not the end of the decoding thread.
-        Some(version) => crate::panics::contained(|| schemas.upcast(&plan.event_name, version, payload))
-            .and_then(|upcast| upcast)
-            .map_err(|e| DecodeError::poison(PoisonReason::UpcastFailed, e)),
+        Some(version) => {
+            match crate::panics::contained(|| schemas.upcast(&plan.event_name, version, payload)) {
+                Ok(Ok(events)) => Ok(events),
+                Ok(Err(e)) => Err(DecodeError::poison(PoisonReason::UpcastFailed, e.to_string())),
+                Err(panic) => Err(DecodeError::poison(PoisonReason::UpcastFailed, panic)),
+            }
+        }
     }
 }
 

@@ -137,9 +137,20 @@ impl<T: Entity> Projection for T {
     }
 }
 
+/// Why a built-in projection refused its `[projections.options]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OptionsError(pub String);
+
+impl From<serde_json::Error> for OptionsError {
+    fn from(error: serde_json::Error) -> Self {
+        OptionsError(error.to_string())
+    }
+}
+
 /// Builds a projection from its `[projections.options]`; the error says what is wrong
 /// with the options.
-pub type ProjectionFactory = fn(&Json) -> Result<Box<dyn Projection>, String>;
+pub type ProjectionFactory = fn(&Json) -> Result<Box<dyn Projection>, OptionsError>;
 
 /// Built-in projections by kind name; the `projections` crate provides one.
 pub type ProjectionRegistry = BTreeMap<&'static str, ProjectionFactory>;

@@ -126,7 +126,7 @@ fn build(
     })?;
     factory(&definition.options)
         .map(Arc::from)
-        .map_err(|e| ("options".to_owned(), e))
+        .map_err(|e| ("options".to_owned(), e.to_string()))
 }
 
 /// The fold of one stored generation, built from the definition recorded with it

@@ -4,7 +4,7 @@
 //! was never opened are ignored; a negative amount, or one that would take the
 //! balance past the range of an `i64`, is refused (`fold_failed`).
 
-use engine::projection::{Entity, Event, FoldError, Projection};
+use engine::projection::{Entity, Event, FoldError, OptionsError, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -20,8 +20,8 @@ const WITHDRAWN: &str = "bank.accounts.MoneyWithdrawn";
 pub struct Options {}
 
 /// Builds the projection from its options.
-pub fn build(options: &Json) -> Result<Box<dyn Projection>, String> {
-    let _: Options = serde_json::from_value(options.clone()).map_err(|e| e.to_string())?;
+pub fn build(options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
+    let _: Options = serde_json::from_value(options.clone())?;
     Ok(Box::new(AccountBalance))
 }
 

@@ -6,7 +6,7 @@
 //! over partitions: each partition keeps a partial, and reads merge them (sums,
 //! maximum, and the order ids sorted).
 
-use engine::projection::{Entity, Event, FoldError, Projection};
+use engine::projection::{Entity, Event, FoldError, OptionsError, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -18,8 +18,8 @@ const PLACED: &str = "shop.orders.OrderPlaced";
 pub struct Options {}
 
 /// Builds the projection from its options.
-pub fn build(options: &Json) -> Result<Box<dyn Projection>, String> {
-    let _: Options = serde_json::from_value(options.clone()).map_err(|e| e.to_string())?;
+pub fn build(options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
+    let _: Options = serde_json::from_value(options.clone())?;
     Ok(Box::new(CustomerOrders))
 }
 

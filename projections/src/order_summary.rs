@@ -5,7 +5,7 @@
 //! aggregate's stream version). Events of an order that was never placed are
 //! ignored; an order placed with a negative total is refused (`fold_failed`).
 
-use engine::projection::{Entity, Event, FoldError, Projection};
+use engine::projection::{Entity, Event, FoldError, OptionsError, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -23,8 +23,8 @@ const CANCELLED: &str = "shop.orders.OrderCancelled";
 pub struct Options {}
 
 /// Builds the projection from its options.
-pub fn build(options: &Json) -> Result<Box<dyn Projection>, String> {
-    let _: Options = serde_json::from_value(options.clone()).map_err(|e| e.to_string())?;
+pub fn build(options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
+    let _: Options = serde_json::from_value(options.clone())?;
     Ok(Box::new(OrderSummary))
 }
 

@@ -8,7 +8,7 @@
 //! partition; reads add them up. Order entries are bookkeeping and are not served.
 //! A second `OrderPlaced` for an order already placed is ignored.
 
-use engine::projection::{Event, FoldError, PartitionState, Projection};
+use engine::projection::{Event, FoldError, OptionsError, PartitionState, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -22,8 +22,8 @@ const ORDER_PREFIX: &str = "~order/";
 pub struct Options {}
 
 /// Builds the projection from its options.
-pub fn build(options: &Json) -> Result<Box<dyn Projection>, String> {
-    let _: Options = serde_json::from_value(options.clone()).map_err(|e| e.to_string())?;
+pub fn build(options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
+    let _: Options = serde_json::from_value(options.clone())?;
     Ok(Box::new(RevenueByDay))
 }
 

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use engine::projection::{Event, FoldError, PartitionState, Projection};
+use engine::projection::{Event, FoldError, OptionsError, PartitionState, Projection};
 use projections::order_summary::OrderSummary;
 use serde_json::Value as Json;
 
@@ -41,7 +41,7 @@ impl Projection for PanicOnMarker {
     }
 }
 
-fn build_panic_on_marker(_options: &Json) -> Result<Box<dyn Projection>, String> {
+fn build_panic_on_marker(_options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
     Ok(Box::new(PanicOnMarker))
 }
 

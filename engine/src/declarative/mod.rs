@@ -153,7 +153,9 @@ impl Inputs<'_, '_> {
             (expr.field_access(), self.event.payload)
         {
             return match fields.iter().find(|(name, _)| name == field) {
-                Some((_, value)) => crate::avro_json::to_json(value.clone()).map(Some),
+                Some((_, value)) => crate::avro_json::to_json(value.clone())
+                    .map(Some)
+                    .map_err(|e| format!("event.{field}: {e}")),
                 None => Ok(None),
             };
         }

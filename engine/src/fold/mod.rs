@@ -13,6 +13,15 @@
 //! Events that cannot be decoded or folded go through the poison policy
 //! ([`policy`]).
 //!
+//! What the loop does with a failure depends only on its class, never on its
+//! text: a bad event (a `Stop::Poison` from decoding or folding, or a panic in a
+//! fold, which is refolded and then poison) goes through the projection's policy;
+//! a wait that shutdown interrupts (`Stop::Interrupted`) leaves the message for the
+//! next run; a store that refuses writes with an I/O error is transient and
+//! waited out with backoff (`store_unavailable`); anything else ([`LoopError`],
+//! including a state row the store cannot read) is fatal: the loop ends and the
+//! projection is `failed`, naming the error, until `resume`.
+//!
 //! A loop folds one generation ([`Fold`]) and takes commands from its
 //! projection's [`Supervisor`]; a replay's loop folds up to the target of a
 //! handover, switches, and then goes on as the live loop.

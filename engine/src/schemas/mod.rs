@@ -18,7 +18,7 @@ use apache_avro::Schema;
 
 use crate::avro_json;
 use crate::metrics;
-pub use upcast::{RustUpcaster, RustUpcasters, Step, UpcastOutput};
+pub use upcast::{RustUpcaster, RustUpcasters, Step, StepError, UpcastOutput};
 
 /// A schema set that could not be loaded or checked; names the file.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,64 @@ pub struct CurrentEvent {
     pub payload: Value,
 }
 
+/// Why an event could not be brought to its current version; it goes to the
+/// poison policy as `upcast_failed`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpcastError {
+    /// A version with neither an upcaster nor the newest version's schema.
+    #[error("{event} v{version} has no upcaster")]
+    NoPath {
+        /// The event type.
+        event: String,
+        /// Its version.
+        version: u32,
+    },
+    /// The step's input has no JSON form.
+    #[error("{step}: {source}")]
+    Input {
+        /// The step.
+        step: String,
+        /// Why.
+        source: crate::avro_json::ConversionError,
+    },
+    /// The step itself failed.
+    #[error("{step}: {source}")]
+    Step {
+        /// The step.
+        step: String,
+        /// Why.
+        source: upcast::StepError,
+    },
+    /// The step split an event into too many.
+    #[error("{step}: upcasting produced more than 64 events")]
+    TooMany {
+        /// The step.
+        step: String,
+    },
+    /// The step produced a type or version that has no schema.
+    #[error("{step}: produced {event} v{version}, which has no schema")]
+    NoSchema {
+        /// The step.
+        step: String,
+        /// The event type produced.
+        event: String,
+        /// Its version.
+        version: u32,
+    },
+    /// The step's output does not fit its target schema.
+    #[error("{step}: output is not a valid {event} v{version}: {source}")]
+    InvalidOutput {
+        /// The step.
+        step: String,
+        /// The event type produced.
+        event: String,
+        /// Its version.
+        version: u32,
+        /// Where it does not fit.
+        source: crate::avro_json::ConversionError,
+    },
+}
+
 /// The loaded schema set.
 #[derive(Debug, Default)]
 pub struct SchemaSet {
@@ -149,7 +207,8 @@ impl SchemaSet {
                     format!("{name} v{version} is also defined in {}", existing.path.display()),
                 ));
             }
-            let from_json = avro_json::JsonToAvro::new(&schema).map_err(|e| error_at(&path, e))?;
+            let from_json =
+                avro_json::JsonToAvro::new(&schema).map_err(|e| error_at(&path, e.to_string()))?;
             entry.versions.insert(
                 version,
                 SchemaVersion {
@@ -293,6 +352,7 @@ impl SchemaSet {
     }
 
     /// The event type `name`, if the set knows it.
+    #[cfg(test)]
     pub fn event_type(&self, name: &str) -> Option<&EventType> {
         self.types.get(name)
     }
@@ -351,7 +411,12 @@ impl SchemaSet {
 
     /// Brings a decoded payload of `name` v`version` to the current version of its
     /// type (or of the types it becomes). Zero events when an upcaster dropped it.
-    pub fn upcast(&self, name: &Arc<str>, version: u32, payload: Value) -> Result<Vec<CurrentEvent>, String> {
+    pub fn upcast(
+        &self,
+        name: &Arc<str>,
+        version: u32,
+        payload: Value,
+    ) -> Result<Vec<CurrentEvent>, UpcastError> {
         let Some(event_type) = self.types.get(name.as_ref()) else {
             return Ok(vec![CurrentEvent {
                 name: name.clone(),
@@ -371,7 +436,10 @@ impl SchemaSet {
         while let Some((event_type, version, payload)) = pending.pop() {
             let Some(step) = event_type.steps.get(&version) else {
                 if event_type.current().version != version {
-                    return Err(format!("{} v{version} has no upcaster", event_type.name));
+                    return Err(UpcastError::NoPath {
+                        event: event_type.name.to_string(),
+                        version,
+                    });
                 }
                 done.push(CurrentEvent {
                     name: event_type.name.clone(),
@@ -379,36 +447,36 @@ impl SchemaSet {
                 });
                 continue;
             };
-            let input = avro_json::to_json(payload)?;
-            let outputs = step
-                .apply(&input)
-                .map_err(|e| format!("{}: {e}", step.describe()))?;
+            let input = avro_json::to_json(payload).map_err(|source| UpcastError::Input {
+                step: step.describe(),
+                source,
+            })?;
+            let outputs = step.apply(&input).map_err(|source| UpcastError::Step {
+                step: step.describe(),
+                source,
+            })?;
             if done.len() + pending.len() + outputs.len() > 64 {
-                return Err(format!(
-                    "{}: upcasting produced more than 64 events",
-                    step.describe()
-                ));
+                return Err(UpcastError::TooMany {
+                    step: step.describe(),
+                });
             }
             for output in outputs.into_iter().rev() {
                 let target = self
                     .types
                     .get(&output.event)
                     .and_then(|t| Some((t, t.versions.get(&output.version)?)))
-                    .ok_or_else(|| {
-                        format!(
-                            "{}: produced {} v{}, which has no schema",
-                            step.describe(),
-                            output.event,
-                            output.version
-                        )
+                    .ok_or_else(|| UpcastError::NoSchema {
+                        step: step.describe(),
+                        event: output.event.clone(),
+                        version: output.version,
                     })?;
-                let value = target.1.from_json.convert(&output.payload).map_err(|e| {
-                    format!(
-                        "{}: output is not a valid {} v{}: {e}",
-                        step.describe(),
-                        output.event,
-                        output.version
-                    )
+                let value = target.1.from_json.convert(&output.payload).map_err(|source| {
+                    UpcastError::InvalidOutput {
+                        step: step.describe(),
+                        event: output.event.clone(),
+                        version: output.version,
+                        source,
+                    }
                 })?;
                 metrics::UPCASTS
                     .with_label_values(&[

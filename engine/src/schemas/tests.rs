@@ -156,7 +156,11 @@ fn a_failing_expression_is_an_upcast_error_naming_the_step() {
     let schema = &set.event_type("t.Placed").unwrap().versions[&1].schema;
     let value = avro_json::from_json(&json!({"id": "a", "total": 1e300}), schema).unwrap();
     let error = set.upcast(&"t.Placed".into(), 1, value).unwrap_err();
-    assert!(error.contains("Placed.upcast.toml: step 1 (from v1)"), "{error}");
+    assert!(
+        matches!(&error, UpcastError::Step { step, source: StepError::Expr(_) }
+            if step.contains("Placed.upcast.toml: step 1 (from v1)")),
+        "{error}"
+    );
 }
 
 // `projector check` refusals: each names the file at fault.

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-use crate::expr::{Expr, Scope};
+use crate::expr::{Expr, ExprError, Scope};
 
 /// One event an upcaster produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +39,28 @@ pub struct UpcastOutput {
     pub version: u32,
     /// Its payload, as JSON.
     pub payload: Json,
+}
+
+/// Why a step could not upcast its input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// An expression of the step failed.
+    #[error(transparent)]
+    Expr(#[from] ExprError),
+    /// The input is not a record.
+    #[error("the input is {0}, not a record")]
+    NotARecord(String),
+    /// A field to rename is not there.
+    #[error("rename: the input has no field `{0}`")]
+    NoField(String),
+    /// A Rust upcaster refused the input.
+    #[error("Rust upcaster `{name}`: {message}")]
+    Rust {
+        /// The upcaster's name.
+        name: String,
+        /// What it said.
+        message: String,
+    },
 }
 
 /// An upcaster written in Rust: the input payload to zero or more outputs.
@@ -140,13 +162,13 @@ impl Step {
     }
 
     /// Runs the step on one payload.
-    pub fn apply(&self, input: &Json) -> Result<Vec<UpcastOutput>, String> {
+    pub fn apply(&self, input: &Json) -> Result<Vec<UpcastOutput>, StepError> {
         let mut scope = Scope::default();
         if !matches!(self.kind, StepKind::Rust { .. }) {
             scope.bind_json_fields("event", input, self.event_fields.as_deref());
         }
         if let Some(guard) = &self.drop_event_if {
-            if guard.test_in(&scope).map_err(|e| e.to_string())? {
+            if guard.test_in(&scope)? {
                 return Ok(Vec::new());
             }
         }
@@ -159,17 +181,17 @@ impl Step {
                 drop,
             } => {
                 let Json::Object(fields) = input else {
-                    return Err(format!("the input is {input}, not a record"));
+                    return Err(StepError::NotARecord(input.to_string()));
                 };
                 let mut output: Map<String, Json> = fields.clone();
                 for (old, new) in rename {
                     let value = output
                         .remove(old)
-                        .ok_or_else(|| format!("rename: the input has no field `{old}`"))?;
+                        .ok_or_else(|| StepError::NoField(old.clone()))?;
                     output.insert(new.clone(), value);
                 }
                 for (field, expr) in set {
-                    output.insert(field.clone(), expr.value_in(&scope).map_err(|e| e.to_string())?);
+                    output.insert(field.clone(), expr.value_in(&scope)?);
                 }
                 for field in drop {
                     output.remove(field);
@@ -185,10 +207,8 @@ impl Step {
                 .map(|(event, version, set)| {
                     let payload = set
                         .iter()
-                        .map(|(field, expr)| {
-                            Ok((field.clone(), expr.value_in(&scope).map_err(|e| e.to_string())?))
-                        })
-                        .collect::<Result<Map<_, _>, String>>()?;
+                        .map(|(field, expr)| Ok((field.clone(), expr.value_in(&scope)?)))
+                        .collect::<Result<Map<_, _>, StepError>>()?;
                     Ok(UpcastOutput {
                         event: event.clone(),
                         version: *version,
@@ -196,9 +216,10 @@ impl Step {
                     })
                 })
                 .collect(),
-            StepKind::Rust { name, upcaster } => {
-                upcaster(input).map_err(|e| format!("Rust upcaster `{name}`: {e}"))
-            }
+            StepKind::Rust { name, upcaster } => upcaster(input).map_err(|message| StepError::Rust {
+                name: name.clone(),
+                message,
+            }),
         }
     }
 }
