@@ -64,8 +64,9 @@ impl ConsumerContext for SourceContext {
                 let partitions = partitions_of(tpl);
                 info!(partitions = ?partitions.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "partitions revoked");
                 // In callback order, so a revocation and the assignment after it
-                // leave the partition owned.
-                if !self.closing.load(Ordering::Relaxed) {
+                // leave the partition owned. Partitions lost with the session
+                // (brokers silent) stay ours to report: their lag keeps ageing.
+                if !self.closing.load(Ordering::Relaxed) && !consumer.assignment_lost() {
                     self.fold.disown(&partitions);
                 }
                 self.revoked.lock().expect("lock").extend(partitions);

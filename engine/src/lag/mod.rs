@@ -256,6 +256,14 @@ fn refresh(
             .expect("answered lock")
             .map(|at| at.elapsed().as_secs_f64())
             .unwrap_or(0.0);
+        // Owned partitions never measured yet (assigned just before the brokers
+        // went silent) age from 0.
+        for source in live.owned_partitions() {
+            memory
+                .published
+                .entry((projection.name.clone(), source))
+                .or_insert(0.0);
+        }
         for ((name, source), seconds) in &memory.published {
             if *name == projection.name {
                 let partition_label = source.partition.to_string();
