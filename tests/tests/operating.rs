@@ -265,6 +265,22 @@ fn projector_demo_serves_its_projections() -> Result<()> {
         Duration::from_secs(60),
         || get("/readyz").map(|(s, _)| s == 200).unwrap_or(false),
     )?;
+    // Lag is exported for the partitions a worker owns, from the lag monitor's
+    // first refresh (every 2 s) after they were assigned.
+    wait_until(
+        "lag series for the assigned partitions",
+        Duration::from_secs(10),
+        || {
+            projector_tests::http()
+                .get(format!("http://127.0.0.1:{port}/metrics"))
+                .send()
+                .and_then(|r| r.text())
+                .is_ok_and(|text| {
+                    text.lines()
+                        .any(|l| l.starts_with("projector_consumer_lag_seconds{"))
+                })
+        },
+    )?;
     let (status, projections) = get("/projections")?;
     ensure!(
         status == 200 && projections["projections"].as_array().map(Vec::len) == Some(5),
