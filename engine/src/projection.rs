@@ -105,8 +105,9 @@ pub trait Projection: Send + Sync {
 
     /// Combines the partial states of `key`, one per source partition, into the
     /// value served to readers; `None` hides the key (internal bookkeeping). Called
-    /// only with at least one partial.
-    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json>;
+    /// only with at least one partial. An error (a sum that overflows) is answered
+    /// as one, never as a wrong value.
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError>;
 }
 
 /// The common shape: each event changes at most one key. Every `Entity` is a
@@ -121,7 +122,7 @@ pub trait Entity: Send + Sync {
     fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError>;
 
     /// Combines the partial states of one key (see [`Projection::merge`]).
-    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json>;
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError>;
 }
 
 impl<T: Entity> Projection for T {
@@ -132,7 +133,7 @@ impl<T: Entity> Projection for T {
         state.update(&key, &mut |current| self.fold(current, event))
     }
 
-    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json> {
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
         Entity::merge(self, key, partials)
     }
 }

@@ -200,7 +200,11 @@ async fn read_key(
     if partials.is_empty() {
         return Err(not_found());
     }
-    let mut value = live.projection.merge(&key, partials).ok_or_else(not_found)?;
+    let mut value = live
+        .projection
+        .merge(&key, partials)
+        .map_err(|e| internal(format!("merging the partial states of `{key}`: {e}")))?
+        .ok_or_else(not_found)?;
     if let Value::Object(fields) = &mut value {
         fields.insert("as_of".into(), as_of(view.offsets().map_err(internal)?));
     }
@@ -229,20 +233,28 @@ async fn scan_keys(
     let live = projection.live();
     let view = state.store.read_view(&live.generation).map_err(internal)?;
     let mut items = Vec::new();
+    let mut failed = None;
     let found = view
         .scan(
             &query.prefix,
             query.after.as_deref(),
             limit,
             &mut |key, partials| match live.projection.merge(key, partials.to_vec()) {
-                Some(value) => {
+                Ok(Some(value)) => {
                     items.push(json!({ "key": key, "value": value }));
                     true
                 }
-                None => false,
+                Ok(None) => false,
+                Err(e) => {
+                    failed.get_or_insert_with(|| format!("merging the partial states of `{key}`: {e}"));
+                    false
+                }
             },
         )
         .map_err(internal)?;
+    if let Some(error) = failed {
+        return Err(internal(error));
+    }
     let next = (found.len() == limit)
         .then(|| found.last().map(|(k, _)| k.clone()))
         .flatten();

@@ -105,8 +105,8 @@ impl Entity for AccountBalance {
     }
 
     /// Accounts are keyed like the topic: one partition holds each.
-    fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
-        partials.into_iter().next()
+    fn merge(&self, _key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
+        Ok(partials.into_iter().next())
     }
 }
 

@@ -90,17 +90,30 @@ impl Entity for CustomerOrders {
         Ok(())
     }
 
-    fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
-        let mut parts = partials.iter().filter_map(|p| read(p).ok());
-        let mut merged = parts.next()?;
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
+        let mut parts = partials.iter().map(read);
+        let Some(merged) = parts.next() else {
+            return Ok(None);
+        };
+        let mut merged = merged?;
+        let overflow = || FoldError(format!("the totals of customer {key} overflow when merged"));
         for part in parts {
+            let part = part?;
             merged.order_ids.extend(part.order_ids);
-            merged.order_count += part.order_count;
-            merged.lifetime_value_cents += part.lifetime_value_cents;
+            merged.order_count = merged
+                .order_count
+                .checked_add(part.order_count)
+                .ok_or_else(overflow)?;
+            merged.lifetime_value_cents = merged
+                .lifetime_value_cents
+                .checked_add(part.lifetime_value_cents)
+                .ok_or_else(overflow)?;
             merged.last_order_at = merged.last_order_at.max(part.last_order_at);
         }
         merged.order_ids.sort();
         merged.order_ids.dedup();
-        serde_json::to_value(merged).ok()
+        serde_json::to_value(merged)
+            .map(Some)
+            .map_err(|e| FoldError(e.to_string()))
     }
 }

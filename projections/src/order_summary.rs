@@ -155,10 +155,10 @@ impl Entity for OrderSummary {
 
     /// Orders are keyed like the topic, so one partition holds them; should a key
     /// ever appear in several, the one with the most events wins.
-    fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
-        partials
+    fn merge(&self, _key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
+        Ok(partials
             .into_iter()
-            .max_by_key(|p| p.get("version").and_then(Json::as_u64).unwrap_or(0))
+            .max_by_key(|p| p.get("version").and_then(Json::as_u64).unwrap_or(0)))
     }
 }
 

@@ -136,17 +136,25 @@ impl Projection for RevenueByDay {
         }
     }
 
-    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json> {
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
         if key.starts_with(ORDER_PREFIX) {
-            return None;
+            return Ok(None);
         }
-        let mut parts = partials.iter().filter_map(|p| parse::<Day>(p).ok());
-        let mut merged = parts.next()?;
+        let mut parts = partials.iter().map(parse::<Day>);
+        let Some(merged) = parts.next() else {
+            return Ok(None);
+        };
+        let mut merged = merged?;
+        let overflow = || FoldError(format!("the revenue of {key} overflows when merged"));
         for part in parts {
-            merged.revenue_cents += part.revenue_cents;
-            merged.orders += part.orders;
+            let part = part?;
+            merged.revenue_cents = merged
+                .revenue_cents
+                .checked_add(part.revenue_cents)
+                .ok_or_else(overflow)?;
+            merged.orders = merged.orders.checked_add(part.orders).ok_or_else(overflow)?;
         }
-        serde_json::to_value(merged).ok()
+        to_json(&merged).map(Some)
     }
 }
 
@@ -166,8 +174,15 @@ mod tests {
         let day = |r: i64, o: i64| serde_json::json!({"day": "2023-11-14", "revenue_cents": r, "orders": o});
         assert_eq!(
             RevenueByDay.merge("2023-11-14", vec![day(100, 1), day(250, 2)]),
-            Some(day(350, 3))
+            Ok(Some(day(350, 3)))
         );
-        assert_eq!(RevenueByDay.merge("~order/o1", vec![serde_json::json!({})]), None);
+        assert_eq!(
+            RevenueByDay.merge("~order/o1", vec![serde_json::json!({})]),
+            Ok(None)
+        );
+        let error = RevenueByDay
+            .merge("2023-11-14", vec![day(i64::MAX, 1), day(1, 1)])
+            .unwrap_err();
+        assert!(error.0.contains("overflows"), "{error}");
     }
 }

@@ -36,7 +36,7 @@ impl Projection for PanicOnMarker {
         Projection::apply(&OrderSummary, event, state)
     }
 
-    fn merge(&self, key: &str, partials: Vec<Json>) -> Option<Json> {
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
         Projection::merge(&OrderSummary, key, partials)
     }
 }

@@ -391,7 +391,7 @@ impl Projection for Declarative {
         })
     }
 
-    fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
+    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
         let mut merged = empty_partial();
         let mut set_at: HashMap<String, (i64, i64, i64)> = HashMap::new();
         for partial in &partials {
@@ -410,7 +410,8 @@ impl Projection for Declarative {
                 let target = merged["v"].as_object_mut().expect("built above");
                 let next = match (op, target.get(&field)) {
                     (_, None) => value,
-                    (FieldOp::Add | FieldOp::Count, Some(old)) => add_numbers(old, &value).unwrap_or(value),
+                    (FieldOp::Add | FieldOp::Count, Some(old)) => add_numbers(old, &value)
+                        .map_err(|e| FoldError(format!("merging `{field}` of `{key}`: {e}")))?,
                     (FieldOp::Min, Some(old)) if compare(old, &value) == Some(std::cmp::Ordering::Less) => {
                         old.clone()
                     }
@@ -465,7 +466,7 @@ impl Projection for Declarative {
                 }
             }
         }
-        Some(view(&merged))
+        Ok(Some(view(&merged)))
     }
 }
 

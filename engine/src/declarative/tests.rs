@@ -102,7 +102,7 @@ fn each_operation_folds_within_a_partition() {
     fold(&p, &mut state, &placed(0, 2, 50, "c", "o2", 250));
     fold(&p, &mut state, &placed(0, 3, 300, "c", "o3", 0)); // `when` is false
     fold(&p, &mut state, &placed(0, 4, 200, "c", "o4", 100));
-    let merged = p.merge("c", vec![state.0["c"].clone()]).unwrap();
+    let merged = p.merge("c", vec![state.0["c"].clone()]).unwrap().unwrap();
     assert_eq!(
         merged,
         json!({"last_order": "o4", "revenue_cents": 850, "first_at": 50, "last_at": 200, "orders": 3,
@@ -110,7 +110,7 @@ fn each_operation_folds_within_a_partition() {
     );
     fold(&p, &mut state, &cancelled(0, 5, 210, "c", "o4", "changed mind"));
     assert_eq!(
-        p.merge("c", vec![state.0["c"].clone()]).unwrap()["recent"],
+        p.merge("c", vec![state.0["c"].clone()]).unwrap().unwrap()["recent"],
         json!(["o2"])
     );
     fold(&p, &mut state, &cancelled(0, 6, 220, "c", "o2", "forget me"));
@@ -137,7 +137,7 @@ fn merged(p: &Declarative, events: &[(String, Value, EventMeta)]) -> Json {
         .values()
         .filter_map(|m| m.0.get("c").cloned())
         .collect();
-    p.merge("c", partials).unwrap()
+    p.merge("c", partials).unwrap().unwrap()
 }
 
 #[test]

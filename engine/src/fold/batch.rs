@@ -282,8 +282,8 @@ mod tests {
             }
         }
 
-        fn merge(&self, _key: &str, partials: Vec<Json>) -> Option<Json> {
-            partials.into_iter().next()
+        fn merge(&self, _key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
+            Ok(partials.into_iter().next())
         }
     }
 

@@ -127,8 +127,12 @@ mod tests {
             Ok(())
         }
 
-        fn merge(&self, _: &str, partials: Vec<serde_json::Value>) -> Option<serde_json::Value> {
-            partials.into_iter().next()
+        fn merge(
+            &self,
+            _: &str,
+            partials: Vec<serde_json::Value>,
+        ) -> Result<Option<serde_json::Value>, FoldError> {
+            Ok(partials.into_iter().next())
         }
     }
 
