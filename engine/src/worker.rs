@@ -188,7 +188,7 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
         async_runtime: tokio::runtime::Handle::current(),
     };
 
-    let mut runtimes = BTreeMap::new();
+    let mut supervisors = BTreeMap::new();
     for (entry, projection) in config.projections.iter().zip(projections) {
         for dropped in store.drop_orphans(&entry.name)? {
             info!(generation = %dropped, "dropped a generation left by an interrupted switch or abort");
@@ -214,43 +214,43 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
             None => None,
         };
         let supervisor = Arc::new(Supervisor::new(entry, projection.clone(), live, replay));
-        runtimes.insert(entry.name.clone(), supervisor);
+        supervisors.insert(entry.name.clone(), supervisor);
     }
 
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|e| WorkerError::Startup(format!("http.listen {}: {e}", config.http.listen)))?;
-    info!(listen = %config.http.listen, projections = runtimes.len(), "worker started");
+    info!(listen = %config.http.listen, projections = supervisors.len(), "worker started");
 
     let threads = Arc::new(Mutex::new(Vec::new()));
-    for runtime in runtimes.values() {
+    for supervisor in supervisors.values() {
         let spawner = {
-            let weak = Arc::downgrade(runtime);
+            let weak = Arc::downgrade(supervisor);
             let (registry, schemas, deps, threads) =
                 (registry.clone(), schemas.clone(), deps.clone(), threads.clone());
             move |fold| {
-                let Some(runtime) = weak.upgrade() else {
+                let Some(supervisor) = weak.upgrade() else {
                     return;
                 };
                 let decoder = Decoder::new(registry.clone(), schemas.clone());
-                let thread = fold::spawn(runtime, fold, decoder, deps.clone());
+                let thread = fold::spawn(supervisor, fold, decoder, deps.clone());
                 threads.lock().expect("threads lock").push(thread);
             }
         };
-        runtime.set_spawner(Box::new(spawner));
-        runtime.start();
+        supervisor.set_spawner(Box::new(spawner));
+        supervisor.start();
     }
 
     let lag_monitor = crate::lag::spawn(
         &config.kafka,
         config.replay.switch_lag_events,
         store.clone(),
-        runtimes.values().cloned().collect(),
+        supervisors.values().cloned().collect(),
         shutdown.clone(),
     )
     .map_err(|e| WorkerError::Startup(format!("lag monitor: {e}")))?;
     let api = serve::router(ApiState {
-        projections: Arc::new(runtimes),
+        projections: Arc::new(supervisors),
         store,
         admin_token: config.http.admin_token.clone(),
     });

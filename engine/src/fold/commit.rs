@@ -40,7 +40,7 @@ impl Folding {
     /// Commits the open batch to RocksDB; returns the offsets it committed, or
     /// `None` when the batch was empty.
     fn write(&mut self) -> Result<Option<BTreeMap<SourcePartition, i64>>, LoopError> {
-        let name = self.runtime.name.clone();
+        let name = self.supervisor.name.clone();
         let live = self.fold.is_live();
         if live {
             metrics::LAST_PROGRESS
@@ -100,7 +100,7 @@ impl Folding {
                 Err(error) => error,
             };
             metrics::STORE_WRITE_FAILURES
-                .with_label_values(&[&self.runtime.name])
+                .with_label_values(&[&self.supervisor.name])
                 .inc();
             if failures == 0 {
                 error!(%error, events,

@@ -46,7 +46,7 @@ impl ChunkEnd {
 
 /// The per-message decisions of the loop, for the messages of one chunk.
 pub(super) struct ChunkFolder<'d> {
-    pub(super) runtime: Arc<Supervisor>,
+    pub(super) supervisor: Arc<Supervisor>,
     pub(super) fold: Arc<Fold>,
     pub(super) dead_letters: Option<&'d DeadLetters>,
     pub(super) max_wait: Duration,
@@ -102,7 +102,7 @@ impl ChunkFolder<'_> {
         };
         let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
             metrics::OPERATOR_SKIPS
-                .with_label_values(&[&self.runtime.name])
+                .with_label_values(&[&self.supervisor.name])
                 .inc();
             warn!(topic = %partition.topic, partition = partition.partition, offset,
                 "operator skip: event at {partition} offset {offset} skipped without folding");
@@ -110,7 +110,7 @@ impl ChunkFolder<'_> {
         } else if let Some(panic) = fold.take_known_panic(&partition, offset) {
             // Folded again after this event's fold panicked: it is poison now.
             let poison = poison(PoisonReason::FoldFailed, panic);
-            policy::handle(&self.runtime, fold, self.dead_letters, poison, &keep_waiting)?
+            policy::handle(&self.supervisor, fold, self.dead_letters, poison, &keep_waiting)?
         } else {
             match folding.apply(&message, &partition, decoded) {
                 Ok(()) => Outcome::Applied,
@@ -125,7 +125,7 @@ impl ChunkFolder<'_> {
                 }
                 Err(Stop::Poison { reason, error }) => {
                     let poison = poison(reason, error);
-                    policy::handle(&self.runtime, fold, self.dead_letters, poison, &keep_waiting)?
+                    policy::handle(&self.supervisor, fold, self.dead_letters, poison, &keep_waiting)?
                 }
             }
         };

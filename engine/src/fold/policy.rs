@@ -36,7 +36,7 @@ pub(super) struct Poison<'m, 'c> {
 /// Applies the projection's poison policy to one event; counts and logs it.
 /// `keep_waiting` says whether a dead letter may still wait for the broker.
 pub(super) fn handle(
-    runtime: &Supervisor,
+    supervisor: &Supervisor,
     fold: &Fold,
     dead_letters: Option<&DeadLetters>,
     poison: Poison<'_, '_>,
@@ -50,16 +50,16 @@ pub(super) fn handle(
     } = poison;
     let offset = message.offset();
     metrics::POISON_EVENTS
-        .with_label_values(&[&runtime.name, reason.as_str()])
+        .with_label_values(&[&supervisor.name, reason.as_str()])
         .inc();
-    match (runtime.on_poison, dead_letters) {
+    match (supervisor.on_poison, dead_letters) {
         (PoisonPolicy::Skip, _) => {
             warn!(topic = %partition.topic, partition = partition.partition, offset, reason = %reason, error = %error,
                 "poison event skipped (on_poison = skip): {partition} offset {offset} ({reason}): {error}");
             Ok(Outcome::Applied)
         }
         (PoisonPolicy::DeadLetter, Some(dead_letters)) => {
-            match dead_letters.send(message, &runtime.name, reason, &error, keep_waiting) {
+            match dead_letters.send(message, &supervisor.name, reason, &error, keep_waiting) {
                 Ok(()) => {}
                 // Nowhere to put it: the event stops the projection, as under `stop`.
                 Err(refused) if refused.refused => {
@@ -68,7 +68,7 @@ pub(super) fn handle(
                 }
                 Err(failure) => return Err(failure.into()),
             }
-            metrics::DEAD_LETTERS.with_label_values(&[&runtime.name]).inc();
+            metrics::DEAD_LETTERS.with_label_values(&[&supervisor.name]).inc();
             warn!(topic = %partition.topic, partition = partition.partition, offset, reason = %reason, error = %error,
                 "poison event dead-lettered: {partition} offset {offset} ({reason}): {error}");
             Ok(Outcome::Applied)
@@ -207,11 +207,11 @@ mod tests {
     }
 
     fn poisoned(
-        runtime: &Supervisor,
+        supervisor: &Supervisor,
         dead_letters: Option<&DeadLetters>,
         message: &BorrowedMessage<'_>,
     ) -> Outcome {
-        let fold = runtime.live();
+        let fold = supervisor.live();
         let partition = SourcePartition {
             topic: "in".into(),
             partition: 0,
@@ -222,7 +222,7 @@ mod tests {
             reason: PoisonReason::DecodeFailed,
             error: "bad body".into(),
         };
-        handle(runtime, &fold, dead_letters, poison, &|| true).unwrap()
+        handle(supervisor, &fold, dead_letters, poison, &|| true).unwrap()
     }
 
     fn count(name: &str, reason: &str) -> u64 {

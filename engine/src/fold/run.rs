@@ -36,7 +36,7 @@ pub(super) struct FoldLoop {
 /// Everything of the loop but the consumer, so a message borrowed from the
 /// consumer can be folded into it.
 pub(super) struct Folding {
-    pub(super) runtime: Arc<Supervisor>,
+    pub(super) supervisor: Arc<Supervisor>,
     pub(super) fold: Arc<Fold>,
     /// Set while this loop builds a replay's generation.
     replay: Option<Arc<Replay>>,
@@ -61,14 +61,14 @@ pub(super) struct Folding {
 
 impl FoldLoop {
     pub(super) fn new(
-        runtime: Arc<Supervisor>,
+        supervisor: Arc<Supervisor>,
         fold: Arc<Fold>,
         replay: Option<Arc<Replay>>,
         commands: Receiver<Command>,
         decoder: crate::decode::Decoder,
         deps: SourceDeps,
     ) -> Result<Self, LoopError> {
-        let dead_letters = match (&runtime.on_poison, &runtime.dead_letter_topic) {
+        let dead_letters = match (&supervisor.on_poison, &supervisor.dead_letter_topic) {
             (PoisonPolicy::DeadLetter, Some(topic)) => {
                 Some(DeadLetters::new(&deps.kafka, topic, deps.async_runtime.clone())?)
             }
@@ -89,7 +89,7 @@ impl FoldLoop {
             consumer,
             dead_letters,
             folding: Folding {
-                runtime,
+                supervisor,
                 fold,
                 replay,
                 throttle,
@@ -117,7 +117,7 @@ impl FoldLoop {
         let consumer = &self.consumer;
         let folding = &mut self.folding;
         let folder = ChunkFolder {
-            runtime: folding.runtime.clone(),
+            supervisor: folding.supervisor.clone(),
             fold: fold.clone(),
             dead_letters: self.dead_letters.as_ref(),
             max_wait: Duration::from_millis(folding.deps.store_config.batch_max_wait_ms),
@@ -159,7 +159,7 @@ impl FoldLoop {
             };
             let polled = consumer::poll_chunk(consumer, wait);
             if !polled.messages.is_empty() {
-                let max_bytes = folding.runtime.max_event_bytes;
+                let max_bytes = folding.supervisor.max_event_bytes;
                 // Values over the limit are poison without being decoded.
                 folding.decode_ahead.submit(
                     polled
@@ -304,7 +304,7 @@ fn drive_replay(consumer: &SourceConsumer, folding: &mut Folding) -> Result<(), 
     let Some(replay) = folding.replay.clone() else {
         return Ok(());
     };
-    let Some(target) = folding.runtime.handover_target(&replay) else {
+    let Some(target) = folding.supervisor.handover_target(&replay) else {
         return Ok(());
     };
     for (partition, next) in &target {
@@ -313,7 +313,7 @@ fn drive_replay(consumer: &SourceConsumer, folding: &mut Folding) -> Result<(), 
         }
     }
     folding.commit(consumer)?;
-    folding.runtime.switch(&replay, &folding.deps.store)?;
+    folding.supervisor.switch(&replay, &folding.deps.store)?;
     folding.replay = None;
     folding.throttle = None;
     Ok(())
@@ -380,12 +380,12 @@ impl Folding {
         decoded: Decoded,
     ) -> Result<(), Stop> {
         let size = message.payload_len();
-        if size > self.runtime.max_event_bytes {
+        if size > self.supervisor.max_event_bytes {
             return Err(Stop::Poison {
                 reason: PoisonReason::BadFrame,
                 error: format!(
                     "value of {size} bytes exceeds max_event_bytes = {}",
-                    self.runtime.max_event_bytes
+                    self.supervisor.max_event_bytes
                 ),
             });
         }
