@@ -29,7 +29,7 @@
 //! running, store unavailable, poisoned at a position, failed with its error,
 //! stopped. [`Supervisor::resume`] and [`Supervisor::skip_poison`] start a
 //! poisoned or failed loop again. A loop learns what to do only from commands on
-//! its own channel ([`Command`]) and reports how it ended with
+//! its own channel ([`crate::fold_state::Command`]) and reports how it ended with
 //! [`Supervisor::loop_exited`].
 
 mod handover;

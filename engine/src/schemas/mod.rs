@@ -18,7 +18,7 @@ use apache_avro::Schema;
 
 use crate::avro_json;
 use crate::metrics;
-pub use upcast::{RustUpcaster, RustUpcasters, Step, StepError, UpcastOutput};
+pub use upcast::{RustUpcaster, RustUpcasters, Step, StepError, UpcastError, UpcastOutput};
 
 /// A schema set that could not be loaded or checked; names the file.
 #[derive(Debug, thiserror::Error)]
@@ -97,64 +97,6 @@ pub struct CurrentEvent {
     pub name: Arc<str>,
     /// Payload in the type's newest schema.
     pub payload: Value,
-}
-
-/// Why an event could not be brought to its current version; it goes to the
-/// poison policy as `upcast_failed`.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpcastError {
-    /// A version with neither an upcaster nor the newest version's schema.
-    #[error("{event} v{version} has no upcaster")]
-    NoPath {
-        /// The event type.
-        event: String,
-        /// Its version.
-        version: u32,
-    },
-    /// The step's input has no JSON form.
-    #[error("{step}: {source}")]
-    Input {
-        /// The step.
-        step: String,
-        /// Why.
-        source: crate::avro_json::ConversionError,
-    },
-    /// The step itself failed.
-    #[error("{step}: {source}")]
-    Step {
-        /// The step.
-        step: String,
-        /// Why.
-        source: upcast::StepError,
-    },
-    /// The step split an event into too many.
-    #[error("{step}: upcasting produced more than 64 events")]
-    TooMany {
-        /// The step.
-        step: String,
-    },
-    /// The step produced a type or version that has no schema.
-    #[error("{step}: produced {event} v{version}, which has no schema")]
-    NoSchema {
-        /// The step.
-        step: String,
-        /// The event type produced.
-        event: String,
-        /// Its version.
-        version: u32,
-    },
-    /// The step's output does not fit its target schema.
-    #[error("{step}: output is not a valid {event} v{version}: {source}")]
-    InvalidOutput {
-        /// The step.
-        step: String,
-        /// The event type produced.
-        event: String,
-        /// Its version.
-        version: u32,
-        /// Where it does not fit.
-        source: crate::avro_json::ConversionError,
-    },
 }
 
 /// The loaded schema set.

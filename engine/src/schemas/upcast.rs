@@ -41,6 +41,64 @@ pub struct UpcastOutput {
     pub payload: Json,
 }
 
+/// Why an event could not be brought to its current version; it goes to the
+/// poison policy as `upcast_failed`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpcastError {
+    /// A version with neither an upcaster nor the newest version's schema.
+    #[error("{event} v{version} has no upcaster")]
+    NoPath {
+        /// The event type.
+        event: String,
+        /// Its version.
+        version: u32,
+    },
+    /// The step's input has no JSON form.
+    #[error("{step}: {source}")]
+    Input {
+        /// The step.
+        step: String,
+        /// Why.
+        source: crate::avro_json::ConversionError,
+    },
+    /// The step itself failed.
+    #[error("{step}: {source}")]
+    Step {
+        /// The step.
+        step: String,
+        /// Why.
+        source: StepError,
+    },
+    /// The step split an event into too many.
+    #[error("{step}: upcasting produced more than 64 events")]
+    TooMany {
+        /// The step.
+        step: String,
+    },
+    /// The step produced a type or version that has no schema.
+    #[error("{step}: produced {event} v{version}, which has no schema")]
+    NoSchema {
+        /// The step.
+        step: String,
+        /// The event type produced.
+        event: String,
+        /// Its version.
+        version: u32,
+    },
+    /// The step's output does not fit its target schema.
+    #[error("{step}: output is not a valid {event} v{version}: {source}")]
+    InvalidOutput {
+        /// The step.
+        step: String,
+        /// The event type produced.
+        event: String,
+        /// Its version.
+        version: u32,
+        /// Where it does not fit.
+        source: crate::avro_json::ConversionError,
+    },
+}
+
 /// Why a step could not upcast its input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
