@@ -163,6 +163,23 @@ pub struct StoreConfig {
     /// because their offsets are lost with them.
     #[serde(default)]
     pub sync_writes: bool,
+    /// Megabytes of committed states each fold loop keeps in memory across
+    /// batches (an estimate of their heap), so a key folded again soon is not read
+    /// from RocksDB and parsed again. Each live generation, and a replay's beside
+    /// it, has one. 0 turns the cache off.
+    #[serde(default = "default_state_cache_mb")]
+    pub state_cache_mb: usize,
+}
+
+impl StoreConfig {
+    /// [`StoreConfig::state_cache_mb`] in bytes.
+    pub fn state_cache_bytes(&self) -> usize {
+        self.state_cache_mb.saturating_mul(1 << 20)
+    }
+}
+
+fn default_state_cache_mb() -> usize {
+    128
 }
 
 fn default_batch_max_events() -> usize {

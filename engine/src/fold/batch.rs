@@ -1,6 +1,8 @@
 //! One open batch of a fold loop: a write-back cache of the partial states its
 //! events changed, and the next offset of every partition it read. Committed as
 //! one RocksDB write (DESIGN.md invariant 1); until then nothing of it is visible.
+//! Committed states stay in the loop's [`StateCache`], so the next batch finds
+//! them without reading the store.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -11,10 +13,8 @@ use serde_json::Value as Json;
 use crate::poison::PoisonReason;
 use crate::projection::{Event, EventMeta, FoldError, PartitionState, Projection};
 use crate::schemas::CurrentEvent;
+use super::state_cache::{CacheKey, StateCache};
 use crate::store::{BatchWrite, Generation, SourcePartition, Store, StoreError};
-
-/// One key's partial state in the batch.
-type CacheKey = (String, SourcePartition);
 
 /// Cache entries as they were before a message changed them (`None`: not cached),
 /// to restore when a later event of the same message fails.
@@ -47,9 +47,11 @@ pub(super) struct Taken {
 }
 
 /// The open batch.
-#[derive(Default)]
 pub(super) struct Batch {
+    /// States changed by this batch's events.
     cache: HashMap<CacheKey, Option<Json>>,
+    /// States as committed, from earlier batches or read from the store.
+    committed: StateCache,
     offsets: BTreeMap<SourcePartition, i64>,
     events: u64,
     timestamps: Vec<i64>,
@@ -57,6 +59,18 @@ pub(super) struct Batch {
 }
 
 impl Batch {
+    /// An empty batch whose loop keeps about `cache_bytes` of committed states.
+    pub(super) fn new(cache_bytes: usize) -> Self {
+        Batch {
+            cache: HashMap::new(),
+            committed: StateCache::new(cache_bytes),
+            offsets: BTreeMap::new(),
+            events: 0,
+            timestamps: Vec::new(),
+            started: None,
+        }
+    }
+
     /// Folds the events one message decoded to (an upcaster may split an event)
     /// into the cache. When it fails the cache is as it was before the message,
     /// except after a panic ([`Stop::Panicked`]): then the batch must be dropped.
@@ -104,6 +118,7 @@ impl Batch {
         };
         let mut state = BatchState {
             cache: &mut self.cache,
+            committed: &mut self.committed,
             store,
             generation,
             partition,
@@ -165,12 +180,25 @@ impl Batch {
             timestamps: std::mem::take(&mut self.timestamps),
         })
     }
+
+    /// Keeps the rows of a batch just written as the committed states.
+    pub(super) fn written(&mut self, rows: Vec<(String, SourcePartition, Option<Json>)>) {
+        for (key, partition, state) in rows {
+            self.committed.insert((key, partition), state);
+        }
+    }
+
+    /// Forgets the committed states of a partition this loop no longer folds.
+    pub(super) fn drop_partition(&mut self, partition: &SourcePartition) {
+        self.committed.drop_partition(partition);
+    }
 }
 
 /// One source partition's states as a fold sees them: the batch's cache over the
 /// store.
 struct BatchState<'a> {
     cache: &'a mut HashMap<CacheKey, Option<Json>>,
+    committed: &'a mut StateCache,
     store: &'a Store,
     generation: &'a Generation,
     partition: &'a SourcePartition,
@@ -191,13 +219,13 @@ impl BatchState<'_> {
         let (store, generation, partition) = (self.store, self.generation, self.partition);
         Ok(match self.cache.entry(cache_key) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => entry.insert(read_stored(
-                store,
-                generation,
-                partition,
-                key,
-                &mut self.store_failure,
-            )?),
+            Entry::Vacant(entry) => {
+                let current = match self.committed.take(entry.key()) {
+                    Some(committed) => committed,
+                    None => read_stored(store, generation, partition, key, &mut self.store_failure)?,
+                };
+                entry.insert(current)
+            }
         })
     }
 }
@@ -224,13 +252,18 @@ impl PartitionState for BatchState<'_> {
         if let Some(cached) = self.cache.get(&cache_key) {
             return Ok(cached.clone());
         }
-        read_stored(
+        if let Some(committed) = self.committed.get(&cache_key) {
+            return Ok(committed);
+        }
+        let stored = read_stored(
             self.store,
             self.generation,
             self.partition,
             key,
             &mut self.store_failure,
-        )
+        )?;
+        self.committed.insert(cache_key, stored.clone());
+        Ok(stored)
     }
 
     fn update(
@@ -321,7 +354,7 @@ mod tests {
     #[test]
     fn a_commit_writes_the_changed_keys_and_the_next_offsets() {
         let (_dir, store, generation) = store();
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(1 << 20);
         for (offset, key) in ["a", "b", "a"].into_iter().enumerate() {
             let offset = offset as i64;
             batch
@@ -350,9 +383,36 @@ mod tests {
     }
 
     #[test]
+    fn a_written_state_is_found_by_the_next_batch_until_its_partition_is_dropped() {
+        let (_dir, store, generation) = store();
+        let mut batch = Batch::new(1 << 20);
+        let source = (&store, &generation);
+        let mut fold = |batch: &mut Batch, offset: i64| {
+            batch
+                .fold_message(&Counter, source, &[event("e", "a")], &meta(offset), &partition(0))
+                .unwrap();
+            batch.advance(partition(0), offset + 1, None);
+            batch.take().unwrap().write.rows
+        };
+        // Kept as written but never given to the store: only the cache knows it.
+        let rows = fold(&mut batch, 0);
+        batch.written(rows);
+        let rows = fold(&mut batch, 1);
+        assert_eq!(rows, vec![("a".to_owned(), partition(0), Some(json!(2)))]);
+        batch.written(rows);
+        batch.drop_partition(&partition(0));
+        let rows = fold(&mut batch, 2);
+        assert_eq!(
+            rows,
+            vec![("a".to_owned(), partition(0), Some(json!(1)))],
+            "read from the store again, which has nothing"
+        );
+    }
+
+    #[test]
     fn a_message_whose_second_event_fails_leaves_the_cache_as_before_it() {
         let (_dir, store, generation) = store();
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(1 << 20);
         let source = (&store, &generation);
         batch
             .fold_message(&Counter, source, &[event("e", "a")], &meta(0), &partition(0))
@@ -378,7 +438,7 @@ mod tests {
     #[test]
     fn a_panicking_fold_is_reported_not_propagated() {
         let (_dir, store, generation) = store();
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(1 << 20);
         let stop = batch.fold_message(
             &Counter,
             (&store, &generation),
@@ -395,7 +455,7 @@ mod tests {
     #[test]
     fn an_unreadable_stored_state_is_a_store_failure_not_poison() {
         let (dir, store, generation) = store();
-        let mut first = Batch::default();
+        let mut first = Batch::new(1 << 20);
         first
             .fold_message(
                 &Counter,
@@ -424,7 +484,7 @@ mod tests {
             db.put_cf(&cf, row, b"\xff not json").unwrap();
         }
         let store = Store::open(dir.path(), false).unwrap();
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(1 << 20);
         let stop = batch.fold_message(
             &Counter,
             (&store, &generation),

@@ -77,7 +77,9 @@ impl Folding {
         if live {
             metrics::EVENTS_APPLIED.with_label_values(&[&name]).inc_by(events);
         }
-        Ok(Some(write.offsets))
+        let BatchWrite { rows, offsets } = write;
+        self.batch.written(rows);
+        Ok(Some(offsets))
     }
 
     /// Writes `batch`, waiting out a store that refuses writes (a full disk:

@@ -32,6 +32,7 @@ mod consumer;
 mod message;
 mod policy;
 mod run;
+mod state_cache;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -85,6 +85,7 @@ impl FoldLoop {
         )
         .map_err(LoopError::DecoderThread)?;
         let consumer = consumer::subscribe(&deps.kafka, deps.store.clone(), fold.clone())?;
+        let batch = Batch::new(deps.store_config.state_cache_bytes());
         Ok(FoldLoop {
             consumer,
             dead_letters,
@@ -97,7 +98,7 @@ impl FoldLoop {
                 deps,
                 positions: HashMap::new(),
                 topics: HashMap::new(),
-                batch: Batch::default(),
+                batch,
                 unapplied_noted: HashSet::new(),
                 commands,
                 stopping: false,
@@ -219,10 +220,12 @@ fn handle_rebalance(consumer: &SourceConsumer, folding: &mut Folding) -> Result<
     if !revoked.is_empty() {
         // The open batch is consistent (state and offsets of the events already
         // folded), so it is committed as it is; the partitions' positions are
-        // forgotten and read from the store again if they come back.
+        // forgotten and read from the store again if they come back, as are
+        // their states (another worker may fold them meanwhile).
         folding.commit(consumer)?;
         for partition in revoked {
             folding.positions.remove(&partition);
+            folding.batch.drop_partition(&partition);
         }
     }
     Ok(())
