@@ -52,6 +52,9 @@ pub struct DecodePlan {
     /// The known version the decoded data is in; `None` for types the schema set
     /// does not know, which are passed through.
     version: Option<u32>,
+    /// The writer schema refers to no named type by name, so decoding needs no
+    /// table of names.
+    self_contained: bool,
 }
 
 /// Decodes messages of any writer schema, caching one plan per schema id, and
@@ -126,7 +129,13 @@ fn decode_body(
     schemas: &SchemaSet,
 ) -> Result<Vec<CurrentEvent>, DecodeError> {
     let decoded = crate::panics::contained(|| {
-        apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref())
+        if plan.self_contained {
+            // No named references to look up: skip building the table of names,
+            // which `from_avro_datum` does for every datum.
+            apache_avro::from_avro_datum_schemata(&plan.writer, Vec::new(), &mut body, plan.reader.as_ref())
+        } else {
+            apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref())
+        }
     })
     .map_err(|panic| {
         DecodeError::poison(
@@ -189,10 +198,23 @@ fn plan_for(schema_id: u32, writer: Arc<Schema>, schemas: &SchemaSet) -> Result<
     };
     Ok(DecodePlan {
         event_name,
+        self_contained: !refers_by_name(&writer),
         writer,
         reader,
         version,
     })
+}
+
+/// True when `schema` uses a named type by reference anywhere.
+fn refers_by_name(schema: &Schema) -> bool {
+    match schema {
+        Schema::Ref { .. } => true,
+        Schema::Array(array) => refers_by_name(&array.items),
+        Schema::Map(map) => refers_by_name(&map.types),
+        Schema::Union(union) => union.variants().iter().any(refers_by_name),
+        Schema::Record(record) => record.fields.iter().any(|f| refers_by_name(&f.schema)),
+        _ => false,
+    }
 }
 
 /// The frame and Avro decode path under arbitrary and mutated input: it returns a
@@ -270,6 +292,28 @@ mod fuzz {
                 ..
             })
         )
+    }
+
+    #[test]
+    fn a_schema_that_reuses_a_named_type_decodes_through_the_table_of_names() {
+        let writer = Schema::parse_str(
+            r#"{"type": "record", "name": "Move", "namespace": "t", "fields": [
+                {"name": "from", "type": {"type": "record", "name": "Point", "fields": [{"name": "x", "type": "long"}]}},
+                {"name": "to", "type": "Point"}]}"#,
+        )
+        .unwrap();
+        assert!(refers_by_name(&writer));
+        let schemas = SchemaSet::default();
+        let plan = plan_for(7, Arc::new(writer), &schemas).unwrap();
+        assert!(!plan.self_contained);
+        let events = decode_body(&plan, 7, &[0x02, 0x04], &schemas).unwrap();
+        let point = |x| apache_avro::types::Value::Record(vec![("x".into(), apache_avro::types::Value::Long(x))]);
+        assert_eq!(
+            events[0].payload,
+            apache_avro::types::Value::Record(vec![("from".into(), point(1)), ("to".into(), point(2))])
+        );
+        let (_, plans) = fixture();
+        assert!(plans.iter().all(|(plan, _)| plan.self_contained));
     }
 
     #[test]

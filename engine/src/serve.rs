@@ -202,7 +202,7 @@ async fn read_key(
     }
     let mut value = live
         .projection
-        .merge(&key, partials)
+        .merge_stored(&key, &partials)
         .map_err(|e| internal(format!("merging the partial states of `{key}`: {e}")))?
         .ok_or_else(not_found)?;
     if let Value::Object(fields) = &mut value {
@@ -239,7 +239,7 @@ async fn scan_keys(
             &query.prefix,
             query.after.as_deref(),
             limit,
-            &mut |key, partials| match live.projection.merge(key, partials.to_vec()) {
+            &mut |key, partials| match live.projection.merge_stored(key, partials) {
                 Ok(Some(value)) => {
                     items.push(json!({ "key": key, "value": value }));
                     true

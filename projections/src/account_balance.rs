@@ -57,6 +57,8 @@ struct Movement {
 }
 
 impl Entity for AccountBalance {
+    type State = Balance;
+
     fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
         match event.name {
             OPENED | DEPOSITED | WITHDRAWN => Ok(Some(string_field(event, "accountId")?.to_owned())),
@@ -64,49 +66,52 @@ impl Entity for AccountBalance {
         }
     }
 
-    fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError> {
-        let next = if event.name == OPENED {
+    fn fold(&self, state: &mut Option<Balance>, event: &Event<'_>) -> Result<(), FoldError> {
+        if event.name == OPENED {
             let opened: Opened = event.parse()?;
-            Balance {
+            *state = Some(Balance {
                 account_id: opened.account_id,
                 owner: opened.owner,
                 balance_cents: 0,
                 deposits: 0,
                 withdrawals: 0,
-            }
-        } else {
-            let Some(current) = state.as_ref() else {
-                return Ok(());
-            };
-            let mut balance: Balance = Balance::deserialize(current)
-                .map_err(|e| FoldError(format!("stored balance is unreadable: {e}")))?;
-            let movement: Movement = event.parse()?;
-            if movement.amount_cents < 0 {
-                return Err(FoldError(format!("{} with a negative amount", event.name)));
-            }
-            let (before, account) = (balance.balance_cents, balance.account_id.clone());
-            let overflow = || {
-                FoldError(format!(
-                    "{} of {} cents overflows the balance of {account} ({before} cents)",
-                    event.name, movement.amount_cents
-                ))
-            };
-            if event.name == DEPOSITED {
-                balance.balance_cents = before.checked_add(movement.amount_cents).ok_or_else(overflow)?;
-                balance.deposits = balance.deposits.checked_add(1).ok_or_else(overflow)?;
-            } else {
-                balance.balance_cents = before.checked_sub(movement.amount_cents).ok_or_else(overflow)?;
-                balance.withdrawals = balance.withdrawals.checked_add(1).ok_or_else(overflow)?;
-            }
-            balance
+            });
+            return Ok(());
+        }
+        let Some(balance) = state.as_mut() else {
+            return Ok(());
         };
-        *state = Some(serde_json::to_value(next).map_err(|e| FoldError(e.to_string()))?);
+        let movement: Movement = event.parse()?;
+        if movement.amount_cents < 0 {
+            return Err(FoldError(format!("{} with a negative amount", event.name)));
+        }
+        let before = balance.balance_cents;
+        let overflow = || {
+            FoldError(format!(
+                "{} of {} cents overflows the balance of {} ({before} cents)",
+                event.name, movement.amount_cents, balance.account_id
+            ))
+        };
+        // Both checked before either changes, so a failure leaves the balance.
+        if event.name == DEPOSITED {
+            let cents = before.checked_add(movement.amount_cents).ok_or_else(overflow)?;
+            let count = balance.deposits.checked_add(1).ok_or_else(overflow)?;
+            (balance.balance_cents, balance.deposits) = (cents, count);
+        } else {
+            let cents = before.checked_sub(movement.amount_cents).ok_or_else(overflow)?;
+            let count = balance.withdrawals.checked_add(1).ok_or_else(overflow)?;
+            (balance.balance_cents, balance.withdrawals) = (cents, count);
+        }
         Ok(())
     }
 
     /// Accounts are keyed like the topic: one partition holds each.
-    fn merge(&self, _key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
-        Ok(partials.into_iter().next())
+    fn merge(&self, _key: &str, partials: Vec<Balance>) -> Result<Option<Json>, FoldError> {
+        partials
+            .into_iter()
+            .next()
+            .map(|b| serde_json::to_value(b).map_err(|e| FoldError(e.to_string())))
+            .transpose()
     }
 }
 
@@ -117,7 +122,7 @@ mod tests {
 
     use super::*;
 
-    fn fold(state: &mut Option<Json>, name: &str, fields: &[(&str, Value)]) -> Result<(), FoldError> {
+    fn fold(state: &mut Option<Balance>, name: &str, fields: &[(&str, Value)]) -> Result<(), FoldError> {
         let meta = EventMeta {
             topic: "accounts".into(),
             partition: 0,
@@ -164,6 +169,6 @@ mod tests {
         let before = state.clone();
         assert!(fold(&mut state, WITHDRAWN, &movement(1)).is_err());
         assert_eq!(state, before);
-        assert_eq!(before.unwrap()["balance_cents"], serde_json::json!(i64::MIN));
+        assert_eq!(before.unwrap().balance_cents, i64::MIN);
     }
 }

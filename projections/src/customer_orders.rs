@@ -50,11 +50,9 @@ struct Placed {
     placed_at: i64,
 }
 
-fn read(json: &Json) -> Result<Orders, FoldError> {
-    Orders::deserialize(json).map_err(|e| FoldError(format!("stored customer orders unreadable: {e}")))
-}
-
 impl Entity for CustomerOrders {
+    type State = Orders;
+
     fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
         if event.name != PLACED {
             return Ok(None);
@@ -62,43 +60,37 @@ impl Entity for CustomerOrders {
         Ok(Some(crate::fields::string_field(event, "customerId")?.to_owned()))
     }
 
-    fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError> {
+    fn fold(&self, state: &mut Option<Orders>, event: &Event<'_>) -> Result<(), FoldError> {
         let placed: Placed = event.parse()?;
-        let mut orders = match state.as_ref() {
-            Some(json) => read(json)?,
-            None => Orders {
-                customer_id: placed.customer_id,
-                order_ids: Vec::new(),
-                order_count: 0,
-                lifetime_value_cents: 0,
-                last_order_at: i64::MIN,
-            },
-        };
+        let (count, value) = state
+            .as_ref()
+            .map_or((0, 0), |o| (o.order_count, o.lifetime_value_cents));
+        let overflow = || FoldError(format!("the totals of customer {} overflow", placed.customer_id));
+        let order_count = count.checked_add(1).ok_or_else(overflow)?;
+        let lifetime_value_cents = value.checked_add(placed.total_cents).ok_or_else(overflow)?;
+        let orders = state.get_or_insert_with(|| Orders {
+            customer_id: placed.customer_id.clone(),
+            order_ids: Vec::new(),
+            order_count: 0,
+            lifetime_value_cents: 0,
+            last_order_at: i64::MIN,
+        });
         if let Err(position) = orders.order_ids.binary_search(&placed.order_id) {
             orders.order_ids.insert(position, placed.order_id);
         }
-        let overflow = || FoldError(format!("the totals of customer {} overflow", orders.customer_id));
-        let order_count = orders.order_count.checked_add(1).ok_or_else(overflow)?;
-        let lifetime_value_cents = orders
-            .lifetime_value_cents
-            .checked_add(placed.total_cents)
-            .ok_or_else(overflow)?;
         orders.order_count = order_count;
         orders.lifetime_value_cents = lifetime_value_cents;
         orders.last_order_at = orders.last_order_at.max(placed.placed_at);
-        *state = Some(serde_json::to_value(orders).map_err(|e| FoldError(e.to_string()))?);
         Ok(())
     }
 
-    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
-        let mut parts = partials.iter().map(read);
-        let Some(merged) = parts.next() else {
+    fn merge(&self, key: &str, partials: Vec<Orders>) -> Result<Option<Json>, FoldError> {
+        let mut parts = partials.into_iter();
+        let Some(mut merged) = parts.next() else {
             return Ok(None);
         };
-        let mut merged = merged?;
         let overflow = || FoldError(format!("the totals of customer {key} overflow when merged"));
         for part in parts {
-            let part = part?;
             merged.order_ids.extend(part.order_ids);
             merged.order_count = merged
                 .order_count

@@ -90,6 +90,8 @@ fn next_version(version: u64) -> Result<u64, FoldError> {
 }
 
 impl Entity for OrderSummary {
+    type State = Summary;
+
     fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
         match event.name {
             PLACED | CHARGED | SHIPPED | DELIVERED | CANCELLED => {
@@ -99,13 +101,9 @@ impl Entity for OrderSummary {
         }
     }
 
-    fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError> {
-        let current: Option<Summary> = state
-            .as_ref()
-            .map(Summary::deserialize)
-            .transpose()
-            .map_err(|e| FoldError(format!("stored order summary is unreadable: {e}")))?;
-        let next = match (event.name, current) {
+    fn fold(&self, state: &mut Option<Summary>, event: &Event<'_>) -> Result<(), FoldError> {
+        // Everything that can fail comes before the first change.
+        match (event.name, state.as_mut()) {
             (PLACED, current) => {
                 let placed: OrderPlaced = event.parse()?;
                 if placed.total_cents < 0 {
@@ -114,26 +112,25 @@ impl Entity for OrderSummary {
                         placed.order_id, placed.total_cents
                     )));
                 }
-                Summary {
+                let version = next_version(current.as_ref().map_or(0, |c| c.version))?;
+                let tracking_id = current.and_then(|c| c.tracking_id.take());
+                *state = Some(Summary {
                     order_id: placed.order_id,
                     customer_id: placed.customer_id,
                     status: Status::Placed,
                     total_cents: placed.total_cents,
                     currency: placed.currency,
-                    tracking_id: current.as_ref().and_then(|c| c.tracking_id.clone()),
-                    version: next_version(current.map_or(0, |c| c.version))?,
-                }
+                    tracking_id,
+                    version,
+                });
             }
             // Not placed yet: nothing to summarise.
-            (_, None) => return Ok(()),
+            (_, None) => {}
             (SHIPPED, Some(current)) => {
                 let shipped: OrderShipped = event.parse()?;
-                Summary {
-                    status: Status::Shipped,
-                    tracking_id: Some(shipped.tracking_id),
-                    version: next_version(current.version)?,
-                    ..current
-                }
+                current.version = next_version(current.version)?;
+                current.status = Status::Shipped;
+                current.tracking_id = Some(shipped.tracking_id);
             }
             (name, Some(current)) => {
                 let status = match name {
@@ -142,23 +139,21 @@ impl Entity for OrderSummary {
                     CANCELLED => Status::Cancelled,
                     _ => return Ok(()),
                 };
-                Summary {
-                    status,
-                    version: next_version(current.version)?,
-                    ..current
-                }
+                current.version = next_version(current.version)?;
+                current.status = status;
             }
-        };
-        *state = Some(serde_json::to_value(next).map_err(|e| FoldError(e.to_string()))?);
+        }
         Ok(())
     }
 
     /// Orders are keyed like the topic, so one partition holds them; should a key
     /// ever appear in several, the one with the most events wins.
-    fn merge(&self, _key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
-        Ok(partials
+    fn merge(&self, _key: &str, partials: Vec<Summary>) -> Result<Option<Json>, FoldError> {
+        partials
             .into_iter()
-            .max_by_key(|p| p.get("version").and_then(Json::as_u64).unwrap_or(0)))
+            .max_by_key(|p| p.version)
+            .map(|p| serde_json::to_value(p).map_err(|e| FoldError(e.to_string())))
+            .transpose()
     }
 }
 
@@ -194,7 +189,7 @@ mod tests {
         ])
     }
 
-    fn fold(state: &mut Option<Json>, name: &str, payload: &Value) {
+    fn fold(state: &mut Option<Summary>, name: &str, payload: &Value) {
         let meta = meta();
         let event = Event {
             name,
@@ -228,7 +223,7 @@ mod tests {
             ]),
         );
         assert_eq!(
-            state.unwrap(),
+            serde_json::to_value(state.unwrap()).unwrap(),
             json!({"order_id": "o1", "customer_id": "c1", "status": "shipped", "total_cents": 1250,
                    "currency": "EUR", "tracking_id": "T9", "version": 3})
         );

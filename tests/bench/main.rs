@@ -77,6 +77,10 @@ fn main() -> Result<()> {
     run_to_completion(produce_command(&broker, &registry, &events_file, 0))?;
     eprintln!("produced in {:.1} s", produced.elapsed().as_secs_f64());
 
+    if let Some(binaries) = std::env::var_os("BENCH_AB") {
+        return compare_builds(dir.path(), &broker, &registry, total, &binaries);
+    }
+
     let mut results = BTreeMap::new();
     // Raw consumption swings widely on a shared machine: it is measured before,
     // between and after the contenders, and every ratio divides by the best run.
@@ -166,6 +170,59 @@ fn main() -> Result<()> {
     print_table(&report);
     std::fs::write(&settings.output, serde_json::to_string_pretty(&report)? + "\n")?;
     eprintln!("written to {}", settings.output.display());
+    Ok(())
+}
+
+/// `BENCH_AB=<projector A>:<projector B>`: the first runs of the bench
+/// (`order_summary` and `customer_stats` from offset 0) for two builds,
+/// alternating on the same broker and data (`BENCH_AB_ROUNDS` rounds, default 3),
+/// so a change is measured against the machine's drift rather than across runs.
+fn compare_builds(
+    dir: &Path,
+    broker: &Broker,
+    registry: &Registry,
+    total: i64,
+    binaries: &std::ffi::OsStr,
+) -> Result<()> {
+    let binaries: Vec<PathBuf> = std::env::split_paths(binaries).collect();
+    ensure!(binaries.len() == 2, "BENCH_AB names two binaries separated by ':'");
+    let rounds = std::env::var("BENCH_AB_ROUNDS")
+        .ok()
+        .map(|v| v.parse::<usize>().with_context(|| format!("BENCH_AB_ROUNDS={v}")))
+        .transpose()?
+        .unwrap_or(3);
+    let projections = [
+        ("order_summary", builtin("order_summary")),
+        (
+            "customer_stats",
+            projector_tests::read_models::customer_stats_projection("bench"),
+        ),
+    ];
+    let mut rates: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
+    for round in 0..rounds {
+        eprintln!("raw consume: {:.0} events/s", raw_consume(broker, "bench", total)?);
+        for (name, config) in &projections {
+            for (which, binary) in binaries.iter().enumerate() {
+                let home = dir.join(format!("ab-{round}-{name}-{which}"));
+                std::fs::create_dir_all(&home)?;
+                let config = worker_config(broker, registry, &home.join("data"), config)
+                    .replace("batch_max_wait_ms = 50\n", "");
+                let mut worker = BenchWorker {
+                    worker: Worker::start_binary(&home, &config, binary)?,
+                };
+                let rate = worker.fold_rate(name, total)?;
+                eprintln!("{name} {}: {rate:.0} events/s, peak RSS {:.0} MB", binary.display(), worker.peak_rss_mb()?);
+                rates.entry((name, which)).or_default().push(rate);
+            }
+        }
+    }
+    for ((name, which), runs) in &rates {
+        let best = runs.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{name:<16} {:<50} best {best:>10.0}  runs {runs:.0?}",
+            binaries[*which].display()
+        );
+    }
     Ok(())
 }
 

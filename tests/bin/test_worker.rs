@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use engine::projection::{Event, FoldError, OptionsError, PartitionState, Projection};
+use engine::projection::{Event, FoldError, OptionsError, PartitionState, Projection, State};
 use projections::order_summary::OrderSummary;
 use serde_json::Value as Json;
 
@@ -27,7 +27,7 @@ impl Projection for PanicOnMarker {
                 // Change the state first, as a buggy fold might, so the test also
                 // proves that a half-done change is never committed.
                 state.update("~scratch", &mut |s| {
-                    *s = Some(Json::from("half-done"));
+                    *s = Some(Box::new(Json::from("half-done")));
                     Ok(())
                 })?;
                 panic!("marker event at offset {}", event.meta.offset);
@@ -36,8 +36,16 @@ impl Projection for PanicOnMarker {
         Projection::apply(&OrderSummary, event, state)
     }
 
-    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
+    fn merge(&self, key: &str, partials: Vec<State>) -> Result<Option<Json>, FoldError> {
         Projection::merge(&OrderSummary, key, partials)
+    }
+
+    fn encode(&self, state: &State) -> Result<Vec<u8>, FoldError> {
+        Projection::encode(&OrderSummary, state)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<State, FoldError> {
+        Projection::decode(&OrderSummary, bytes)
     }
 }
 

@@ -251,6 +251,12 @@ impl Worker {
         Self::start_program(dir, config_text, (test_worker_bin(), None))
     }
 
+    /// Like [`Worker::start`], with another build of `projector` (the bench's A/B
+    /// mode).
+    pub fn start_binary(dir: &Path, config_text: &str, binary: &Path) -> Result<Worker> {
+        Self::start_program(dir, config_text, (binary.to_owned(), Some("run")))
+    }
+
     fn start_program(
         dir: &Path,
         config_text: &str,

@@ -38,7 +38,7 @@ mod compile;
 pub use compile::DeclarativeConfig;
 
 use crate::expr::{Expr, Scope};
-use crate::projection::{Event, FoldError, PartitionState, Projection};
+use crate::projection::{as_json, into_json, update_json, Event, FoldError, PartitionState, Projection, State};
 
 /// How a field is written, hence merged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,7 +188,10 @@ impl Inputs<'_, '_> {
     /// Makes the key's partial state (before the event) visible as `state`.
     fn bind_state(&mut self, key: &str, state: &mut dyn PartitionState) -> Result<(), FoldError> {
         if self.projection.uses_state {
-            let view = state.get(key)?.as_ref().map(view).unwrap_or(Json::Null);
+            let view = match state.get(key)? {
+                Some(partial) => view(as_json(partial)?),
+                None => Json::Null,
+            };
             if let Some(scope) = self.scope.as_mut() {
                 scope.bind_json("state", &view);
             }
@@ -343,7 +346,7 @@ impl Projection for Declarative {
             event.meta.partition,
             event.meta.offset
         ]);
-        state.update(&key, &mut |current| {
+        update_json(state, &key, &mut |current| {
             if current.as_ref().is_some_and(|p| !is_partial(p)) {
                 return Err(failed(format!(
                     "stored state of `{key}` is not a declarative partial"
@@ -391,7 +394,11 @@ impl Projection for Declarative {
         })
     }
 
-    fn merge(&self, key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
+    fn merge(&self, key: &str, partials: Vec<State>) -> Result<Option<Json>, FoldError> {
+        let partials = partials
+            .into_iter()
+            .map(into_json)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut merged = empty_partial();
         let mut set_at: HashMap<String, (i64, i64, i64)> = HashMap::new();
         for partial in &partials {

@@ -2,23 +2,21 @@
 //! events changed, and the next offset of every partition it read. Committed as
 //! one RocksDB write (DESIGN.md invariant 1); until then nothing of it is visible.
 //! Committed states stay in the loop's [`StateCache`], so the next batch finds
-//! them without reading the store.
+//! them without reading and decoding the store's rows.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use serde_json::Value as Json;
-
-use crate::poison::PoisonReason;
-use crate::projection::{Event, EventMeta, FoldError, PartitionState, Projection};
-use crate::schemas::CurrentEvent;
 use super::state_cache::{CacheKey, StateCache};
+use crate::poison::PoisonReason;
+use crate::projection::{Event, EventMeta, FoldError, PartitionState, Projection, State};
+use crate::schemas::CurrentEvent;
 use crate::store::{BatchWrite, Generation, SourcePartition, Store, StoreError};
 
-/// Cache entries as they were before a message changed them (`None`: not cached),
-/// to restore when a later event of the same message fails.
-type UndoLog = Vec<(CacheKey, Option<Option<Json>>)>;
+/// States as they were before a message changed them (`None`: not in the
+/// batch), to restore when a later event of the same message fails. Copies are
+/// made through the projection's codec: only messages an upcaster split need it.
+type UndoLog = Vec<(CacheKey, Option<Option<State>>)>;
 
 /// Why folding a message into the batch stopped.
 #[derive(Debug)]
@@ -36,10 +34,22 @@ pub(super) enum Stop {
     Store(StoreError),
 }
 
+/// A state the projection could not encode for the store: a defect of the
+/// projection, not of an event.
+#[derive(Debug, thiserror::Error)]
+#[error("encoding the state of `{key}` from {partition} for the store: {error}")]
+pub(super) struct EncodeError {
+    key: String,
+    partition: SourcePartition,
+    error: FoldError,
+}
+
 /// What a committed batch hands to the store and to the metrics.
 pub(super) struct Taken {
     /// The rows and offsets to write.
     pub(super) write: BatchWrite,
+    /// The states of the rows, for the cache once written, with their encoded sizes.
+    pub(super) states: Vec<(CacheKey, Option<State>, usize)>,
     /// Events folded.
     pub(super) events: u64,
     /// Their record timestamps (ms), for the freshness histogram.
@@ -49,7 +59,7 @@ pub(super) struct Taken {
 /// The open batch.
 pub(super) struct Batch {
     /// States changed by this batch's events.
-    cache: HashMap<CacheKey, Option<Json>>,
+    cache: HashMap<CacheKey, Option<State>>,
     /// States as committed, from earlier batches or read from the store.
     committed: StateCache,
     offsets: BTreeMap<SourcePartition, i64>,
@@ -117,6 +127,7 @@ impl Batch {
             meta,
         };
         let mut state = BatchState {
+            projection,
             cache: &mut self.cache,
             committed: &mut self.committed,
             store,
@@ -160,31 +171,43 @@ impl Batch {
         self.events >= max_events || self.started.is_some_and(|s| s.elapsed() >= max_wait)
     }
 
-    /// Empties the batch into what is to be committed; `None` when no message was
-    /// applied since the last commit.
-    pub(super) fn take(&mut self) -> Option<Taken> {
+    /// Empties the batch into what is to be committed, its states encoded by
+    /// `projection`; `None` when no message was applied since the last commit.
+    pub(super) fn take(&mut self, projection: &dyn Projection) -> Result<Option<Taken>, EncodeError> {
         self.started = None;
         if self.offsets.is_empty() {
-            return None;
+            return Ok(None);
         }
-        Some(Taken {
+        let mut rows = Vec::with_capacity(self.cache.len());
+        let mut states = Vec::with_capacity(self.cache.len());
+        for ((key, partition), state) in self.cache.drain() {
+            let encoded = match &state {
+                Some(state) => Some(projection.encode(state).map_err(|error| EncodeError {
+                    key: key.clone(),
+                    partition: partition.clone(),
+                    error,
+                })?),
+                None => None,
+            };
+            let encoded_len = encoded.as_ref().map_or(0, Vec::len);
+            rows.push((key.clone(), partition.clone(), encoded));
+            states.push(((key, partition), state, encoded_len));
+        }
+        Ok(Some(Taken {
             write: BatchWrite {
-                rows: self
-                    .cache
-                    .drain()
-                    .map(|((key, partition), state)| (key, partition, state))
-                    .collect(),
+                rows,
                 offsets: std::mem::take(&mut self.offsets),
             },
+            states,
             events: std::mem::take(&mut self.events),
             timestamps: std::mem::take(&mut self.timestamps),
-        })
+        }))
     }
 
-    /// Keeps the rows of a batch just written as the committed states.
-    pub(super) fn written(&mut self, rows: Vec<(String, SourcePartition, Option<Json>)>) {
-        for (key, partition, state) in rows {
-            self.committed.insert((key, partition), state);
+    /// Keeps the states of a batch just written as the committed states.
+    pub(super) fn written(&mut self, states: Vec<(CacheKey, Option<State>, usize)>) {
+        for (key, state, encoded_len) in states {
+            self.committed.insert(key, state, encoded_len);
         }
     }
 
@@ -195,9 +218,10 @@ impl Batch {
 }
 
 /// One source partition's states as a fold sees them: the batch's cache over the
-/// store.
+/// committed states over the store.
 struct BatchState<'a> {
-    cache: &'a mut HashMap<CacheKey, Option<Json>>,
+    projection: &'a dyn Projection,
+    cache: &'a mut HashMap<CacheKey, Option<State>>,
     committed: &'a mut StateCache,
     store: &'a Store,
     generation: &'a Generation,
@@ -209,69 +233,76 @@ struct BatchState<'a> {
 }
 
 impl BatchState<'_> {
-    fn entry(&mut self, key: &str) -> Result<&mut Option<Json>, FoldError> {
-        let cache_key = (key.to_owned(), self.partition.clone());
-        if let Some(undo) = self.undo.as_deref_mut() {
-            if !undo.iter().any(|(k, _)| *k == cache_key) {
-                undo.push((cache_key.clone(), self.cache.get(&cache_key).cloned()));
-            }
-        }
-        let (store, generation, partition) = (self.store, self.generation, self.partition);
-        Ok(match self.cache.entry(cache_key) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let current = match self.committed.take(entry.key()) {
-                    Some(committed) => committed,
-                    None => read_stored(store, generation, partition, key, &mut self.store_failure)?,
-                };
-                entry.insert(current)
-            }
-        })
+    /// `key`'s stored partial state and the length of its row; a store failure
+    /// is also kept in `store_failure`, so the loop can tell it from the
+    /// projection's own errors.
+    fn read_stored(&mut self, key: &str) -> Result<Option<(State, usize)>, FoldError> {
+        let projection = self.projection;
+        self.store
+            .partial(self.generation, key, self.partition, |bytes| {
+                projection.decode(bytes).map(|state| (state, bytes.len()))
+            })
+            .map_err(|e| {
+                let error = FoldError(format!("reading the current state of `{key}`: {e}"));
+                self.store_failure = Some(e);
+                error
+            })
+    }
+
+    /// A copy of a state, through the projection's codec.
+    fn copy(&self, state: &Option<State>) -> Result<Option<State>, FoldError> {
+        state
+            .as_ref()
+            .map(|s| self.projection.decode(&self.projection.encode(s)?))
+            .transpose()
     }
 }
 
-/// `key`'s stored partial state; a store failure is also kept in `failure`, so the
-/// loop can tell it from the projection's own errors.
-fn read_stored(
-    store: &Store,
-    generation: &Generation,
-    partition: &SourcePartition,
-    key: &str,
-    failure: &mut Option<StoreError>,
-) -> Result<Option<Json>, FoldError> {
-    store.partial(generation, key, partition).map_err(|e| {
-        let error = FoldError(format!("reading the current state of `{key}`: {e}"));
-        *failure = Some(e);
-        error
-    })
-}
-
 impl PartitionState for BatchState<'_> {
-    fn get(&mut self, key: &str) -> Result<Option<Json>, FoldError> {
+    fn get(&mut self, key: &str) -> Result<Option<&State>, FoldError> {
         let cache_key = (key.to_owned(), self.partition.clone());
-        if let Some(cached) = self.cache.get(&cache_key) {
-            return Ok(cached.clone());
+        if self.cache.contains_key(&cache_key) {
+            return Ok(self.cache.get(&cache_key).and_then(Option::as_ref));
         }
-        if let Some(committed) = self.committed.get(&cache_key) {
-            return Ok(committed);
+        if self.committed.get(&cache_key).is_none() {
+            let (state, len) = match self.read_stored(key)? {
+                Some((state, len)) => (Some(state), len),
+                None => (None, 0),
+            };
+            if !self.committed.is_enabled() {
+                // Nowhere to keep it but the batch, where it is written back unchanged.
+                return Ok(self.cache.entry(cache_key).or_insert(state).as_ref());
+            }
+            self.committed.insert(cache_key.clone(), state, len);
         }
-        let stored = read_stored(
-            self.store,
-            self.generation,
-            self.partition,
-            key,
-            &mut self.store_failure,
-        )?;
-        self.committed.insert(cache_key, stored.clone());
-        Ok(stored)
+        Ok(self.committed.get(&cache_key).and_then(Option::as_ref))
     }
 
     fn update(
         &mut self,
         key: &str,
-        change: &mut dyn FnMut(&mut Option<Json>) -> Result<(), FoldError>,
+        change: &mut dyn FnMut(&mut Option<State>) -> Result<(), FoldError>,
     ) -> Result<(), FoldError> {
-        change(self.entry(key)?)
+        let cache_key = (key.to_owned(), self.partition.clone());
+        let fresh = if self.cache.contains_key(&cache_key) {
+            if self.undo.as_ref().is_some_and(|u| !u.iter().any(|(k, _)| *k == cache_key)) {
+                let before = self.copy(self.cache.get(&cache_key).unwrap_or(&None))?;
+                if let Some(undo) = self.undo.as_deref_mut() {
+                    undo.push((cache_key.clone(), Some(before)));
+                }
+            }
+            None
+        } else {
+            let current = match self.committed.take(&cache_key) {
+                Some(committed) => committed,
+                None => self.read_stored(key)?.map(|(state, _)| state),
+            };
+            if let Some(undo) = self.undo.as_deref_mut() {
+                undo.push((cache_key.clone(), None));
+            }
+            Some(current)
+        };
+        change(self.cache.entry(cache_key).or_insert(fresh.flatten()))
     }
 }
 
@@ -280,16 +311,19 @@ mod tests {
     use std::sync::Arc;
 
     use apache_avro::types::Value;
-    use serde_json::json;
+    use serde_json::Value as Json;
 
     use super::*;
     use crate::projection::Entity;
+    use crate::state_codec;
 
     /// Counts events per `key` field; fails on `"fail"`, panics on `"panic"`
     /// after changing the state.
     struct Counter;
 
     impl Entity for Counter {
+        type State = u64;
+
         fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
             match event.payload {
                 Value::Record(fields) => Ok(fields.iter().find_map(|(name, value)| match value {
@@ -300,24 +334,29 @@ mod tests {
             }
         }
 
-        fn fold(&self, state: &mut Option<Json>, event: &Event<'_>) -> Result<(), FoldError> {
-            let count = state.as_ref().and_then(Json::as_u64).unwrap_or(0);
+        fn fold(&self, state: &mut Option<u64>, event: &Event<'_>) -> Result<(), FoldError> {
+            let count = state.unwrap_or(0);
             match event.name {
                 "fail" => Err(FoldError("refused".into())),
                 "panic" => {
-                    *state = Some(json!("half-done"));
+                    *state = Some(999);
                     panic!("boom")
                 }
                 _ => {
-                    *state = Some(json!(count + 1));
+                    *state = Some(count + 1);
                     Ok(())
                 }
             }
         }
 
-        fn merge(&self, _key: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
-            Ok(partials.into_iter().next())
+        fn merge(&self, _key: &str, partials: Vec<u64>) -> Result<Option<Json>, FoldError> {
+            Ok(partials.into_iter().next().map(Json::from))
         }
+    }
+
+    /// A row as the batch wrote it: the count stored under `key`.
+    fn row(key: &str, p: i32, count: u64) -> (String, SourcePartition, Option<Vec<u8>>) {
+        (key.to_owned(), partition(p), Some(state_codec::encode(&count).unwrap()))
     }
 
     fn event(name: &str, key: &str) -> CurrentEvent {
@@ -369,7 +408,7 @@ mod tests {
             batch.advance(partition(0), offset + 1, Some(1_000 + offset));
         }
         assert_eq!(batch.events(), 3);
-        let taken = batch.take().expect("something to commit");
+        let taken = batch.take(&Counter).unwrap().expect("something to commit");
         assert_eq!(
             (taken.events, taken.timestamps.clone()),
             (3, vec![1_000, 1_001, 1_002])
@@ -377,9 +416,9 @@ mod tests {
         assert_eq!(taken.write.offsets, BTreeMap::from([(partition(0), 3)]));
         store.commit(&generation, &taken.write).unwrap();
         let view = store.read_view(&generation).unwrap();
-        assert_eq!(view.partials("a").unwrap(), vec![json!(2)]);
-        assert_eq!(view.partials("b").unwrap(), vec![json!(1)]);
-        assert!(batch.take().is_none(), "an empty batch commits nothing");
+        assert_eq!(view.partials("a").unwrap(), vec![row("a", 0, 2).2.unwrap()]);
+        assert_eq!(view.partials("b").unwrap(), vec![row("b", 0, 1).2.unwrap()]);
+        assert!(batch.take(&Counter).unwrap().is_none(), "an empty batch commits nothing");
     }
 
     #[test]
@@ -387,24 +426,22 @@ mod tests {
         let (_dir, store, generation) = store();
         let mut batch = Batch::new(1 << 20);
         let source = (&store, &generation);
-        let mut fold = |batch: &mut Batch, offset: i64| {
+        let fold = |batch: &mut Batch, offset: i64| {
             batch
                 .fold_message(&Counter, source, &[event("e", "a")], &meta(offset), &partition(0))
                 .unwrap();
             batch.advance(partition(0), offset + 1, None);
-            batch.take().unwrap().write.rows
+            let taken = batch.take(&Counter).unwrap().unwrap();
+            batch.written(taken.states);
+            taken.write.rows
         };
         // Kept as written but never given to the store: only the cache knows it.
-        let rows = fold(&mut batch, 0);
-        batch.written(rows);
-        let rows = fold(&mut batch, 1);
-        assert_eq!(rows, vec![("a".to_owned(), partition(0), Some(json!(2)))]);
-        batch.written(rows);
+        assert_eq!(fold(&mut batch, 0), vec![row("a", 0, 1)]);
+        assert_eq!(fold(&mut batch, 1), vec![row("a", 0, 2)]);
         batch.drop_partition(&partition(0));
-        let rows = fold(&mut batch, 2);
         assert_eq!(
-            rows,
-            vec![("a".to_owned(), partition(0), Some(json!(1)))],
+            fold(&mut batch, 2),
+            vec![row("a", 0, 1)],
             "read from the store again, which has nothing"
         );
     }
@@ -425,14 +462,23 @@ mod tests {
             matches!(&stop, Err(Stop::Poison { reason: PoisonReason::FoldFailed, error }) if error == "refused"),
             "{stop:?}"
         );
-        let taken = batch.take().unwrap();
-        let mut rows = taken.write.rows;
-        rows.sort_by(|x, y| x.0.cmp(&y.0));
-        assert_eq!(
-            rows,
-            vec![("a".to_owned(), partition(0), Some(json!(1)))],
-            "only the first message's change"
-        );
+        let taken = batch.take(&Counter).unwrap().unwrap();
+        assert_eq!(taken.write.rows, vec![row("a", 0, 1)], "only the first message's change");
+    }
+
+    #[test]
+    fn a_state_row_written_as_json_by_an_older_version_is_read_and_rewritten_binary() {
+        let (_dir, store, generation) = store();
+        let mut old = BatchWrite::default();
+        old.rows.push(("a".into(), partition(0), Some(b"41".to_vec())));
+        store.commit(&generation, &old).unwrap();
+        let mut batch = Batch::new(1 << 20);
+        batch
+            .fold_message(&Counter, (&store, &generation), &[event("e", "a")], &meta(0), &partition(0))
+            .unwrap();
+        batch.advance(partition(0), 1, None);
+        let taken = batch.take(&Counter).unwrap().unwrap();
+        assert_eq!(taken.write.rows, vec![row("a", 0, 42)]);
     }
 
     #[test]
@@ -466,11 +512,10 @@ mod tests {
             )
             .unwrap();
         first.advance(partition(0), 1, None);
-        let mut write = first.take().unwrap().write;
-        write.rows[0].2 = Some(json!(1));
+        let write = first.take(&Counter).unwrap().unwrap().write;
         store.commit(&generation, &write).unwrap();
         drop(store);
-        // Damage the row from outside: raw bytes that are not JSON.
+        // Damage the row from outside: bytes in no format the codec knows.
         {
             let path = dir.path();
             let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), path).unwrap();

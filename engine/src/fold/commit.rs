@@ -49,9 +49,10 @@ impl Folding {
         }
         let Some(Taken {
             write,
+            states,
             events,
             timestamps,
-        }) = self.batch.take()
+        }) = self.batch.take(self.fold.projection.as_ref())?
         else {
             return Ok(None);
         };
@@ -77,9 +78,8 @@ impl Folding {
         if live {
             metrics::EVENTS_APPLIED.with_label_values(&[&name]).inc_by(events);
         }
-        let BatchWrite { rows, offsets } = write;
-        self.batch.written(rows);
-        Ok(Some(offsets))
+        self.batch.written(states);
+        Ok(Some(write.offsets))
     }
 
     /// Writes `batch`, waiting out a store that refuses writes (a full disk:

@@ -142,4 +142,6 @@ enum LoopError {
     DecoderThread(std::io::Error),
     #[error(transparent)]
     DecoderGone(#[from] DecoderGone),
+    #[error(transparent)]
+    Encode(#[from] batch::EncodeError),
 }

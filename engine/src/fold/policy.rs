@@ -130,9 +130,9 @@ mod tests {
         fn merge(
             &self,
             _: &str,
-            partials: Vec<serde_json::Value>,
+            _: Vec<crate::projection::State>,
         ) -> Result<Option<serde_json::Value>, FoldError> {
-            Ok(partials.into_iter().next())
+            Ok(None)
         }
     }
 

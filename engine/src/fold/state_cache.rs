@@ -14,23 +14,20 @@
 //! what is used stays and what is not ages out, without a per-access list.
 
 use std::collections::HashMap;
-use std::mem::size_of;
 
-use serde_json::Value as Json;
-
+use crate::projection::State;
 use crate::store::SourcePartition;
 
 /// One key's partial state in one source partition.
 pub(super) type CacheKey = (String, SourcePartition);
 
-/// Bytes charged per entry besides its key and value: the map slot, the key's
-/// `SourcePartition`, allocator rounding.
-const ENTRY_OVERHEAD: usize = 64;
+/// A cached state and the bytes charged for it.
+type Entry = (Option<State>, usize);
 
 /// A bounded map of committed partial states.
 pub(super) struct StateCache {
-    young: HashMap<CacheKey, Option<Json>>,
-    old: HashMap<CacheKey, Option<Json>>,
+    young: HashMap<CacheKey, Entry>,
+    old: HashMap<CacheKey, Entry>,
     young_bytes: usize,
     /// Bytes one generation may hold (half the configured size).
     generation_bytes: usize,
@@ -47,47 +44,49 @@ impl StateCache {
         }
     }
 
+    /// False for a cache of size 0, which keeps nothing.
+    pub(super) fn is_enabled(&self) -> bool {
+        self.generation_bytes > 0
+    }
+
     /// Takes `key`'s committed state out of the cache (the caller is about to
     /// change it); `None` when it is not cached.
-    pub(super) fn take(&mut self, key: &CacheKey) -> Option<Option<Json>> {
-        match self.young.remove(key) {
-            Some(value) => {
-                self.young_bytes = self
-                    .young_bytes
-                    .saturating_sub(entry_bytes(key.0.len(), value.as_ref()));
-                Some(value)
-            }
-            None => self.old.remove(key),
+    pub(super) fn take(&mut self, key: &CacheKey) -> Option<Option<State>> {
+        if let Some((state, bytes)) = self.young.remove(key) {
+            self.young_bytes = self.young_bytes.saturating_sub(bytes);
+            return Some(state);
         }
+        self.old.remove(key).map(|(state, _)| state)
     }
 
-    /// A copy of `key`'s committed state, when cached.
-    pub(super) fn get(&mut self, key: &CacheKey) -> Option<Option<Json>> {
-        if let Some(value) = self.young.get(key) {
-            return Some(value.clone());
+    /// `key`'s committed state, when cached.
+    pub(super) fn get(&mut self, key: &CacheKey) -> Option<&Option<State>> {
+        if !self.young.contains_key(key) {
+            let (state, bytes) = self.old.remove(key)?;
+            self.insert_charged(key.clone(), state, bytes);
         }
-        let value = self.old.remove(key)?;
-        self.insert(key.clone(), value.clone());
-        Some(value)
+        self.young.get(key).map(|(state, _)| state)
     }
 
-    /// Remembers `key`'s state as committed (or read from the store).
-    pub(super) fn insert(&mut self, key: CacheKey, value: Option<Json>) {
+    /// Remembers `key`'s state as committed (or read from the store), whose
+    /// stored form is `encoded_len` bytes long.
+    pub(super) fn insert(&mut self, key: CacheKey, state: Option<State>, encoded_len: usize) {
+        let bytes = entry_bytes(key.0.len(), encoded_len);
+        self.insert_charged(key, state, bytes);
+    }
+
+    fn insert_charged(&mut self, key: CacheKey, state: Option<State>, bytes: usize) {
         if self.generation_bytes == 0 {
             return;
         }
-        let bytes = entry_bytes(key.0.len(), value.as_ref());
         if self.young_bytes.saturating_add(bytes) > self.generation_bytes {
             self.old = std::mem::take(&mut self.young);
             self.young_bytes = 0;
         }
-        self.young_bytes = self.young_bytes.saturating_add(bytes);
         self.old.remove(&key);
-        let key_len = key.0.len();
-        if let Some(replaced) = self.young.insert(key, value) {
-            self.young_bytes = self
-                .young_bytes
-                .saturating_sub(entry_bytes(key_len, replaced.as_ref()));
+        self.young_bytes = self.young_bytes.saturating_add(bytes);
+        if let Some((_, replaced)) = self.young.insert(key, (state, bytes)) {
+            self.young_bytes = self.young_bytes.saturating_sub(replaced);
         }
     }
 
@@ -95,6 +94,7 @@ impl StateCache {
     pub(super) fn drop_partition(&mut self, partition: &SourcePartition) {
         self.young.retain(|(_, p), _| p != partition);
         self.old.retain(|(_, p), _| p != partition);
+        self.young_bytes = self.young.values().map(|(_, bytes)| bytes).sum();
     }
 
     /// Entries cached.
@@ -104,37 +104,21 @@ impl StateCache {
     }
 }
 
-/// An estimate of the heap an entry holds: the key, the value's nodes and strings.
-fn entry_bytes(key_len: usize, value: Option<&Json>) -> usize {
-    ENTRY_OVERHEAD
-        .saturating_add(key_len)
-        .saturating_add(value.map_or(0, json_bytes))
-}
+/// Bytes charged per entry besides its key and state: the map slot, the key's
+/// `SourcePartition`, the state's box, allocator rounding.
+const ENTRY_OVERHEAD: usize = 128;
 
-/// An estimate of the heap a JSON value holds (serde_json's tree: a `Value` per
-/// node, a `String` per string and object key, map and vector slots).
-fn json_bytes(value: &Json) -> usize {
-    let node = size_of::<Json>();
-    match value {
-        Json::Null | Json::Bool(_) | Json::Number(_) => node,
-        Json::String(s) => node.saturating_add(s.len()),
-        Json::Array(items) => items
-            .iter()
-            .fold(node, |sum, item| sum.saturating_add(json_bytes(item))),
-        Json::Object(map) => map.iter().fold(node, |sum, (key, item)| {
-            // A map slot holds the key's `String` beside the value, and B-tree
-            // nodes are rarely full.
-            sum.saturating_add(2 * size_of::<String>())
-                .saturating_add(key.len())
-                .saturating_add(json_bytes(item))
-        }),
-    }
+/// An estimate of the heap an entry holds. A decoded state takes several times
+/// its stored form (struct fields at their full width, a heap allocation per
+/// string, a node per JSON value); the README gives the bench's measured RSS.
+fn entry_bytes(key_len: usize, encoded_len: usize) -> usize {
+    ENTRY_OVERHEAD
+        .saturating_add(key_len.saturating_mul(2))
+        .saturating_add(encoded_len.saturating_mul(4))
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
 
     fn key(name: &str, partition: i32) -> CacheKey {
@@ -147,33 +131,37 @@ mod tests {
         )
     }
 
+    fn number(state: Option<&Option<State>>) -> Option<Option<u32>> {
+        state.map(|s| s.as_ref().map(|b| *b.downcast_ref::<u32>().unwrap()))
+    }
+
     #[test]
     fn entries_are_found_taken_and_dropped_by_partition() {
         let mut cache = StateCache::new(1 << 20);
-        cache.insert(key("a", 0), Some(json!({"n": 1})));
-        cache.insert(key("b", 1), None);
-        assert_eq!(cache.get(&key("a", 0)), Some(Some(json!({"n": 1}))));
-        assert_eq!(cache.get(&key("b", 1)), Some(None), "known to have no state");
-        assert_eq!(cache.get(&key("a", 1)), None, "another partition's partial");
-        assert_eq!(cache.take(&key("a", 0)), Some(Some(json!({"n": 1}))));
-        assert_eq!(cache.get(&key("a", 0)), None, "taken out");
-        cache.insert(key("a", 0), Some(json!(2)));
+        cache.insert(key("a", 0), Some(Box::new(1u32)), 4);
+        cache.insert(key("b", 1), None, 0);
+        assert_eq!(number(cache.get(&key("a", 0))), Some(Some(1)));
+        assert_eq!(number(cache.get(&key("b", 1))), Some(None), "known to have no state");
+        assert_eq!(number(cache.get(&key("a", 1))), None, "another partition's partial");
+        let taken = cache.take(&key("a", 0)).unwrap();
+        assert_eq!(taken.map(|b| *b.downcast::<u32>().unwrap()), Some(1));
+        assert_eq!(number(cache.get(&key("a", 0))), None, "taken out");
+        cache.insert(key("a", 0), Some(Box::new(2u32)), 4);
         cache.drop_partition(&SourcePartition {
             topic: "t".into(),
             partition: 0,
         });
-        assert_eq!((cache.get(&key("a", 0)), cache.len()), (None, 1));
+        assert_eq!((number(cache.get(&key("a", 0))), cache.len()), (None, 1));
     }
 
     #[test]
     fn the_estimate_bounds_the_entries_and_recent_ones_stay() {
-        let value = json!({"order_id": "order-1", "status": "placed", "total_cents": 1234});
-        let per_entry = entry_bytes("order-000000".len(), Some(&value));
+        let per_entry = entry_bytes("order-000000".len(), 40);
         let mut cache = StateCache::new(per_entry * 100);
-        for i in 0..1_000 {
-            cache.insert(key(&format!("order-{i:06}"), 0), Some(value.clone()));
+        for i in 0..1_000u32 {
+            cache.insert(key(&format!("order-{i:06}"), 0), Some(Box::new(i)), 40);
             // Key 0 is used all the time: it must survive the turnover.
-            assert!(cache.get(&key("order-000000", 0)).is_some(), "after {i}");
+            assert_eq!(number(cache.get(&key("order-000000", 0))), Some(Some(0)), "after {i}");
         }
         assert!(cache.len() <= 100, "{} entries", cache.len());
         assert!(cache.get(&key("order-000999", 0)).is_some(), "the newest stays");
@@ -183,7 +171,7 @@ mod tests {
     #[test]
     fn a_cache_of_size_zero_holds_nothing() {
         let mut cache = StateCache::new(0);
-        cache.insert(key("a", 0), Some(json!(1)));
-        assert_eq!((cache.get(&key("a", 0)), cache.len()), (None, 0));
+        cache.insert(key("a", 0), Some(Box::new(1u32)), 4);
+        assert_eq!((cache.get(&key("a", 0)).is_none(), cache.len()), (true, 0));
     }
 }

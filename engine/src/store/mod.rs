@@ -24,7 +24,6 @@ use std::sync::Arc;
 
 use keys::generation_options;
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteOptions};
-use serde_json::Value as Json;
 
 pub use read::{KeyPartials, ReadView};
 
@@ -94,8 +93,9 @@ impl Generation {
 /// each partition it read.
 #[derive(Debug, Default)]
 pub struct BatchWrite {
-    /// Partial state rows by (key, source partition).
-    pub rows: Vec<(String, SourcePartition, Option<Json>)>,
+    /// Partial state rows by (key, source partition), as the projection encoded
+    /// them.
+    pub rows: Vec<(String, SourcePartition, Option<Vec<u8>>)>,
     /// Next offset to apply, per partition.
     pub offsets: BTreeMap<SourcePartition, i64>,
 }

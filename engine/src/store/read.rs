@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rocksdb::{BoundColumnFamily, IteratorMode};
-use serde_json::Value as Json;
 
 use super::keys::{decode_offset_in, hex, push_escaped, state_prefix, unescape_next};
 use super::{failed, Db, Generation, SourcePartition, Store, StoreError};
@@ -18,8 +17,8 @@ pub struct ReadView<'a> {
     column_family: String,
 }
 
-/// The partial states of one key, as stored.
-pub type KeyPartials = (String, Vec<Json>);
+/// The partial states of one key, as stored (the projection decodes them).
+pub type KeyPartials = (String, Vec<Vec<u8>>);
 
 impl Store {
     /// A snapshot of `generation` for reads.
@@ -64,7 +63,7 @@ impl ReadView<'_> {
     }
 
     /// The partial states of `key`.
-    pub fn partials(&self, key: &str) -> Result<Vec<Json>, StoreError> {
+    pub fn partials(&self, key: &str) -> Result<Vec<Vec<u8>>, StoreError> {
         let prefix = state_prefix(key);
         let mut partials = Vec::new();
         let rows = self
@@ -75,7 +74,7 @@ impl ReadView<'_> {
             if !row.starts_with(&prefix) {
                 break;
             }
-            partials.push(serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?);
+            partials.push(value.into_vec());
         }
         Ok(partials)
     }
@@ -88,7 +87,7 @@ impl ReadView<'_> {
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-        accept: &mut dyn FnMut(&str, &[Json]) -> bool,
+        accept: &mut dyn FnMut(&str, &[Vec<u8>]) -> bool,
     ) -> Result<Vec<KeyPartials>, StoreError> {
         let mut start = vec![b's'];
         let mut escaped_prefix = Vec::new();
@@ -119,8 +118,7 @@ impl ReadView<'_> {
             if Some(key.as_str()) == after {
                 continue;
             }
-            let partial: Json =
-                serde_json::from_slice(&value).map_err(failed(format!("decoding `{key}`")))?;
+            let partial = value.into_vec();
             match &mut current {
                 Some((k, partials)) if *k == key => partials.push(partial),
                 _ => {

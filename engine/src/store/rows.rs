@@ -5,8 +5,6 @@
 use std::collections::BTreeMap;
 
 use rocksdb::WriteBatch;
-use serde_json::Value as Json;
-
 use super::keys::{decode_offset, offset_key, state_key};
 use super::{failed, BatchWrite, Generation, SourcePartition, Store, StoreError};
 
@@ -32,23 +30,28 @@ impl Store {
         self.read_view(generation)?.offsets()
     }
 
-    /// The partial state of `key` from one source partition.
-    pub fn partial(
+    /// The partial state of `key` from one source partition, decoded by `decode`
+    /// straight from RocksDB's block or memtable; a row `decode` refuses is a
+    /// store error naming it.
+    pub fn partial<T, E>(
         &self,
         generation: &Generation,
         key: &str,
         partition: &SourcePartition,
-    ) -> Result<Option<Json>, StoreError> {
+        decode: impl FnOnce(&[u8]) -> Result<T, E>,
+    ) -> Result<Option<T>, StoreError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let cf = self.cf(generation)?;
-        // (Error contexts are formatted only on error: this runs for every event.)
-        // Pinned: parsed straight from RocksDB's block or memtable, not a copy.
+        // (Error contexts are formatted only on error: this runs for every miss.)
         let bytes = self
             .db
             .get_pinned_cf(&cf, state_key(key, partition))
             .map_err(|e| failed(format!("reading `{key}` of {partition}"))(e))?;
         bytes
             .map(|b| {
-                serde_json::from_slice(&b).map_err(|e| {
+                decode(&b).map_err(|e| {
                     failed(format!(
                         "the state row of `{key}` from {partition} in column family {} is unreadable",
                         generation.column_family()
@@ -61,7 +64,7 @@ impl Store {
     /// Writes one batch atomically: state rows and offsets together.
     pub fn commit(&self, generation: &Generation, batch: &BatchWrite) -> Result<(), StoreError> {
         let cf = self.cf(generation)?;
-        let mut rows: Vec<(Vec<u8>, &Option<Json>)> = batch
+        let mut rows: Vec<(Vec<u8>, &Option<Vec<u8>>)> = batch
             .rows
             .iter()
             .map(|(key, partition, state)| (state_key(key, partition), state))
@@ -70,14 +73,9 @@ impl Store {
         // ended instead of at the top of the skip list.
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut write = WriteBatch::default();
-        let mut encoded = Vec::new();
         for (row, state) in rows {
             match state {
-                Some(state) => {
-                    encoded.clear();
-                    serde_json::to_writer(&mut encoded, state).map_err(failed("encoding state"))?;
-                    write.put_cf(&cf, row, &encoded);
-                }
+                Some(state) => write.put_cf(&cf, row, state),
                 None => write.delete_cf(&cf, row),
             }
         }

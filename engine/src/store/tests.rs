@@ -4,6 +4,11 @@ use super::keys::{offset_key, state_key};
 use super::*;
 use serde_json::json;
 
+/// A state row's bytes (the store does not interpret them).
+fn row(state: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&state).unwrap()
+}
+
 fn partition(topic: &str, partition: i32) -> SourcePartition {
     SourcePartition {
         topic: topic.into(),
@@ -20,13 +25,13 @@ fn state_and_offsets_round_trip_and_survive_reopen() {
         let mut batch = BatchWrite::default();
         batch
             .rows
-            .push(("a".into(), partition("t", 0), Some(json!({"n": 1}))));
+            .push(("a".into(), partition("t", 0), Some(row(json!({"n": 1})))));
         batch
             .rows
-            .push(("a".into(), partition("t", 3), Some(json!({"n": 2}))));
+            .push(("a".into(), partition("t", 3), Some(row(json!({"n": 2})))));
         batch
             .rows
-            .push(("ab".into(), partition("t", 0), Some(json!({"n": 9}))));
+            .push(("ab".into(), partition("t", 0), Some(row(json!({"n": 9})))));
         batch.offsets.insert(partition("t", 0), 17);
         batch.offsets.insert(partition("t", 3), 4);
         store.commit(&generation, &batch).unwrap();
@@ -36,7 +41,7 @@ fn state_and_offsets_round_trip_and_survive_reopen() {
     assert_eq!(generation.number, 1);
     assert_eq!(
         store.read_view(&generation).unwrap().partials("a").unwrap(),
-        vec![json!({"n": 1}), json!({"n": 2})],
+        vec![row(json!({"n": 1})), row(json!({"n": 2}))],
         "the partials of `a` and only those"
     );
     assert_eq!(
@@ -56,8 +61,8 @@ fn scans_group_partials_by_key_in_order_with_a_cursor() {
     let generation = store.live_generation("p").unwrap();
     let mut batch = BatchWrite::default();
     for key in ["b1", "a", "b2", "b3", "c"] {
-        batch.rows.push((key.into(), partition("t", 0), Some(json!(key))));
-        batch.rows.push((key.into(), partition("t", 1), Some(json!(1))));
+        batch.rows.push((key.into(), partition("t", 0), Some(row(json!(key)))));
+        batch.rows.push((key.into(), partition("t", 1), Some(row(json!(1)))));
     }
     batch.offsets.insert(partition("t", 0), 9);
     store.commit(&generation, &batch).unwrap();
@@ -93,7 +98,7 @@ fn reset_drops_every_generation_and_the_live_pointer() {
         let generation = store.live_generation("p").unwrap();
         let other = store.live_generation("p2").unwrap();
         let mut batch = BatchWrite::default();
-        batch.rows.push(("k".into(), partition("t", 0), Some(json!(1))));
+        batch.rows.push(("k".into(), partition("t", 0), Some(row(json!(1)))));
         batch.offsets.insert(partition("t", 0), 5);
         store.commit(&generation, &batch).unwrap();
         store.commit(&other, &batch).unwrap();
@@ -148,7 +153,7 @@ fn delete_removes_a_partial() {
     let store = Store::open(dir.path(), false).unwrap();
     let generation = store.live_generation("p").unwrap();
     let mut batch = BatchWrite::default();
-    batch.rows.push(("k".into(), partition("t", 0), Some(json!(1))));
+    batch.rows.push(("k".into(), partition("t", 0), Some(row(json!(1)))));
     store.commit(&generation, &batch).unwrap();
     let mut batch = BatchWrite::default();
     batch.rows.push(("k".into(), partition("t", 0), None));
@@ -169,18 +174,18 @@ fn keys_with_nul_bytes_do_not_collide_with_prefixes() {
     let mut batch = BatchWrite::default();
     batch
         .rows
-        .push(("a\0".into(), partition("t", 0), Some(json!("nul"))));
+        .push(("a\0".into(), partition("t", 0), Some(row(json!("nul")))));
     batch
         .rows
-        .push(("a".into(), partition("t", 0), Some(json!("plain"))));
+        .push(("a".into(), partition("t", 0), Some(row(json!("plain")))));
     store.commit(&generation, &batch).unwrap();
     assert_eq!(
         store.read_view(&generation).unwrap().partials("a").unwrap(),
-        vec![json!("plain")]
+        vec![row(json!("plain"))]
     );
     assert_eq!(
         store.read_view(&generation).unwrap().partials("a\0").unwrap(),
-        vec![json!("nul")]
+        vec![row(json!("nul"))]
     );
 }
 
@@ -190,7 +195,7 @@ fn a_malformed_offset_row_is_an_error_naming_the_row_not_a_restart_from_zero() {
     let store = Store::open(dir.path(), false).unwrap();
     let generation = store.live_generation("p").unwrap();
     let mut batch = BatchWrite::default();
-    batch.rows.push(("k".into(), partition("t", 2), Some(json!(1))));
+    batch.rows.push(("k".into(), partition("t", 2), Some(row(json!(1)))));
     batch.offsets.insert(partition("t", 2), 40);
     store.commit(&generation, &batch).unwrap();
     let cf = store.cf(&generation).unwrap();
@@ -217,7 +222,7 @@ fn a_malformed_offset_row_is_an_error_naming_the_row_not_a_restart_from_zero() {
     assert!(store.next_offset(&generation, &partition("t", 2)).is_err());
     assert_eq!(
         store.read_view(&generation).unwrap().partials("k").unwrap(),
-        vec![json!(1)],
+        vec![row(json!(1))],
         "state untouched"
     );
 }
@@ -233,7 +238,9 @@ fn a_malformed_state_row_is_an_error_naming_the_row() {
         .put_cf(&cf, state_key("k", &partition("t", 1)), b"{not json")
         .unwrap();
     let error = store
-        .partial(&generation, "k", &partition("t", 1))
+        .partial(&generation, "k", &partition("t", 1), |bytes| {
+            serde_json::from_slice::<serde_json::Value>(bytes)
+        })
         .unwrap_err()
         .to_string();
     assert!(

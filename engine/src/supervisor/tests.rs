@@ -19,8 +19,8 @@ impl Projection for Nothing {
         Ok(())
     }
 
-    fn merge(&self, _: &str, partials: Vec<Json>) -> Result<Option<Json>, FoldError> {
-        Ok(partials.into_iter().next())
+    fn merge(&self, _: &str, _: Vec<crate::projection::State>) -> Result<Option<Json>, FoldError> {
+        Ok(None)
     }
 }
 
