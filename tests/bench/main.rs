@@ -81,6 +81,15 @@ fn main() -> Result<()> {
     run_to_completion(produce_command(&broker, &registry, &events_file, 0))?;
     eprintln!("produced in {:.1} s", produced.elapsed().as_secs_f64());
 
+    if std::env::var("BENCH_ONLY").is_ok_and(|only| only == "live") {
+        let live = live_freshness(dir.path(), &broker, &registry, &settings)?;
+        let lags = &live.lag_samples;
+        println!(
+            "live: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; lag samples {lags:?}",
+            live.p50_ms, live.p99_ms, live.p999_ms
+        );
+        return Ok(());
+    }
     if let Some(binaries) = std::env::var_os("BENCH_AB") {
         return compare_builds(dir.path(), &broker, &registry, total, &binaries);
     }
@@ -391,8 +400,14 @@ fn live_freshness(dir: &Path, broker: &Broker, registry: &Registry, settings: &S
     let records = live_producer::read_recorded(&recorded)?;
 
     let projections = "[[projections]]\nname = \"live\"\nkind = \"order_summary\"\ntopics = [\"live\"]\n";
-    let config = worker_config(broker, registry, &home.join("data"), projections)
+    let mut config = worker_config(broker, registry, &home.join("data"), projections)
         .replace("batch_max_wait_ms = 50", "batch_max_wait_ms = 20");
+    if let Ok(wait) = std::env::var("BENCH_LIVE_FETCH_WAIT_MS") {
+        config = config.replace(
+            "\"heartbeat.interval.ms\" = \"500\"",
+            &format!("\"heartbeat.interval.ms\" = \"500\", \"fetch.wait.max.ms\" = \"{wait}\""),
+        );
+    }
     let mut worker = Worker::start(&home, &config)?;
     projector_tests::wait_until("the live worker to be ready", Duration::from_secs(60), || {
         worker.get("/readyz").is_ok_and(|(s, _)| s == 200)
