@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 
@@ -56,7 +56,8 @@ pub fn produce_steadily(
     seconds: u32,
 ) -> Result<u64> {
     ensure!(!records.is_empty() && rate > 0, "nothing to send");
-    let producer: BaseProducer = ClientConfig::new()
+    // librdkafka's delivery reports are served by the producer's own thread.
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .set("acks", "all")
@@ -81,15 +82,11 @@ pub fn produce_steadily(
             match producer.send(message) {
                 Ok(()) => sent += 1,
                 Err((e, _)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
-                    producer.poll(Duration::ZERO);
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err((e, _)) => bail!("producing to {topic}: {e}"),
             }
         }
-        // Serve delivery reports, then sleep: rdkafka's poll with a timeout spins
-        // on the clock while events keep arriving, which took most of a core.
-        producer.poll(Duration::ZERO);
         std::thread::sleep(Duration::from_millis(1));
     }
     producer.flush(Duration::from_secs(60))?;
