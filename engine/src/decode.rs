@@ -307,7 +307,8 @@ mod fuzz {
         let plan = plan_for(7, Arc::new(writer), &schemas).unwrap();
         assert!(!plan.self_contained);
         let events = decode_body(&plan, 7, &[0x02, 0x04], &schemas).unwrap();
-        let point = |x| apache_avro::types::Value::Record(vec![("x".into(), apache_avro::types::Value::Long(x))]);
+        let point =
+            |x| apache_avro::types::Value::Record(vec![("x".into(), apache_avro::types::Value::Long(x))]);
         assert_eq!(
             events[0].payload,
             apache_avro::types::Value::Record(vec![("from".into(), point(1)), ("to".into(), point(2))])

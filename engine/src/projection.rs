@@ -225,11 +225,17 @@ impl<T: Entity> Projection for T {
         let typed = state
             .downcast_ref::<T::State>()
             .ok_or_else(|| FoldError("the state is not of this projection's type".to_owned()))?;
-        state_codec::encode(typed)
+        Ok(state_codec::encode(typed)?)
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<State, FoldError> {
-        state_codec::decode::<T::State>(bytes).map(|typed| Box::new(typed) as State)
+        Ok(state_codec::decode::<T::State>(bytes).map(|typed| Box::new(typed) as State)?)
+    }
+}
+
+impl From<state_codec::CodecError> for FoldError {
+    fn from(error: state_codec::CodecError) -> Self {
+        FoldError(error.0)
     }
 }
 

@@ -10,15 +10,17 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::projection::FoldError;
+/// A state that could not be encoded or decoded, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CodecError(pub String);
 
 /// First byte of a state in this codec's first format.
 const POSTCARD_V1: u8 = 0x01;
 
 /// The stored form of `state`.
-pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, FoldError> {
-    postcard::to_extend(state, vec![POSTCARD_V1])
-        .map_err(|e| FoldError(format!("encoding a state: {e}")))
+pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, CodecError> {
+    postcard::to_extend(state, vec![POSTCARD_V1]).map_err(|e| CodecError(format!("encoding a state: {e}")))
 }
 
 /// True for a state written before this codec (JSON text).
@@ -30,29 +32,30 @@ pub fn is_json(bytes: &[u8]) -> bool {
 }
 
 /// A state from its stored form: this codec's, or JSON text from an older store.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FoldError> {
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     match bytes.first() {
         Some(&POSTCARD_V1) => {
             let (state, rest) = postcard::take_from_bytes(&bytes[1..])
-                .map_err(|e| FoldError(format!("a stored state is unreadable: {e}")))?;
+                .map_err(|e| CodecError(format!("a stored state is unreadable: {e}")))?;
             if !rest.is_empty() {
-                return Err(FoldError(format!(
+                return Err(CodecError(format!(
                     "a stored state has {} bytes after its value",
                     rest.len()
                 )));
             }
             Ok(state)
         }
-        Some(_) if is_json(bytes) => {
-            serde_json::from_slice(bytes)
-                .map_err(|e| FoldError(format!("a stored state (JSON, written before the binary codec) is unreadable: {e}")))
-        }
-        Some(other) => Err(FoldError(format!(
+        Some(_) if is_json(bytes) => serde_json::from_slice(bytes).map_err(|e| {
+            CodecError(format!(
+                "a stored state (JSON, written before the binary codec) is unreadable: {e}"
+            ))
+        }),
+        Some(other) => Err(CodecError(format!(
             "a stored state starts with format byte {other:#04x}, which this version does not know: \
              it was written by a newer Projector, or damaged; `projector replay` or `projector reset` \
              rebuilds the projection"
         ))),
-        None => Err(FoldError("a stored state is empty".to_owned())),
+        None => Err(CodecError("a stored state is empty".to_owned())),
     }
 }
 
@@ -94,7 +97,12 @@ mod tests {
         assert_eq!(bytes[0], POSTCARD_V1);
         assert_eq!(decode::<Summary>(&bytes).unwrap(), summary());
         let json = serde_json::to_vec(&summary()).unwrap();
-        assert!(bytes.len() * 3 < json.len(), "{} vs {} bytes", bytes.len(), json.len());
+        assert!(
+            bytes.len() * 3 < json.len(),
+            "{} vs {} bytes",
+            bytes.len(),
+            json.len()
+        );
     }
 
     #[test]

@@ -81,7 +81,9 @@ fn add_to_day(state: &mut dyn PartitionState, day: &str, cents: i64, orders: i64
     state.update(day, &mut |current| {
         let (revenue_before, orders_before) = match current.as_ref().map(row).transpose()? {
             Some(Row::Day(totals)) => (totals.revenue_cents, totals.orders),
-            Some(Row::Order(_)) => return Err(FoldError(format!("the state of day {day} is an order entry"))),
+            Some(Row::Order(_)) => {
+                return Err(FoldError(format!("the state of day {day} is an order entry")))
+            }
             None => (0, 0),
         };
         let overflow = || FoldError(format!("the revenue of {day} overflows an i64"));
@@ -159,7 +161,10 @@ impl Projection for RevenueByDay {
                 None => part.clone(),
                 Some(sum) => Day {
                     day: sum.day,
-                    revenue_cents: sum.revenue_cents.checked_add(part.revenue_cents).ok_or_else(overflow)?,
+                    revenue_cents: sum
+                        .revenue_cents
+                        .checked_add(part.revenue_cents)
+                        .ok_or_else(overflow)?,
                     orders: sum.orders.checked_add(part.orders).ok_or_else(overflow)?,
                 },
             });
@@ -170,12 +175,12 @@ impl Projection for RevenueByDay {
     }
 
     fn encode(&self, state: &State) -> Result<Vec<u8>, FoldError> {
-        state_codec::encode(row(state)?)
+        Ok(state_codec::encode(row(state)?)?)
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<State, FoldError> {
         if !state_codec::is_json(bytes) {
-            return state_codec::decode::<Row>(bytes).map(|r| Box::new(r) as State);
+            return Ok(state_codec::decode::<Row>(bytes).map(|r| Box::new(r) as State)?);
         }
         // Written before the binary codec: a day or an order entry, by its fields.
         let day = serde_json::from_slice::<Day>(bytes).map(Row::Day);
@@ -208,7 +213,9 @@ mod tests {
         };
         assert_eq!(
             RevenueByDay.merge("2023-11-14", vec![day(100, 1), day(250, 2)]),
-            Ok(Some(serde_json::json!({"day": "2023-11-14", "revenue_cents": 350, "orders": 3})))
+            Ok(Some(
+                serde_json::json!({"day": "2023-11-14", "revenue_cents": 350, "orders": 3})
+            ))
         );
         assert_eq!(RevenueByDay.merge("~order/o1", vec![day(1, 1)]), Ok(None));
         let error = RevenueByDay
@@ -224,12 +231,18 @@ mod tests {
             total_cents: 5,
             cancelled: true,
         };
-        let stored = RevenueByDay.encode(&(Box::new(Row::Order(entry.clone())) as State)).unwrap();
+        let stored = RevenueByDay
+            .encode(&(Box::new(Row::Order(entry.clone())) as State))
+            .unwrap();
         let decoded = RevenueByDay.decode(&stored).unwrap();
         assert!(matches!(row(&decoded).unwrap(), Row::Order(e) if *e == entry));
         let old_entry = serde_json::to_vec(&entry).unwrap();
-        assert!(matches!(row(&RevenueByDay.decode(&old_entry).unwrap()).unwrap(), Row::Order(e) if *e == entry));
+        assert!(
+            matches!(row(&RevenueByDay.decode(&old_entry).unwrap()).unwrap(), Row::Order(e) if *e == entry)
+        );
         let old_day = br#"{"day":"2023-11-14","revenue_cents":7,"orders":1}"#;
-        assert!(matches!(row(&RevenueByDay.decode(old_day).unwrap()).unwrap(), Row::Day(d) if d.revenue_cents == 7));
+        assert!(
+            matches!(row(&RevenueByDay.decode(old_day).unwrap()).unwrap(), Row::Day(d) if d.revenue_cents == 7)
+        );
     }
 }

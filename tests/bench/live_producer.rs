@@ -26,9 +26,8 @@ pub fn read_recorded(file: &Path) -> Result<Vec<Recorded>> {
         .enumerate()
         .map(|(number, line)| {
             let record: Value = serde_json::from_str(line)?;
-            let hex = |field: &str| -> Result<Option<Vec<u8>>> {
-                record[field].as_str().map(from_hex).transpose()
-            };
+            let hex =
+                |field: &str| -> Result<Option<Vec<u8>>> { record[field].as_str().map(from_hex).transpose() };
             Ok(Recorded {
                 key: hex("key_hex")?,
                 value: hex("value_hex")?.with_context(|| format!("line {}: no value", number + 1))?,
@@ -81,7 +80,9 @@ pub fn produce_steadily(
             }
             match producer.send(message) {
                 Ok(()) => sent += 1,
-                Err((e, _)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                Err((e, _))
+                    if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err((e, _)) => bail!("producing to {topic}: {e}"),

@@ -199,7 +199,10 @@ fn compare_builds(
     binaries: &std::ffi::OsStr,
 ) -> Result<()> {
     let binaries: Vec<PathBuf> = std::env::split_paths(binaries).collect();
-    ensure!(binaries.len() == 2, "BENCH_AB names two binaries separated by ':'");
+    ensure!(
+        binaries.len() == 2,
+        "BENCH_AB names two binaries separated by ':'"
+    );
     let rounds = std::env::var("BENCH_AB_ROUNDS")
         .ok()
         .map(|v| v.parse::<usize>().with_context(|| format!("BENCH_AB_ROUNDS={v}")))
@@ -214,7 +217,10 @@ fn compare_builds(
     ];
     let mut rates: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
-        eprintln!("raw consume: {:.0} events/s", raw_consume(broker, "bench", total)?);
+        eprintln!(
+            "raw consume: {:.0} events/s",
+            raw_consume(broker, "bench", total)?
+        );
         for (name, config) in &projections {
             for (which, binary) in binaries.iter().enumerate() {
                 let home = dir.join(format!("ab-{round}-{name}-{which}"));
@@ -225,7 +231,11 @@ fn compare_builds(
                     worker: Worker::start_binary(&home, &config, binary)?,
                 };
                 let rate = worker.fold_rate(name, total)?;
-                eprintln!("{name} {}: {rate:.0} events/s, peak RSS {:.0} MB", binary.display(), worker.peak_rss_mb()?);
+                eprintln!(
+                    "{name} {}: {rate:.0} events/s, peak RSS {:.0} MB",
+                    binary.display(),
+                    worker.peak_rss_mb()?
+                );
                 rates.entry((name, which)).or_default().push(rate);
             }
         }

@@ -38,7 +38,9 @@ mod compile;
 pub use compile::DeclarativeConfig;
 
 use crate::expr::{Expr, Scope};
-use crate::projection::{as_json, into_json, update_json, Event, FoldError, PartitionState, Projection, State};
+use crate::projection::{
+    as_json, into_json, update_json, Event, FoldError, PartitionState, Projection, State,
+};
 
 /// How a field is written, hence merged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -141,8 +141,16 @@ mod tests {
         cache.insert(key("a", 0), Some(Box::new(1u32)), 4);
         cache.insert(key("b", 1), None, 0);
         assert_eq!(number(cache.get(&key("a", 0))), Some(Some(1)));
-        assert_eq!(number(cache.get(&key("b", 1))), Some(None), "known to have no state");
-        assert_eq!(number(cache.get(&key("a", 1))), None, "another partition's partial");
+        assert_eq!(
+            number(cache.get(&key("b", 1))),
+            Some(None),
+            "known to have no state"
+        );
+        assert_eq!(
+            number(cache.get(&key("a", 1))),
+            None,
+            "another partition's partial"
+        );
         let taken = cache.take(&key("a", 0)).unwrap();
         assert_eq!(taken.map(|b| *b.downcast::<u32>().unwrap()), Some(1));
         assert_eq!(number(cache.get(&key("a", 0))), None, "taken out");
@@ -161,7 +169,11 @@ mod tests {
         for i in 0..1_000u32 {
             cache.insert(key(&format!("order-{i:06}"), 0), Some(Box::new(i)), 40);
             // Key 0 is used all the time: it must survive the turnover.
-            assert_eq!(number(cache.get(&key("order-000000", 0))), Some(Some(0)), "after {i}");
+            assert_eq!(
+                number(cache.get(&key("order-000000", 0))),
+                Some(Some(0)),
+                "after {i}"
+            );
         }
         assert!(cache.len() <= 100, "{} entries", cache.len());
         assert!(cache.get(&key("order-000999", 0)).is_some(), "the newest stays");

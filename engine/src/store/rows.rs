@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use rocksdb::WriteBatch;
 use super::keys::{decode_offset, offset_key, state_key};
 use super::{failed, BatchWrite, Generation, SourcePartition, Store, StoreError};
+use rocksdb::WriteBatch;
 
 impl Store {
     /// Next offset to apply for one partition, if any batch of it was committed.

@@ -61,8 +61,12 @@ fn scans_group_partials_by_key_in_order_with_a_cursor() {
     let generation = store.live_generation("p").unwrap();
     let mut batch = BatchWrite::default();
     for key in ["b1", "a", "b2", "b3", "c"] {
-        batch.rows.push((key.into(), partition("t", 0), Some(row(json!(key)))));
-        batch.rows.push((key.into(), partition("t", 1), Some(row(json!(1)))));
+        batch
+            .rows
+            .push((key.into(), partition("t", 0), Some(row(json!(key)))));
+        batch
+            .rows
+            .push((key.into(), partition("t", 1), Some(row(json!(1)))));
     }
     batch.offsets.insert(partition("t", 0), 9);
     store.commit(&generation, &batch).unwrap();
@@ -98,7 +102,9 @@ fn reset_drops_every_generation_and_the_live_pointer() {
         let generation = store.live_generation("p").unwrap();
         let other = store.live_generation("p2").unwrap();
         let mut batch = BatchWrite::default();
-        batch.rows.push(("k".into(), partition("t", 0), Some(row(json!(1)))));
+        batch
+            .rows
+            .push(("k".into(), partition("t", 0), Some(row(json!(1)))));
         batch.offsets.insert(partition("t", 0), 5);
         store.commit(&generation, &batch).unwrap();
         store.commit(&other, &batch).unwrap();
@@ -153,7 +159,9 @@ fn delete_removes_a_partial() {
     let store = Store::open(dir.path(), false).unwrap();
     let generation = store.live_generation("p").unwrap();
     let mut batch = BatchWrite::default();
-    batch.rows.push(("k".into(), partition("t", 0), Some(row(json!(1)))));
+    batch
+        .rows
+        .push(("k".into(), partition("t", 0), Some(row(json!(1)))));
     store.commit(&generation, &batch).unwrap();
     let mut batch = BatchWrite::default();
     batch.rows.push(("k".into(), partition("t", 0), None));
@@ -195,7 +203,9 @@ fn a_malformed_offset_row_is_an_error_naming_the_row_not_a_restart_from_zero() {
     let store = Store::open(dir.path(), false).unwrap();
     let generation = store.live_generation("p").unwrap();
     let mut batch = BatchWrite::default();
-    batch.rows.push(("k".into(), partition("t", 2), Some(row(json!(1)))));
+    batch
+        .rows
+        .push(("k".into(), partition("t", 2), Some(row(json!(1)))));
     batch.offsets.insert(partition("t", 2), 40);
     store.commit(&generation, &batch).unwrap();
     let cf = store.cf(&generation).unwrap();
