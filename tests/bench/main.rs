@@ -410,14 +410,8 @@ fn live_freshness(dir: &Path, broker: &Broker, registry: &Registry, settings: &S
     let records = live_producer::read_recorded(&recorded)?;
 
     let projections = "[[projections]]\nname = \"live\"\nkind = \"order_summary\"\ntopics = [\"live\"]\n";
-    let mut config = worker_config(broker, registry, &home.join("data"), projections)
+    let config = worker_config(broker, registry, &home.join("data"), projections)
         .replace("batch_max_wait_ms = 50", "batch_max_wait_ms = 20");
-    if let Ok(wait) = std::env::var("BENCH_LIVE_FETCH_WAIT_MS") {
-        config = config.replace(
-            "\"heartbeat.interval.ms\" = \"500\"",
-            &format!("\"heartbeat.interval.ms\" = \"500\", \"fetch.wait.max.ms\" = \"{wait}\""),
-        );
-    }
     let mut worker = Worker::start(&home, &config)?;
     projector_tests::wait_until("the live worker to be ready", Duration::from_secs(60), || {
         worker.get("/readyz").is_ok_and(|(s, _)| s == 200)

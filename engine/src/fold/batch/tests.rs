@@ -80,6 +80,15 @@ fn meta(offset: i64) -> EventMeta {
     }
 }
 
+/// Folds one `e` event of `key` at `offset` of partition 0 into `batch` and
+/// counts it applied.
+fn fold_one(batch: &mut Batch, source: (&Store, &Generation), key: &str, offset: i64) {
+    batch
+        .fold_message(&Counter, source, &[event("e", key)], &meta(offset), &partition(0))
+        .unwrap();
+    batch.advance(partition(0), offset + 1, Some(1_000 + offset));
+}
+
 fn store() -> (tempfile::TempDir, Store, Generation) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), false).unwrap();
@@ -92,17 +101,7 @@ fn a_commit_writes_the_changed_keys_and_the_next_offsets() {
     let (_dir, store, generation) = store();
     let mut batch = Batch::new(1 << 20);
     for (offset, key) in ["a", "b", "a"].into_iter().enumerate() {
-        let offset = offset as i64;
-        batch
-            .fold_message(
-                &Counter,
-                (&store, &generation),
-                &[event("e", key)],
-                &meta(offset),
-                &partition(0),
-            )
-            .unwrap();
-        batch.advance(partition(0), offset + 1, Some(1_000 + offset));
+        fold_one(&mut batch, (&store, &generation), key, offset as i64);
     }
     assert_eq!(batch.events(), 3);
     let taken = batch.take(&Counter).unwrap().expect("something to commit");
@@ -127,10 +126,7 @@ fn a_written_state_is_found_by_the_next_batch_until_its_partition_is_dropped() {
     let mut batch = Batch::new(1 << 20);
     let source = (&store, &generation);
     let fold = |batch: &mut Batch, offset: i64| {
-        batch
-            .fold_message(&Counter, source, &[event("e", "a")], &meta(offset), &partition(0))
-            .unwrap();
-        batch.advance(partition(0), offset + 1, None);
+        fold_one(batch, source, "a", offset);
         let taken = batch.take(&Counter).unwrap().unwrap();
         batch.written(taken.states);
         taken.write.rows
@@ -151,10 +147,7 @@ fn a_message_whose_second_event_fails_leaves_the_cache_as_before_it() {
     let (_dir, store, generation) = store();
     let mut batch = Batch::new(1 << 20);
     let source = (&store, &generation);
-    batch
-        .fold_message(&Counter, source, &[event("e", "a")], &meta(0), &partition(0))
-        .unwrap();
-    batch.advance(partition(0), 1, None);
+    fold_one(&mut batch, source, "a", 0);
     // An upcaster split this message in three; the last event fails.
     let split = [event("e", "a"), event("e", "b"), event("fail", "c")];
     let stop = batch.fold_message(&Counter, source, &split, &meta(1), &partition(0));
@@ -177,16 +170,7 @@ fn a_state_row_written_as_json_by_an_older_version_is_read_and_rewritten_binary(
     old.rows.push(("a".into(), partition(0), Some(b"41".to_vec())));
     store.commit(&generation, &old).unwrap();
     let mut batch = Batch::new(1 << 20);
-    batch
-        .fold_message(
-            &Counter,
-            (&store, &generation),
-            &[event("e", "a")],
-            &meta(0),
-            &partition(0),
-        )
-        .unwrap();
-    batch.advance(partition(0), 1, None);
+    fold_one(&mut batch, (&store, &generation), "a", 0);
     let taken = batch.take(&Counter).unwrap().unwrap();
     assert_eq!(taken.write.rows, vec![row("a", 0, 42)]);
 }
@@ -212,16 +196,7 @@ fn a_panicking_fold_is_reported_not_propagated() {
 fn an_unreadable_stored_state_is_a_store_failure_not_poison() {
     let (dir, store, generation) = store();
     let mut first = Batch::new(1 << 20);
-    first
-        .fold_message(
-            &Counter,
-            (&store, &generation),
-            &[event("e", "a")],
-            &meta(0),
-            &partition(0),
-        )
-        .unwrap();
-    first.advance(partition(0), 1, None);
+    fold_one(&mut first, (&store, &generation), "a", 0);
     let write = first.take(&Counter).unwrap().unwrap().write;
     store.commit(&generation, &write).unwrap();
     drop(store);
