@@ -9,6 +9,8 @@ use apache_avro::types::Value;
 use apache_avro::Schema;
 use serde_json::{Map, Value as Json};
 
+use crate::logical;
+
 /// Why a value could not be converted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConversionError {
@@ -123,9 +125,23 @@ impl Converter<'_> {
                     .ok_or_else(mismatch)?;
                 Value::Fixed(fixed.size, bytes)
             }
-            Schema::Date => Value::Date(i32::try_from(integer()?).map_err(|_| mismatch())?),
-            Schema::TimeMillis => Value::TimeMillis(i32::try_from(integer()?).map_err(|_| mismatch())?),
-            Schema::TimeMicros => Value::TimeMicros(integer()?),
+            Schema::Date => match json.as_str() {
+                Some(text) => Value::Date(logical::date_from_text(text).ok_or_else(mismatch)?),
+                None => Value::Date(i32::try_from(integer()?).map_err(|_| mismatch())?),
+            },
+            Schema::TimeMillis => match json.as_str() {
+                Some(text) => Value::TimeMillis(
+                    logical::time_from_text(text)
+                        .filter(|micros| micros % 1_000 == 0)
+                        .and_then(|micros| i32::try_from(micros / 1_000).ok())
+                        .ok_or_else(mismatch)?,
+                ),
+                None => Value::TimeMillis(i32::try_from(integer()?).map_err(|_| mismatch())?),
+            },
+            Schema::TimeMicros => match json.as_str() {
+                Some(text) => Value::TimeMicros(logical::time_from_text(text).ok_or_else(mismatch)?),
+                None => Value::TimeMicros(integer()?),
+            },
             Schema::TimestampMillis => Value::TimestampMillis(integer()?),
             Schema::TimestampMicros => Value::TimestampMicros(integer()?),
             Schema::TimestampNanos => Value::TimestampNanos(integer()?),
@@ -211,7 +227,14 @@ impl Converter<'_> {
                     .ok_or_else(|| at(path, format!("unknown named type {}", name.fullname(None))))?;
                 self.convert(json, target, path)?
             }
-            Schema::Decimal(_) | Schema::BigDecimal | Schema::Duration => {
+            Schema::Decimal(decimal) => {
+                let exact = decimal_of(json).ok_or_else(mismatch)?;
+                let unscaled =
+                    logical::unscaled_at(&exact, decimal.precision, decimal.scale).map_err(|e| at(path, e))?;
+                Value::Decimal(apache_avro::Decimal::from(unscaled.to_signed_bytes_be()))
+            }
+            Schema::BigDecimal => Value::BigDecimal(decimal_of(json).ok_or_else(mismatch)?),
+            Schema::Duration => {
                 return Err(at(
                     path,
                     format!("{} values cannot be built by an upcaster", kind(schema)),
@@ -237,13 +260,24 @@ impl Converter<'_> {
     }
 }
 
+/// Bytes from their JSON form: a base64 string (as [`logical::Plain`] writes
+/// them), or an array of byte values.
 fn bytes(json: &Json) -> Option<Vec<u8>> {
     match json {
-        Json::String(text) => Some(text.as_bytes().to_vec()),
+        Json::String(text) => logical::bytes_from_base64(text),
         Json::Array(items) => items
             .iter()
             .map(|i| i.as_u64().and_then(|b| u8::try_from(b).ok()))
             .collect(),
+        _ => None,
+    }
+}
+
+/// An exact decimal from a decimal string or an integer (never a float).
+fn decimal_of(json: &Json) -> Option<bigdecimal::BigDecimal> {
+    match json {
+        Json::String(text) => logical::decimal_from_text(text),
+        Json::Number(n) if n.is_i64() || n.is_u64() => logical::decimal_from_text(&n.to_string()),
         _ => None,
     }
 }
@@ -256,8 +290,9 @@ fn kind(schema: &Schema) -> String {
     }
 }
 
-/// A value of `schema` with every field present, for checking upcasters without
-/// data: strings `"sample"`, numbers 1, one element per array and map.
+/// A value of `schema` with every field present, as an upcaster sees it (logical
+/// types in their meaning, see [`logical`]), for checking upcasters without data:
+/// strings `"sample"`, numbers 1, one element per array and map.
 pub fn sample(schema: &Schema) -> Json {
     let names = ResolvedSchema::try_from(schema)
         .map(|r| {
@@ -280,8 +315,16 @@ fn sample_with(schema: &Schema, names: &HashMap<Name, Schema>, depth: usize) -> 
         Schema::Float | Schema::Double => serde_json::json!(1.5),
         Schema::String => Json::String("sample".into()),
         Schema::Uuid => Json::String("00000000-0000-0000-0000-000000000001".into()),
-        Schema::Bytes => Json::String("sample".into()),
-        Schema::Fixed(fixed) => Json::Array(vec![Json::from(0u8); fixed.size]),
+        Schema::Bytes => Json::String("c2FtcGxl".into()),
+        Schema::Fixed(fixed) => Json::String(base64_zeros(fixed.size)),
+        Schema::Decimal(decimal) => Json::String(match decimal.scale {
+            0 => "1".to_owned(),
+            scale => format!("1.{}", "0".repeat(scale)),
+        }),
+        Schema::BigDecimal => Json::String("1".into()),
+        Schema::Date => Json::String("1970-01-02".into()),
+        Schema::TimeMillis => Json::String("00:00:01.000".into()),
+        Schema::TimeMicros => Json::String("00:00:01.000000".into()),
         Schema::Array(array) => Json::Array(vec![sample_with(&array.items, names, depth + 1)]),
         Schema::Map(map) => {
             let mut object = Map::new();
@@ -308,6 +351,11 @@ fn sample_with(schema: &Schema, names: &HashMap<Name, Schema>, depth: usize) -> 
             .unwrap_or(Json::Null),
         _ => Json::from(1),
     }
+}
+
+fn base64_zeros(size: usize) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(vec![0u8; size])
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use apache_avro::Schema;
 
 use crate::frame::{self, FrameError};
 use crate::poison::PoisonReason;
-use crate::registry_client::{RegistryClient, RegistryError};
+use crate::logical::Plain;
+use crate::registry_client::{RegistryClient, RegistryError, WriterSchema};
 use crate::schemas::{CurrentEvent, SchemaSet, WriterMatch};
 
 /// Why a message could not be decoded.
@@ -40,21 +41,37 @@ impl DecodeError {
     }
 }
 
-/// How to decode messages written with one writer schema.
+/// How to decode messages written with one writer schema: a record (one event
+/// type) or a union of records (one per branch, Confluent's way of putting several
+/// event types in one topic under its default subject name strategy).
 #[derive(Debug)]
 pub struct DecodePlan {
+    writer: Arc<WriterSchema>,
+    /// Every named type the writer may refer to, when it refers to any by name
+    /// (otherwise decoding needs no table of names).
+    schemata: Option<Vec<Schema>>,
+    /// The writer is a union: the datum is a branch index, then that branch.
+    union: bool,
+    /// One per branch of a union writer (or why the branch is not an event we can
+    /// read); just one for a record writer.
+    branches: Vec<Result<Branch, String>>,
+    /// What the writer is, for error messages: the event type, or the union.
+    label: String,
+}
+
+/// How to bring the events of one record schema to their current version.
+#[derive(Debug)]
+struct Branch {
     /// Full name of the writer's event type.
-    pub event_name: Arc<str>,
-    writer: Arc<Schema>,
+    event_name: Arc<str>,
     /// Set when the writer schema is not byte-for-byte a known version, so values
     /// must be resolved into that version's shape.
     reader: Option<Schema>,
     /// The known version the decoded data is in; `None` for types the schema set
     /// does not know, which are passed through.
     version: Option<u32>,
-    /// The writer schema refers to no named type by name, so decoding needs no
-    /// table of names.
-    self_contained: bool,
+    /// For a passed-through type: gives its logical values their meaning.
+    plain: Option<Plain>,
 }
 
 /// Decodes messages of any writer schema, caching one plan per schema id, and
@@ -128,46 +145,73 @@ fn decode_body(
     mut body: &[u8],
     schemas: &SchemaSet,
 ) -> Result<Vec<CurrentEvent>, DecodeError> {
-    let decoded = crate::panics::contained(|| {
-        if plan.self_contained {
-            // No named references to look up: skip building the table of names,
-            // which `from_avro_datum` does for every datum.
-            apache_avro::from_avro_datum_schemata(&plan.writer, Vec::new(), &mut body, plan.reader.as_ref())
-        } else {
-            apache_avro::from_avro_datum(&plan.writer, &mut body, plan.reader.as_ref())
+    let failed = |what: &dyn std::fmt::Display| {
+        DecodeError::poison(
+            PoisonReason::DecodeFailed,
+            format!("{} (schema id {schema_id}): {what}", plan.label),
+        )
+    };
+    // A record writer's reader schema is applied while decoding; a union's, once
+    // the branch is known.
+    let record_reader = match (plan.union, plan.branches.first()) {
+        (false, Some(Ok(branch))) => branch.reader.as_ref(),
+        _ => None,
+    };
+    let writer = &plan.writer.schema;
+    let decoded = crate::panics::contained(|| match &plan.schemata {
+        // No named references to look up: skip building the table of names,
+        // which `from_avro_datum` does for every datum.
+        None => apache_avro::from_avro_datum_schemata(writer, Vec::new(), &mut body, record_reader),
+        Some(schemata) => {
+            apache_avro::from_avro_datum_schemata(writer, schemata.iter().collect(), &mut body, record_reader)
         }
     })
-    .map_err(|panic| {
-        DecodeError::poison(
-            PoisonReason::DecodeFailed,
-            format!("{} (schema id {schema_id}): {panic}", plan.event_name),
-        )
-    })?;
-    let payload = decoded.map_err(|e| {
-        DecodeError::poison(
-            PoisonReason::DecodeFailed,
-            format!("{} (schema id {schema_id}): {e}", plan.event_name),
-        )
-    })?;
+    .map_err(|panic| failed(&panic))?;
+    let payload = decoded.map_err(|e| failed(&e))?;
     if !body.is_empty() {
-        return Err(DecodeError::poison(
-            PoisonReason::DecodeFailed,
-            format!(
-                "{} (schema id {schema_id}): {} bytes left over after the Avro datum",
-                plan.event_name,
-                body.len()
-            ),
-        ));
+        return Err(failed(&format!(
+            "{} bytes left over after the Avro datum",
+            body.len()
+        )));
     }
-    match plan.version {
-        None => Ok(vec![CurrentEvent {
-            name: plan.event_name.clone(),
-            payload,
-        }]),
+    let (index, payload) = match (plan.union, payload) {
+        (false, payload) => (0, payload),
+        (true, apache_avro::types::Value::Union(index, branch)) => (index as usize, *branch),
+        (true, other) => return Err(failed(&format!("a union writer decoded to {other:?}"))),
+    };
+    let branch = match plan.branches.get(index) {
+        Some(Ok(branch)) => branch,
+        Some(Err(why)) => {
+            return Err(DecodeError::poison(
+                PoisonReason::UnknownSchema,
+                format!("schema id {schema_id}: {why}"),
+            ))
+        }
+        None => return Err(failed(&format!("no branch {index} in the writer union"))),
+    };
+    let payload = match (plan.union, &branch.reader) {
+        (true, Some(reader)) => payload
+            .resolve(reader)
+            .map_err(|e| failed(&format!("{}: {e}", branch.event_name)))?,
+        _ => payload,
+    };
+    match branch.version {
+        None => {
+            let payload = match &branch.plain {
+                Some(plain) => plain
+                    .convert(payload)
+                    .map_err(|e| failed(&format!("{}: {e}", branch.event_name)))?,
+                None => payload,
+            };
+            Ok(vec![CurrentEvent {
+                name: branch.event_name.clone(),
+                payload,
+            }])
+        }
         // An upcaster is user code (CEL rules, Rust upcasters): a panic in it is
         // this event's `upcast_failed`, not the end of the decoding thread.
         Some(version) => {
-            match crate::panics::contained(|| schemas.upcast(&plan.event_name, version, payload)) {
+            match crate::panics::contained(|| schemas.upcast(&branch.event_name, version, payload)) {
                 Ok(Ok(events)) => Ok(events),
                 Ok(Err(e)) => Err(DecodeError::poison(PoisonReason::UpcastFailed, e.to_string())),
                 Err(panic) => Err(DecodeError::poison(PoisonReason::UpcastFailed, panic)),
@@ -176,32 +220,93 @@ fn decode_body(
     }
 }
 
-fn plan_for(schema_id: u32, writer: Arc<Schema>, schemas: &SchemaSet) -> Result<DecodePlan, DecodeError> {
-    let event_name: Arc<str> = match writer.as_ref() {
-        Schema::Record(record) => record.name.fullname(None).into(),
+fn plan_for(
+    schema_id: u32,
+    writer: Arc<WriterSchema>,
+    schemas: &SchemaSet,
+) -> Result<DecodePlan, DecodeError> {
+    let refers = refers_by_name(&writer.schema) || !writer.schemata.is_empty();
+    // Every named type of the writer and its references, to look branches up in.
+    let mut names: Vec<Schema> = writer.schemata.clone();
+    names.push(writer.schema.clone());
+    let lookup = |schema: &Schema| -> Option<Schema> {
+        match schema {
+            Schema::Ref { name } => named(&names, name),
+            other => Some(other.clone()),
+        }
+    };
+    let (union, branches, label) = match &writer.schema {
+        Schema::Record(record) => {
+            let branch = branch_for(record, &writer.schema, &names, schemas).map_err(|why| {
+                DecodeError::poison(PoisonReason::UnknownSchema, format!("schema id {schema_id}: {why}"))
+            })?;
+            (false, vec![Ok(branch)], record.name.fullname(None))
+        }
+        Schema::Union(union) => {
+            let branches = union
+                .variants()
+                .iter()
+                .enumerate()
+                .map(|(index, variant)| match lookup(variant) {
+                    Some(Schema::Record(record)) => {
+                        branch_for(&record, &Schema::Record(record.clone()), &names, schemas)
+                    }
+                    _ => Err(format!(
+                        "branch {index} of the writer union is not a record, so not an event"
+                    )),
+                })
+                .collect();
+            let label = format!("a union of {} types", union.variants().len());
+            (true, branches, label)
+        }
         _ => {
             return Err(DecodeError::poison(
                 PoisonReason::UnknownSchema,
-                format!("schema id {schema_id} is not a record, so not an event"),
-            ))
-        }
-    };
-    let (reader, version) = match schemas.identify(&writer) {
-        WriterMatch::Known { version, reader, .. } => (reader, Some(version)),
-        WriterMatch::Unregistered => (None, None),
-        WriterMatch::Unknown(why) => {
-            return Err(DecodeError::poison(
-                PoisonReason::UnknownSchema,
-                format!("schema id {schema_id}: {why}"),
+                format!("schema id {schema_id} is neither a record nor a union of records, so not an event"),
             ))
         }
     };
     Ok(DecodePlan {
-        event_name,
-        self_contained: !refers_by_name(&writer),
+        schemata: refers.then_some(names),
         writer,
+        union,
+        branches,
+        label,
+    })
+}
+
+/// The definition of the named type `name` among `schemata`, searched in depth.
+fn named(schemata: &[Schema], name: &apache_avro::schema::Name) -> Option<Schema> {
+    let mut names = HashMap::new();
+    schemata
+        .iter()
+        .for_each(|schema| crate::logical::collect_names(schema, &mut names));
+    names.remove(name)
+}
+
+/// How to decode a record writer schema (standalone or a union's branch), or why
+/// its events cannot be read.
+fn branch_for(
+    definition: &apache_avro::schema::RecordSchema,
+    record: &Schema,
+    names: &[Schema],
+    schemas: &SchemaSet,
+) -> Result<Branch, String> {
+    let event_name: Arc<str> = definition.name.fullname(None).into();
+    let (reader, version) = match schemas.identify(record) {
+        WriterMatch::Known { version, reader, .. } => (reader, Some(version)),
+        WriterMatch::Unregistered => (None, None),
+        WriterMatch::Unknown(why) => return Err(why),
+    };
+    let plain = match version {
+        Some(_) => None,
+        None => Plain::for_schema(record, names),
+    };
+    Ok(Branch {
+        event_name,
         reader,
         version,
+        plain,
     })
 }
 
@@ -278,6 +383,10 @@ mod fuzz {
                 let writer = Arc::new(Schema::parse_str(&text).unwrap());
                 let datum = crate::avro_json::from_json(value, &writer).unwrap();
                 let body = apache_avro::to_avro_datum(&writer, datum).unwrap();
+                let writer = Arc::new(WriterSchema {
+                    schema: Arc::unwrap_or_clone(writer),
+                    schemata: Vec::new(),
+                });
                 (plan_for(id as u32, writer, &schemas).unwrap(), body)
             })
             .collect();
@@ -304,8 +413,12 @@ mod fuzz {
         .unwrap();
         assert!(refers_by_name(&writer));
         let schemas = SchemaSet::default();
+        let writer = WriterSchema {
+            schema: writer,
+            schemata: Vec::new(),
+        };
         let plan = plan_for(7, Arc::new(writer), &schemas).unwrap();
-        assert!(!plan.self_contained);
+        assert!(plan.schemata.is_some());
         let events = decode_body(&plan, 7, &[0x02, 0x04], &schemas).unwrap();
         let point =
             |x| apache_avro::types::Value::Record(vec![("x".into(), apache_avro::types::Value::Long(x))]);
@@ -314,7 +427,7 @@ mod fuzz {
             apache_avro::types::Value::Record(vec![("from".into(), point(1)), ("to".into(), point(2))])
         );
         let (_, plans) = fixture();
-        assert!(plans.iter().all(|(plan, _)| plan.self_contained));
+        assert!(plans.iter().all(|(plan, _)| plan.schemata.is_none()));
     }
 
     #[test]

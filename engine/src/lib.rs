@@ -24,6 +24,7 @@ mod fold_state;
 mod frame;
 mod kafka_client;
 pub mod lag;
+mod logical;
 pub mod metrics;
 mod panics;
 mod poison;

@@ -17,6 +17,7 @@ use apache_avro::types::Value;
 use apache_avro::Schema;
 
 use crate::avro_json;
+use crate::logical::{LogicalError, Plain};
 use crate::metrics;
 pub use upcast::{RustUpcaster, RustUpcasters, Step, StepError, UpcastError, UpcastOutput};
 
@@ -50,6 +51,18 @@ pub struct SchemaVersion {
     pub path: PathBuf,
     /// Builds values of this schema from upcasters' JSON.
     pub from_json: avro_json::JsonToAvro,
+    /// Gives logical-type values their meaning; `None` when the schema has none.
+    pub plain: Option<Plain>,
+}
+
+impl SchemaVersion {
+    /// `payload` with logical-type values in their meaning (see [`crate::logical`]).
+    fn plain(&self, payload: Value) -> Result<Value, LogicalError> {
+        match &self.plain {
+            Some(plain) => plain.convert(payload),
+            None => Ok(payload),
+        }
+    }
 }
 
 /// Every version of one event type and the steps out of them.
@@ -151,6 +164,7 @@ impl SchemaSet {
             }
             let from_json =
                 avro_json::JsonToAvro::new(&schema).map_err(|e| error_at(&path, e.to_string()))?;
+            let plain = Plain::for_schema(&schema, &[]);
             entry.versions.insert(
                 version,
                 SchemaVersion {
@@ -159,6 +173,7 @@ impl SchemaSet {
                     canonical,
                     path,
                     from_json,
+                    plain,
                 },
             );
         }
@@ -352,7 +367,9 @@ impl SchemaSet {
     }
 
     /// Brings a decoded payload of `name` v`version` to the current version of its
-    /// type (or of the types it becomes). Zero events when an upcaster dropped it.
+    /// type (or of the types it becomes), with logical-type values in their
+    /// meaning (see [`crate::logical`]); upcasters see them so too. Zero events
+    /// when an upcaster dropped it.
     pub fn upcast(
         &self,
         name: &Arc<str>,
@@ -365,17 +382,21 @@ impl SchemaSet {
                 payload,
             }]);
         };
-        if !event_type.steps.contains_key(&version) {
-            return Ok(vec![CurrentEvent {
-                name: name.clone(),
-                payload,
-            }]);
-        }
         // Each step's outputs are checked against, and completed with the defaults
         // of, their target version before the next step reads them.
         let mut pending = vec![(event_type, version, payload)];
         let mut done = Vec::new();
         while let Some((event_type, version, payload)) = pending.pop() {
+            let schema = event_type.versions.get(&version).ok_or_else(|| UpcastError::NoSchema {
+                step: "decoding".to_owned(),
+                event: event_type.name.to_string(),
+                version,
+            })?;
+            let payload = schema.plain(payload).map_err(|source| UpcastError::Logical {
+                event: event_type.name.to_string(),
+                version,
+                source,
+            })?;
             let Some(step) = event_type.steps.get(&version) else {
                 if event_type.current().version != version {
                     return Err(UpcastError::NoPath {

@@ -53,6 +53,16 @@ pub enum UpcastError {
         /// Its version.
         version: u32,
     },
+    /// A logical-type value of the event has no meaningful form.
+    #[error("{event} v{version}: {source}")]
+    Logical {
+        /// The event type.
+        event: String,
+        /// Its version.
+        version: u32,
+        /// Which value, and why.
+        source: crate::logical::LogicalError,
+    },
     /// The step's input has no JSON form.
     #[error("{step}: {source}")]
     Input {
