@@ -71,9 +71,9 @@ impl std::fmt::Display for CheckSummary {
 /// version reaches the newest and every upcaster's output validates. Touches
 /// neither Kafka nor the registry.
 pub fn check(config: &Config, config_path: &Path, builtins: &Builtins) -> Result<CheckSummary, WorkerError> {
-    let projections = build_projections(config, config_path, &builtins.projections)?;
     let schemas = SchemaSet::load(&config.schemas.dir, &builtins.upcasters)?;
     schemas.check()?;
+    let projections = build_projections(config, config_path, &builtins.projections, &schemas)?;
     Ok(CheckSummary { projections, schemas })
 }
 
@@ -83,13 +83,14 @@ pub fn build_projections(
     config: &Config,
     config_path: &Path,
     builtins: &ProjectionRegistry,
+    schemas: &SchemaSet,
 ) -> Result<Vec<Arc<dyn Projection>>, ConfigError> {
     config
         .projections
         .iter()
         .enumerate()
         .map(|(index, entry)| {
-            build(&entry.definition(), builtins).map_err(|(key, message)| {
+            build(&entry.definition(), builtins, schemas).map_err(|(key, message)| {
                 ConfigError::at(
                     config_path,
                     format!("projections[{index}].{key}").trim_end_matches('.'),
@@ -105,13 +106,14 @@ pub fn build_projections(
 fn build(
     definition: &serde_json::Value,
     builtins: &ProjectionRegistry,
+    schemas: &SchemaSet,
 ) -> Result<Arc<dyn Projection>, (String, String)> {
     let definition: ProjectionDefinition = serde_json::from_value(definition.clone())
         .map_err(|e| (String::new(), format!("unreadable definition: {e}")))?;
     if let Some(declarative) = &definition.declarative {
         let compiled =
             Declarative::compile(declarative).map_err(|e| (format!("declarative.{}", e.path), e.message))?;
-        return Ok(Arc::new(compiled));
+        return Ok(Arc::new(compiled.with_declared_decimals(schemas)));
     }
     let kind = definition.kind.as_deref().unwrap_or_default();
     let factory = builtins.get(kind).ok_or_else(|| {
@@ -138,6 +140,7 @@ fn stored_fold(
     generation: Generation,
     live: bool,
     builtins: &ProjectionRegistry,
+    schemas: &SchemaSet,
 ) -> Result<Fold, WorkerError> {
     let configured_definition = entry.definition();
     let definition = match store.definition(&generation)? {
@@ -150,7 +153,7 @@ fn stored_fold(
     let projection = if definition == configured_definition {
         configured.clone()
     } else {
-        let projection = build(&definition, builtins).map_err(|(key, message)| {
+        let projection = build(&definition, builtins, schemas).map_err(|(key, message)| {
             WorkerError::Startup(format!(
                 "generation {} of `{}` was built with a definition this worker cannot build \
                  ({key}: {message}); `projector reset {}` rebuilds it with the configured one",
@@ -201,6 +204,7 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
             generation,
             true,
             &builtins.projections,
+            &schemas,
         )?;
         let replay = match store.replay_generation(&entry.name)? {
             Some(generation) => Some(stored_fold(
@@ -210,6 +214,7 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
                 generation,
                 false,
                 &builtins.projections,
+                &schemas,
             )?),
             None => None,
         };

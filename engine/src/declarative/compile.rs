@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::{Declarative, FieldOp, Rule};
 use crate::expr::Expr;
+use crate::schemas::SchemaSet;
 
 /// `[projections.declarative]`
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -204,7 +205,30 @@ impl Declarative {
             uses_state,
             uses_meta,
             event_fields,
+            decimal_precision: HashMap::new(),
         })
+    }
+
+    /// Bounds each `add` of a plain decimal event field (`add = { total =
+    /// "event.amount" }` over a `decimal(12,2)`) by the precision the schema
+    /// declares: a sum that needs more digits is a `fold_failed` event, never a
+    /// number no reader of that schema could hold.
+    pub fn with_declared_decimals(mut self, schemas: &SchemaSet) -> Declarative {
+        for rule in &self.rules {
+            for (field, op, expr) in &rule.writes {
+                let Some(("event", read)) = expr.field_access() else {
+                    continue;
+                };
+                if *op != FieldOp::Add {
+                    continue;
+                }
+                if let Some(precision) = schemas.decimal_precision(&rule.event, read) {
+                    let limit = self.decimal_precision.entry(field.clone()).or_insert(0);
+                    *limit = (*limit).max(precision as u64);
+                }
+            }
+        }
+        self
     }
 }
 

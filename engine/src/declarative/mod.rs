@@ -31,6 +31,7 @@
 
 use std::collections::HashMap;
 
+use bigdecimal::BigDecimal;
 use serde_json::{json, Value as Json};
 
 mod compile;
@@ -38,6 +39,7 @@ mod compile;
 pub use compile::DeclarativeConfig;
 
 use crate::expr::{Expr, Scope};
+use crate::logical;
 use crate::projection::{
     as_json, into_json, update_json, Event, FoldError, PartitionState, Projection, State,
 };
@@ -74,6 +76,9 @@ pub struct Declarative {
     /// The event fields the expressions read, when that is all they read of it;
     /// only those are converted for CEL.
     event_fields: Option<Vec<String>>,
+    /// For `add` fields summing decimal event fields: the largest precision those
+    /// declare, which the sum must fit.
+    decimal_precision: HashMap<String, u64>,
 }
 
 /// A partial state: `{"v": {field: value}, "at": {field: [ts, partition, offset]},
@@ -105,7 +110,18 @@ fn view(partial: &Json) -> Json {
     Json::Object(out)
 }
 
+/// `a + b`: integers checked, floats as floats, and decimals (the strings that
+/// logical `decimal` values are, see [`crate::logical`]) exactly, keeping the
+/// larger scale.
 fn add_numbers(a: &Json, b: &Json) -> Result<Json, String> {
+    if a.is_string() || b.is_string() {
+        return match (exact(a), exact(b)) {
+            (Some(x), Some(y)) => Ok(Json::String(logical::decimal_text(&(x + y)))),
+            _ => Err(format!(
+                "cannot add {b} to {a} exactly: a decimal adds only to a decimal or an integer"
+            )),
+        };
+    }
     match (a.as_i64(), b.as_i64()) {
         (Some(x), Some(y)) => x
             .checked_add(y)
@@ -120,13 +136,43 @@ fn add_numbers(a: &Json, b: &Json) -> Result<Json, String> {
     }
 }
 
+/// A decimal string or an integer as an exact decimal.
+fn exact(json: &Json) -> Option<BigDecimal> {
+    match json {
+        Json::String(text) => logical::decimal_from_text(text),
+        Json::Number(n) if n.is_i64() || n.is_u64() => logical::decimal_from_text(&n.to_string()),
+        _ => None,
+    }
+}
+
+/// Fails when `sum` of `field` has more digits than the decimals it adds declare.
+fn within_precision(sum: &Json, field: &str, precision: Option<u64>) -> Result<(), String> {
+    let (Some(limit), Some(decimal)) = (precision, exact(sum)) else {
+        return Ok(());
+    };
+    if logical::precision(&decimal) > limit {
+        return Err(format!(
+            "`{field}` would be {sum}, more digits than the precision {limit} its decimals declare"
+        ));
+    }
+    Ok(())
+}
+
+/// Orders two values of a field: numbers and decimals by value, other strings
+/// (ISO dates and times among them) as text.
 fn compare(a: &Json, b: &Json) -> Option<std::cmp::Ordering> {
     match (a, b) {
+        (Json::String(x), Json::String(y)) => match (logical::decimal_from_text(x), logical::decimal_from_text(y)) {
+            (Some(x), Some(y)) => Some(x.cmp(&y)),
+            _ => Some(x.cmp(y)),
+        },
+        (Json::String(_), Json::Number(_)) | (Json::Number(_), Json::String(_)) => {
+            Some(exact(a)?.cmp(&exact(b)?))
+        }
         (Json::Number(x), Json::Number(y)) => match (x.as_i64(), y.as_i64()) {
             (Some(x), Some(y)) => Some(x.cmp(&y)),
             _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
         },
-        (Json::String(x), Json::String(y)) => Some(x.cmp(y)),
         (Json::Bool(x), Json::Bool(y)) => Some(x.cmp(y)),
         _ => None,
     }
@@ -223,7 +269,11 @@ enum Change<'a> {
 
 /// The number and comparison results of an event's changes, computed against the
 /// current partial before anything is written, so a failure changes nothing.
-fn resolve_values(partial: Option<&Json>, changes: &mut [Change<'_>]) -> Result<(), String> {
+fn resolve_values(
+    partial: Option<&Json>,
+    changes: &mut [Change<'_>],
+    precision: &HashMap<String, u64>,
+) -> Result<(), String> {
     for index in 0..changes.len() {
         let (field, op) = match &changes[index] {
             Change::Count(field) => (*field, FieldOp::Count),
@@ -252,7 +302,11 @@ fn resolve_values(partial: Option<&Json>, changes: &mut [Change<'_>]) -> Result<
         let change = &mut later[0];
         let next = match (op, old, &*change) {
             (FieldOp::Count, old, _) => add_numbers(old.unwrap_or(&json!(0)), &json!(1))?,
-            (FieldOp::Add, old, Change::Write(_, _, value)) => add_numbers(old.unwrap_or(&json!(0)), value)?,
+            (FieldOp::Add, old, Change::Write(_, _, value)) => {
+                let sum = add_numbers(old.unwrap_or(&json!(0)), value)?;
+                within_precision(&sum, field, precision.get(field).copied())?;
+                sum
+            }
             (FieldOp::Min | FieldOp::Max, Some(old), Change::Write(_, _, value)) => match compare(old, value)
             {
                 None => return Err(format!("cannot compare {value} with {old} for `{field}`")),
@@ -355,7 +409,7 @@ impl Projection for Declarative {
                 )));
             }
             let mut resolved = std::mem::take(&mut changes_cell);
-            resolve_values(current.as_ref(), &mut resolved).map_err(failed)?;
+            resolve_values(current.as_ref(), &mut resolved, &self.decimal_precision).map_err(failed)?;
             let partial = current.get_or_insert_with(empty_partial);
             let mut deleted = false;
             for change in resolved {
@@ -420,6 +474,10 @@ impl Projection for Declarative {
                 let next = match (op, target.get(&field)) {
                     (_, None) => value,
                     (FieldOp::Add | FieldOp::Count, Some(old)) => add_numbers(old, &value)
+                        .and_then(|sum| {
+                            within_precision(&sum, &field, self.decimal_precision.get(&field).copied())?;
+                            Ok(sum)
+                        })
                         .map_err(|e| FoldError(format!("merging `{field}` of `{key}`: {e}")))?,
                     (FieldOp::Min, Some(old)) if compare(old, &value) == Some(std::cmp::Ordering::Less) => {
                         old.clone()

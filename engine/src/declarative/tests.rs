@@ -248,3 +248,86 @@ fn compile_errors_name_the_rule_and_field() {
     assert_eq!(error.path, "remove.x", "{error}");
     assert_eq!(compile("key = \")\"\n").path, "key");
 }
+
+/// A schema set with `bank.Payment` whose `amount` is a `decimal(6,2)`.
+fn payment_schemas() -> (tempfile::TempDir, crate::schemas::SchemaSet) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("bank")).unwrap();
+    std::fs::write(
+        dir.path().join("bank/Payment.v1.avsc"),
+        r#"{"type": "record", "name": "Payment", "namespace": "bank", "fields": [
+            {"name": "account", "type": "string"},
+            {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 6, "scale": 2}},
+            {"name": "paidOn", "type": {"type": "int", "logicalType": "date"}}]}"#,
+    )
+    .unwrap();
+    let set = crate::schemas::SchemaSet::load(dir.path(), &crate::schemas::RustUpcasters::new()).unwrap();
+    (dir, set)
+}
+
+const BALANCES: &str = r#"
+key = "event.account"
+[[on]]
+event = "bank.Payment"
+add = { total = "event.amount" }
+min = { smallest = "event.amount", first_day = "event.paidOn" }
+max = { largest = "event.amount", last_day = "event.paidOn" }
+"#;
+
+/// A payment as the decoder hands it over: the decimal and the date as text.
+fn payment(partition: i32, offset: i64, amount: &str, day: &str) -> (String, Value, EventMeta) {
+    let payload = Value::Record(vec![
+        ("account".into(), Value::String("a".into())),
+        ("amount".into(), Value::String(amount.into())),
+        ("paidOn".into(), Value::String(day.into())),
+    ]);
+    ("bank.Payment".into(), payload, meta(partition, offset, offset))
+}
+
+#[test]
+fn decimals_add_and_compare_exactly_across_partitions() {
+    let (_dir, schemas) = payment_schemas();
+    let p = projection(BALANCES).with_declared_decimals(&schemas);
+    let (mut p0, mut p1) = (Memory::default(), Memory::default());
+    // 0.1 + 0.2 is exactly 0.30 here, unlike in a double.
+    fold(&p, &mut p0, &payment(0, 1, "0.10", "2026-01-21"));
+    fold(&p, &mut p0, &payment(0, 2, "0.20", "2025-12-31"));
+    fold(&p, &mut p1, &payment(1, 1, "9.5", "2026-02-01"));
+    fold(&p, &mut p1, &payment(1, 2, "10.00", "2026-01-01"));
+    assert_eq!(snapshot(&p0)["a"]["v"]["total"], json!("0.30"));
+    let merged = p
+        .merge("a", vec![copy(&p0.0["a"]), copy(&p1.0["a"])])
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        merged,
+        json!({"total": "19.80", "smallest": "0.10", "largest": "10.00",
+               "first_day": "2025-12-31", "last_day": "2026-02-01"}),
+        "the larger scale is kept; 9.5 < 10.00 by value, not as text"
+    );
+}
+
+#[test]
+fn a_decimal_sum_beyond_the_declared_precision_fails_the_event_and_changes_nothing() {
+    let (_dir, schemas) = payment_schemas();
+    let p = projection(BALANCES).with_declared_decimals(&schemas);
+    let mut state = Memory::default();
+    fold(&p, &mut state, &payment(0, 1, "9999.00", "2026-01-21"));
+    let before = snapshot(&state);
+    let over = payment(0, 2, "1.00", "2026-01-21");
+    let event = Event {
+        name: &over.0,
+        payload: &over.1,
+        meta: &over.2,
+    };
+    let error = p.apply(&event, &mut state).unwrap_err();
+    assert!(error.0.contains("precision 6"), "{error}");
+    assert_eq!(snapshot(&state), before);
+    // Merging two partials whose sum overflows is an error, not a wrong value.
+    let mut other = Memory::default();
+    fold(&p, &mut other, &payment(1, 1, "9999.00", "2026-01-21"));
+    assert!(p.merge("a", vec![copy(&state.0["a"]), copy(&other.0["a"])]).is_err());
+    // A float cannot be added to a decimal.
+    assert!(add_numbers(&json!("1.00"), &json!(0.5)).is_err());
+    assert_eq!(add_numbers(&json!(2), &json!("0.25")).unwrap(), json!("2.25"));
+}

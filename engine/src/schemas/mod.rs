@@ -314,6 +314,22 @@ impl SchemaSet {
         self.types.get(name)
     }
 
+    /// The precision of `field` in the current version of `event` (`*`: of any
+    /// type, the largest) when it is a `decimal`.
+    pub fn decimal_precision(&self, event: &str, field: &str) -> Option<usize> {
+        let of = |event_type: &EventType| match &event_type.current().schema {
+            Schema::Record(record) => record
+                .lookup
+                .get(field)
+                .and_then(|index| decimal_in(&record.fields[*index].schema)),
+            _ => None,
+        };
+        match event {
+            "*" => self.types.values().filter_map(of).max(),
+            name => self.types.get(name).and_then(of),
+        }
+    }
+
     /// Number of event types, versions and steps.
     pub fn counts(&self) -> (usize, usize, usize) {
         let versions = self.types.values().map(|t| t.versions.len()).sum();
@@ -452,6 +468,15 @@ impl SchemaSet {
             }
         }
         Ok(done)
+    }
+}
+
+/// The precision of a decimal schema, also as an optional (`["null", decimal]`) one.
+fn decimal_in(schema: &Schema) -> Option<usize> {
+    match schema {
+        Schema::Decimal(decimal) => Some(decimal.precision),
+        Schema::Union(union) => union.variants().iter().find_map(decimal_in),
+        _ => None,
     }
 }
 
