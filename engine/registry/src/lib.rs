@@ -2,9 +2,11 @@
 //! development, the demo and tests (`projector registry`).
 //!
 //! Served: `POST /subjects/{subject}/versions`, `GET /subjects`,
-//! `GET /subjects/{subject}/versions[/{version|latest}]`, `GET /schemas/ids/{id}`,
-//! `POST /subjects/{subject}` (lookup), `GET|PUT /config[/{subject}]`. Errors are
-//! Confluent's JSON: `{"error_code": ..., "message": ...}`.
+//! `GET /subjects/{subject}/versions[/{version|latest}]`,
+//! `GET /subjects/{subject}/versions/{version}/referencedby`, `GET /schemas/ids/{id}`,
+//! `POST /subjects/{subject}` (lookup), `GET|PUT /config[/{subject}]`. Schemas may
+//! carry Confluent schema references (`references: [{name, subject, version}]`).
+//! Errors are Confluent's JSON: `{"error_code": ..., "message": ...}`.
 
 mod subjects;
 
@@ -20,7 +22,7 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-pub use subjects::{Compatibility, RegistryFault, SubjectVersion, Subjects};
+pub use subjects::{Compatibility, Reference, RegistryFault, SubjectVersion, Subjects};
 
 type Shared = Arc<Mutex<Subjects>>;
 
@@ -32,6 +34,10 @@ pub fn router(subjects: Subjects) -> Router {
         .route("/subjects/{subject}", axum::routing::post(lookup))
         .route("/subjects/{subject}/versions", get(list_versions).post(register))
         .route("/subjects/{subject}/versions/{version}", get(get_version))
+        .route(
+            "/subjects/{subject}/versions/{version}/referencedby",
+            get(referenced_by),
+        )
         .route("/schemas/ids/{id}", get(get_schema))
         .route("/config", get(get_global_config).put(put_global_config))
         .route(
@@ -77,12 +83,21 @@ fn ok(body: Value) -> Answer {
 }
 
 fn version_json(version: &SubjectVersion) -> Value {
-    json!({
+    let mut body = json!({
         "subject": version.subject,
         "version": version.version,
         "id": version.id,
         "schema": version.schema,
-    })
+    });
+    with_references(&mut body, &version.references);
+    body
+}
+
+/// Adds `references` to an answer when there are any, as Confluent does.
+fn with_references(body: &mut Value, references: &[Reference]) {
+    if !references.is_empty() {
+        body["references"] = json!(references);
+    }
 }
 
 #[derive(Deserialize)]
@@ -92,7 +107,7 @@ struct SchemaBody {
     #[serde(default)]
     schema_type: Option<String>,
     #[serde(default)]
-    references: Vec<Value>,
+    references: Vec<Reference>,
 }
 
 fn schema_body(body: &[u8]) -> Result<SchemaBody, RegistryFault> {
@@ -103,11 +118,6 @@ fn schema_body(body: &[u8]) -> Result<SchemaBody, RegistryFault> {
                 "schemaType {kind} is not supported, only AVRO"
             )));
         }
-    }
-    if !parsed.references.is_empty() {
-        return Err(RegistryFault::invalid_schema(
-            "schema references are not supported",
-        ));
     }
     Ok(parsed)
 }
@@ -131,20 +141,30 @@ async fn get_version(
     ok(version_json(&lock(&shared).version(&subject, &version)?))
 }
 
+async fn referenced_by(
+    State(shared): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Answer {
+    ok(json!(lock(&shared).referenced_by(&subject, &version)?))
+}
+
 async fn get_schema(State(shared): State<Shared>, Path(id): Path<String>) -> Answer {
     let id: u32 = id.parse().map_err(|_| RegistryFault::schema_not_found(&id))?;
-    ok(json!({ "schema": lock(&shared).schema(id)? }))
+    let subjects = lock(&shared);
+    let mut body = json!({ "schema": subjects.schema(id)? });
+    with_references(&mut body, subjects.references(id));
+    ok(body)
 }
 
 async fn register(State(shared): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Answer {
     let body = schema_body(&body)?;
-    let id = lock(&shared).register(&subject, &body.schema)?;
+    let id = lock(&shared).register(&subject, &body.schema, &body.references)?;
     ok(json!({ "id": id }))
 }
 
 async fn lookup(State(shared): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Answer {
     let body = schema_body(&body)?;
-    ok(version_json(&lock(&shared).lookup(&subject, &body.schema)?))
+    ok(version_json(&lock(&shared).lookup(&subject, &body.schema, &body.references)?))
 }
 
 #[derive(Deserialize)]

@@ -135,12 +135,29 @@ pub struct SubjectVersion {
     pub id: u32,
     /// Schema text as first registered.
     pub schema: String,
+    /// The named types it takes from other subjects.
+    pub references: Vec<Reference>,
+}
+
+/// A Confluent schema reference: the named type `name` is defined by `subject`'s
+/// `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reference {
+    /// Full name of the type, as the referring schema writes it.
+    pub name: String,
+    /// The subject defining it.
+    pub subject: String,
+    /// Its version there.
+    pub version: u32,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Stored {
     /// Schema text by id; ids are 1-based and dense.
     schemas: Vec<String>,
+    /// The references of the schemas that have any, by id.
+    #[serde(default)]
+    references: BTreeMap<u32, Vec<Reference>>,
     subjects: BTreeMap<String, Vec<u32>>,
     global_compatibility: Option<Compatibility>,
     subject_compatibility: BTreeMap<String, Compatibility>,
@@ -170,9 +187,13 @@ impl Subjects {
         let canonical = stored
             .schemas
             .iter()
-            .map(|text| identity(text))
+            .enumerate()
+            .map(|(index, text)| {
+                let references = stored.references.get(&(index as u32 + 1)).map(Vec::as_slice);
+                identity(text, references.unwrap_or_default())
+            })
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("stored schema no longer parses: {}", e.message))?;
+            .map_err(|e| format!("stored schema no longer has an identity: {}", e.message))?;
         Ok(Subjects {
             stored,
             canonical,
@@ -231,7 +252,64 @@ impl Subjects {
             version,
             id,
             schema: self.stored.schemas[id as usize - 1].clone(),
+            references: self.references(id).to_vec(),
         }
+    }
+
+    /// The references of schema `id` (none for an unknown id).
+    pub fn references(&self, id: u32) -> &[Reference] {
+        self.stored.references.get(&id).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The ids of the schemas that reference `subject`'s `version`.
+    pub fn referenced_by(&self, subject: &str, version: &str) -> Result<Vec<u32>, RegistryFault> {
+        let target = self.version(subject, version)?;
+        Ok(self
+            .stored
+            .references
+            .iter()
+            .filter(|(_, references)| {
+                references
+                    .iter()
+                    .any(|r| r.subject == target.subject && r.version == target.version)
+            })
+            .map(|(id, _)| *id)
+            .collect())
+    }
+
+    /// The texts of every schema `references` lead to, transitively, for parsing
+    /// a schema that uses them; a reference to a subject or version that does not
+    /// exist is an invalid schema (42201), as in Confluent's registry.
+    fn referenced_texts(&self, references: &[Reference]) -> Result<Vec<String>, RegistryFault> {
+        let mut texts = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut pending: Vec<Reference> = references.to_vec();
+        while let Some(reference) = pending.pop() {
+            if !seen.insert((reference.subject.clone(), reference.version)) {
+                continue;
+            }
+            let found = self
+                .version(&reference.subject, &reference.version.to_string())
+                .map_err(|fault| {
+                    RegistryFault::invalid_schema(format!(
+                        "reference {} to subject '{}' version {}: {}",
+                        reference.name, reference.subject, reference.version, fault.message
+                    ))
+                })?;
+            pending.extend(found.references);
+            texts.push(found.schema);
+        }
+        Ok(texts)
+    }
+
+    fn parse_with(&self, schema: &str, references: &[Reference]) -> Result<Schema, RegistryFault> {
+        if references.is_empty() {
+            return parse(schema);
+        }
+        let texts = self.referenced_texts(references)?;
+        Schema::parse_str_with_list(schema, &texts)
+            .map(|(schema, _)| schema)
+            .map_err(RegistryFault::invalid_schema)
     }
 
     /// The schema text with a global id.
@@ -242,10 +320,16 @@ impl Subjects {
             .ok_or_else(|| RegistryFault::schema_not_found(&id.to_string()))
     }
 
-    /// The version of `subject` that holds `schema`.
-    pub fn lookup(&self, subject: &str, schema: &str) -> Result<SubjectVersion, RegistryFault> {
+    /// The version of `subject` that holds `schema` with `references`.
+    pub fn lookup(
+        &self,
+        subject: &str,
+        schema: &str,
+        references: &[Reference],
+    ) -> Result<SubjectVersion, RegistryFault> {
         let ids = self.ids(subject)?;
-        let canonical = identity(schema)?;
+        self.parse_with(schema, references)?;
+        let canonical = identity(schema, references)?;
         ids.iter()
             .enumerate()
             .find(|(_, id)| self.canonical[**id as usize - 1] == canonical)
@@ -253,11 +337,17 @@ impl Subjects {
             .ok_or_else(|| RegistryFault::schema_not_found("not found under this subject"))
     }
 
-    /// Registers `schema` under `subject` (a no-op returning the existing id when it
-    /// is already there), after the subject's compatibility check.
-    pub fn register(&mut self, subject: &str, schema: &str) -> Result<u32, RegistryFault> {
-        let parsed = parse(schema)?;
-        let canonical = identity(schema)?;
+    /// Registers `schema` with `references` under `subject` (a no-op returning the
+    /// existing id when it is already there), after the subject's compatibility
+    /// check.
+    pub fn register(
+        &mut self,
+        subject: &str,
+        schema: &str,
+        references: &[Reference],
+    ) -> Result<u32, RegistryFault> {
+        let parsed = self.parse_with(schema, references)?;
+        let canonical = identity(schema, references)?;
         let existing_ids = self.stored.subjects.get(subject).cloned().unwrap_or_default();
         if let Some(id) = existing_ids
             .iter()
@@ -271,7 +361,11 @@ impl Subjects {
             None => {
                 self.stored.schemas.push(schema.to_owned());
                 self.canonical.push(canonical);
-                self.stored.schemas.len() as u32
+                let id = self.stored.schemas.len() as u32;
+                if !references.is_empty() {
+                    self.stored.references.insert(id, references.to_vec());
+                }
+                id
             }
         };
         self.stored
@@ -291,7 +385,7 @@ impl Subjects {
             ids.last().map(std::slice::from_ref).unwrap_or(&[])
         };
         for id in earlier {
-            let old = parse(&self.stored.schemas[*id as usize - 1])?;
+            let old = self.parse_with(&self.stored.schemas[*id as usize - 1], self.references(*id))?;
             let mut problems = Vec::new();
             if level.backward() {
                 if let Err(e) = SchemaCompatibility::can_read(&old, new) {
@@ -360,12 +454,15 @@ impl Subjects {
     }
 }
 
-/// The schema's JSON, re-serialized compactly: what makes two registrations the
-/// same schema.
-fn identity(schema: &str) -> Result<String, RegistryFault> {
-    parse(schema)?;
+/// The schema's JSON, re-serialized compactly, with its references: what makes
+/// two registrations the same schema.
+fn identity(schema: &str, references: &[Reference]) -> Result<String, RegistryFault> {
     let json: serde_json::Value = serde_json::from_str(schema).map_err(RegistryFault::invalid_schema)?;
-    Ok(json.to_string())
+    if references.is_empty() {
+        return Ok(json.to_string());
+    }
+    let references = serde_json::to_string(references).map_err(RegistryFault::internal)?;
+    Ok(format!("{json} {references}"))
 }
 
 fn parse(schema: &str) -> Result<Schema, RegistryFault> {
@@ -373,64 +470,4 @@ fn parse(schema: &str) -> Result<Schema, RegistryFault> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const V1: &str =
-        r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"}]}"#;
-    const V2_WITH_DEFAULT: &str = r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"},{"name":"b","type":"int","default":0}]}"#;
-    const V2_NO_DEFAULT: &str = r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"},{"name":"b","type":"int"}]}"#;
-
-    #[test]
-    fn ids_are_global_and_registration_is_idempotent() {
-        let mut subjects = Subjects::open(None).unwrap();
-        let id = subjects.register("s-t.E", V1).unwrap();
-        assert_eq!(subjects.register("s-t.E", V1).unwrap(), id);
-        // The same schema under another subject keeps its id.
-        assert_eq!(subjects.register("other", V1).unwrap(), id);
-        assert_eq!(subjects.versions("s-t.E").unwrap(), vec![1]);
-        assert_eq!(subjects.schema(id).unwrap(), V1);
-        // Whitespace does not make another schema; docs do.
-        let spaced = V1.replace(",", ", ");
-        assert_eq!(subjects.register("s-t.E", &spaced).unwrap(), id);
-        let documented = V1.replace("\"name\":\"E\"", "\"name\":\"E\",\"doc\":\"d\"");
-        assert_ne!(subjects.register("s-t.E", &documented).unwrap(), id);
-    }
-
-    #[test]
-    fn backward_check_refuses_a_new_field_without_default() {
-        let mut subjects = Subjects::open(None).unwrap();
-        subjects.register("s", V1).unwrap();
-        let fault = subjects.register("s", V2_NO_DEFAULT).unwrap_err();
-        assert_eq!(fault.status, 409);
-        let id = subjects.register("s", V2_WITH_DEFAULT).unwrap();
-        assert_eq!(subjects.version("s", "latest").unwrap().id, id);
-        assert_eq!(subjects.version("s", "2").unwrap().version, 2);
-    }
-
-    #[test]
-    fn none_allows_anything_and_unknowns_have_confluent_codes() {
-        let mut subjects = Subjects::open(None).unwrap();
-        subjects.register("s", V1).unwrap();
-        subjects
-            .set_compatibility(Some("s"), Compatibility::None)
-            .unwrap();
-        subjects.register("s", V2_NO_DEFAULT).unwrap();
-        assert_eq!(subjects.versions("nope").unwrap_err().code, 40401);
-        assert_eq!(subjects.version("s", "9").unwrap_err().code, 40402);
-        assert_eq!(subjects.schema(99).unwrap_err().code, 40403);
-        assert_eq!(subjects.register("s", "{not json").unwrap_err().code, 42201);
-    }
-
-    #[test]
-    fn persists_to_its_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("registry.json");
-        let id = {
-            let mut subjects = Subjects::open(Some(file.clone())).unwrap();
-            subjects.register("s", V1).unwrap()
-        };
-        let subjects = Subjects::open(Some(file)).unwrap();
-        assert_eq!(subjects.lookup("s", V1).unwrap().id, id);
-    }
-}
+mod tests;
