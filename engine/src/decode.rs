@@ -80,6 +80,15 @@ pub struct Decoder {
     registry: Arc<RegistryClient>,
     schemas: Arc<SchemaSet>,
     plans: HashMap<u32, Arc<DecodePlan>>,
+    /// Writer schemas of Avro keys by id; `None` for an id the registry does not
+    /// know, so a key that merely looks like a frame is read as bytes.
+    key_schemas: HashMap<u32, Option<Arc<KeySchema>>>,
+}
+
+/// How to turn Avro keys of one writer schema into text.
+struct KeySchema {
+    writer: Arc<WriterSchema>,
+    plain: Option<Plain>,
 }
 
 impl Decoder {
@@ -90,7 +99,83 @@ impl Decoder {
             registry,
             schemas,
             plans: HashMap::new(),
+            key_schemas: HashMap::new(),
         }
+    }
+
+    /// A record key as text: a Confluent-framed Avro key is decoded with its writer
+    /// schema and written as JSON (a string key as the plain string, logical types
+    /// in their meaning); other valid UTF-8 as it is; anything else as base64.
+    pub fn decode_key(
+        &mut self,
+        key: Option<&[u8]>,
+        keep_waiting: &dyn Fn() -> bool,
+    ) -> Result<Option<Arc<str>>, DecodeError> {
+        let Some(bytes) = key else {
+            return Ok(None);
+        };
+        if let Ok(frame) = frame::parse(Some(bytes)) {
+            if let Some(text) = self.avro_key(frame.schema_id, frame.body, keep_waiting)? {
+                return Ok(Some(text.into()));
+            }
+        }
+        Ok(Some(match std::str::from_utf8(bytes) {
+            Ok(text) => text.into(),
+            Err(_) => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(bytes).into()
+            }
+        }))
+    }
+
+    /// The JSON text of an Avro key, or `None` when these bytes are not one (an
+    /// id the registry does not know, or a body that does not decode exactly).
+    fn avro_key(
+        &mut self,
+        schema_id: u32,
+        mut body: &[u8],
+        keep_waiting: &dyn Fn() -> bool,
+    ) -> Result<Option<String>, DecodeError> {
+        let schema = match self.key_schemas.get(&schema_id) {
+            Some(known) => known.clone(),
+            None => {
+                let found = match self.registry.schema(schema_id, keep_waiting) {
+                    Ok(writer) => Some(Arc::new(KeySchema {
+                        plain: Plain::for_schema(&writer.schema, &writer.schemata),
+                        writer,
+                    })),
+                    Err(RegistryError::UnknownId(_) | RegistryError::BadSchema { .. }) => None,
+                    Err(e @ (RegistryError::Interrupted(_) | RegistryError::Client(_))) => {
+                        return Err(DecodeError::Interrupted(e.to_string()))
+                    }
+                };
+                self.key_schemas.insert(schema_id, found.clone());
+                found
+            }
+        };
+        let Some(schema) = schema else {
+            return Ok(None);
+        };
+        let writer = &schema.writer;
+        let decoded = crate::panics::contained(|| {
+            apache_avro::from_avro_datum_schemata(&writer.schema, writer.schemata.iter().collect(), &mut body, None)
+        });
+        let value = match decoded {
+            Ok(Ok(value)) if body.is_empty() => value,
+            _ => return Ok(None),
+        };
+        let value = match &schema.plain {
+            Some(plain) => match plain.convert(value) {
+                Ok(value) => value,
+                Err(_) => return Ok(None),
+            },
+            None => value,
+        };
+        Ok(match crate::avro_json::to_json(value) {
+            Ok(serde_json::Value::String(text)) => Some(text),
+            Ok(json) => Some(json.to_string()),
+            Err(_) => None,
+        })
     }
 
     /// Decodes one Kafka value into zero or more events of the current version (an
@@ -428,6 +513,58 @@ mod fuzz {
         );
         let (_, plans) = fixture();
         assert!(plans.iter().all(|(plan, _)| plan.schemata.is_none()));
+    }
+
+    #[test]
+    fn a_union_writer_decodes_each_branch_as_its_own_event_type() {
+        let (schemas, _) = fixture();
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/shop.orders");
+        let v1 = std::fs::read_to_string(repo.join("OrderPlaced.v1.avsc")).unwrap();
+        let stranger = r#"{"type": "record", "name": "Noted", "namespace": "elsewhere", "fields": [
+            {"name": "on", "type": {"type": "int", "logicalType": "date"}}]}"#;
+        let text = format!(r#"[{v1}, {stranger}, "null"]"#);
+        let union = Schema::parse_str(&text).unwrap();
+        let writer = Arc::new(WriterSchema {
+            schema: union.clone(),
+            schemata: Vec::new(),
+        });
+        let plan = plan_for(3, writer, &schemas).unwrap();
+        let Schema::Union(variants) = &union else {
+            panic!("a union")
+        };
+        let encode = |index: u32, json: serde_json::Value| {
+            let branch = &variants.variants()[index as usize];
+            let value = crate::avro_json::from_json(&json, branch).unwrap();
+            apache_avro::to_avro_datum(&union, apache_avro::types::Value::Union(index, Box::new(value))).unwrap()
+        };
+        let items = json!([{"sku": "s-1", "qty": 2, "priceCents": 250}]);
+        let placed = encode(
+            0,
+            json!({"orderId": "o-1", "customerId": "c-1", "items": items, "total": 5.0, "placedAt": 1}),
+        );
+        let events = decode_body(&plan, 3, &placed, &schemas).unwrap();
+        assert_eq!(&*events[0].name, "shop.orders.OrderPlaced");
+        let payload = crate::avro_json::to_json(events[0].payload.clone()).unwrap();
+        assert_eq!(payload["totalCents"], json!(500), "v1 upcast to the current version");
+        let noted = decode_body(&plan, 3, &encode(1, json!({"on": "2026-01-21"})), &schemas).unwrap();
+        assert_eq!(&*noted[0].name, "elsewhere.Noted");
+        assert_eq!(
+            crate::avro_json::to_json(noted[0].payload.clone()).unwrap(),
+            json!({"on": "2026-01-21"}),
+            "a passed-through type's logical values have their meaning too"
+        );
+        let null = apache_avro::to_avro_datum(
+            &union,
+            apache_avro::types::Value::Union(2, Box::new(apache_avro::types::Value::Null)),
+        )
+        .unwrap();
+        assert!(matches!(
+            decode_body(&plan, 3, &null, &schemas),
+            Err(DecodeError::Poison {
+                reason: PoisonReason::UnknownSchema,
+                ..
+            })
+        ));
     }
 
     #[test]

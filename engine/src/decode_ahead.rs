@@ -15,15 +15,34 @@ use crate::decode::{DecodeError, Decoder};
 use crate::schemas::CurrentEvent;
 
 /// What decoding one message gave.
-pub type Decoded = Result<Vec<CurrentEvent>, DecodeError>;
+pub type Decoded = Result<DecodedMessage, DecodeError>;
 
-/// The payloads of one chunk, copied out of the consumer's buffers into one
-/// allocation.
+/// One message, decoded.
+#[derive(Debug)]
+pub struct DecodedMessage {
+    /// Its events in their current versions.
+    pub events: Vec<CurrentEvent>,
+    /// Its key as text (see [`Decoder::decode_key`]).
+    pub key: Option<Arc<str>>,
+}
+
+/// The values and keys of one chunk, copied out of the consumer's buffers into
+/// one allocation.
 #[derive(Default)]
 struct Chunk {
     bytes: Vec<u8>,
-    /// Each message's bytes; `None` for a message without a value.
-    values: Vec<Option<Range<usize>>>,
+    /// Each message's value and key; `None` for a message without one.
+    messages: Vec<(Option<Range<usize>>, Option<Range<usize>>)>,
+}
+
+impl Chunk {
+    fn push(&mut self, bytes: Option<&[u8]>) -> Option<Range<usize>> {
+        bytes.map(|b| {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(b);
+            start..self.bytes.len()
+        })
+    }
 }
 
 /// A decoder running on its own thread, one chunk ahead of the fold loop.
@@ -53,11 +72,14 @@ impl DecodeAhead {
             let keep_waiting = || !shutdown.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed);
             for chunk in chunk_inbox {
                 let results = chunk
-                    .values
+                    .messages
                     .iter()
-                    .map(|range| {
-                        let value = range.as_ref().map(|r| &chunk.bytes[r.clone()]);
-                        decoder.decode(value, &keep_waiting)
+                    .map(|(value, key)| {
+                        let value = value.as_ref().map(|r| &chunk.bytes[r.clone()]);
+                        let key = key.as_ref().map(|r| &chunk.bytes[r.clone()]);
+                        let events = decoder.decode(value, &keep_waiting)?;
+                        let key = decoder.decode_key(key, &keep_waiting)?;
+                        Ok(DecodedMessage { events, key })
                     })
                     .collect();
                 if decoded_outbox.send(results).is_err() {
@@ -72,16 +94,18 @@ impl DecodeAhead {
         })
     }
 
-    /// Queues the values of a chunk of messages for decoding, in message order.
-    /// `None` for a message without a value, or one the loop will not decode.
-    pub fn submit<'v>(&self, values: impl Iterator<Item = Option<&'v [u8]>>) -> Result<(), DecoderGone> {
+    /// Queues the values and keys of a chunk of messages for decoding, in message
+    /// order. `None` for a message without a value (or one the loop will not
+    /// decode), or without a key.
+    pub fn submit<'v>(
+        &self,
+        messages: impl Iterator<Item = (Option<&'v [u8]>, Option<&'v [u8]>)>,
+    ) -> Result<(), DecoderGone> {
         let mut chunk = Chunk::default();
-        for value in values {
-            chunk.values.push(value.map(|v| {
-                let start = chunk.bytes.len();
-                chunk.bytes.extend_from_slice(v);
-                start..chunk.bytes.len()
-            }));
+        for (value, key) in messages {
+            let value = chunk.push(value);
+            let key = chunk.push(key);
+            chunk.messages.push((value, key));
         }
         self.chunks.send(chunk).map_err(|_| DecoderGone)
     }
@@ -137,8 +161,8 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let ahead = unreachable_registry(&runtime, Arc::new(AtomicBool::new(false)));
         let values: [Option<&[u8]>; 3] = [Some(&[0, 0]), None, Some(&[9, 0, 0, 0, 1, 2])];
-        ahead.submit(values.into_iter()).unwrap();
-        ahead.submit([Some(&[7u8][..])].into_iter()).unwrap();
+        ahead.submit(values.into_iter().map(|v| (v, None))).unwrap();
+        ahead.submit([(Some(&[7u8][..]), None)].into_iter()).unwrap();
         let first = ahead.next().unwrap();
         assert_eq!(first.len(), 3);
         for (decoded, expected) in first.iter().zip(["shorter than", "null value", "magic byte"]) {
@@ -159,7 +183,7 @@ mod tests {
         let shutdown = Arc::new(AtomicBool::new(false));
         let ahead = unreachable_registry(&runtime, shutdown.clone());
         // Magic byte, schema id 1, an empty body: needs the registry.
-        ahead.submit([Some(&[0u8, 0, 0, 0, 1][..])].into_iter()).unwrap();
+        ahead.submit([(Some(&[0u8, 0, 0, 0, 1][..]), None)].into_iter()).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         shutdown.store(true, Ordering::Relaxed);
         let started = Instant::now();

@@ -166,7 +166,7 @@ impl FoldLoop {
                     polled
                         .messages
                         .iter()
-                        .map(|m| m.payload().filter(|v| v.len() <= max_bytes)),
+                        .map(|m| (m.payload().filter(|v| v.len() <= max_bytes), m.key())),
                 )?;
             }
             if let Some(previous) = ahead.take() {
@@ -392,7 +392,7 @@ impl Folding {
                 ),
             });
         }
-        let events = decoded.map_err(|e| match e {
+        let decoded = decoded.map_err(|e| match e {
             DecodeError::Poison { reason, message } => Stop::Poison {
                 reason,
                 error: message,
@@ -404,8 +404,9 @@ impl Folding {
             partition: partition.partition,
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
-            key: message.key().map(|k| String::from_utf8_lossy(k).into()),
+            key: decoded.key,
         };
+        let events = decoded.events;
         let source = (&*self.deps.store, &self.fold.generation);
         self.batch
             .fold_message(self.fold.projection.as_ref(), source, &events, &meta, partition)
