@@ -229,8 +229,8 @@ impl Converter<'_> {
             }
             Schema::Decimal(decimal) => {
                 let exact = decimal_of(json).ok_or_else(mismatch)?;
-                let unscaled =
-                    logical::unscaled_at(&exact, decimal.precision, decimal.scale).map_err(|e| at(path, e))?;
+                let unscaled = logical::unscaled_at(&exact, decimal.precision, decimal.scale)
+                    .map_err(|e| at(path, e))?;
                 Value::Decimal(apache_avro::Decimal::from(unscaled.to_signed_bytes_be()))
             }
             Schema::BigDecimal => Value::BigDecimal(decimal_of(json).ok_or_else(mismatch)?),

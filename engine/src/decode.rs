@@ -11,8 +11,8 @@ use std::sync::Arc;
 use apache_avro::Schema;
 
 use crate::frame::{self, FrameError};
-use crate::poison::PoisonReason;
 use crate::logical::Plain;
+use crate::poison::PoisonReason;
 use crate::registry_client::{RegistryClient, RegistryError, WriterSchema};
 use crate::schemas::{CurrentEvent, SchemaSet, WriterMatch};
 
@@ -158,7 +158,12 @@ impl Decoder {
         };
         let writer = &schema.writer;
         let decoded = crate::panics::contained(|| {
-            apache_avro::from_avro_datum_schemata(&writer.schema, writer.schemata.iter().collect(), &mut body, None)
+            apache_avro::from_avro_datum_schemata(
+                &writer.schema,
+                writer.schemata.iter().collect(),
+                &mut body,
+                None,
+            )
         });
         let value = match decoded {
             Ok(Ok(value)) if body.is_empty() => value,
@@ -323,7 +328,10 @@ fn plan_for(
     let (union, branches, label) = match &writer.schema {
         Schema::Record(record) => {
             let branch = branch_for(record, &writer.schema, &names, schemas).map_err(|why| {
-                DecodeError::poison(PoisonReason::UnknownSchema, format!("schema id {schema_id}: {why}"))
+                DecodeError::poison(
+                    PoisonReason::UnknownSchema,
+                    format!("schema id {schema_id}: {why}"),
+                )
             })?;
             (false, vec![Ok(branch)], record.name.fullname(None))
         }
@@ -535,7 +543,8 @@ mod fuzz {
         let encode = |index: u32, json: serde_json::Value| {
             let branch = &variants.variants()[index as usize];
             let value = crate::avro_json::from_json(&json, branch).unwrap();
-            apache_avro::to_avro_datum(&union, apache_avro::types::Value::Union(index, Box::new(value))).unwrap()
+            apache_avro::to_avro_datum(&union, apache_avro::types::Value::Union(index, Box::new(value)))
+                .unwrap()
         };
         let items = json!([{"sku": "s-1", "qty": 2, "priceCents": 250}]);
         let placed = encode(
@@ -545,7 +554,11 @@ mod fuzz {
         let events = decode_body(&plan, 3, &placed, &schemas).unwrap();
         assert_eq!(&*events[0].name, "shop.orders.OrderPlaced");
         let payload = crate::avro_json::to_json(events[0].payload.clone()).unwrap();
-        assert_eq!(payload["totalCents"], json!(500), "v1 upcast to the current version");
+        assert_eq!(
+            payload["totalCents"],
+            json!(500),
+            "v1 upcast to the current version"
+        );
         let noted = decode_body(&plan, 3, &encode(1, json!({"on": "2026-01-21"})), &schemas).unwrap();
         assert_eq!(&*noted[0].name, "elsewhere.Noted");
         assert_eq!(

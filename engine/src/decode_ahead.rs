@@ -183,7 +183,9 @@ mod tests {
         let shutdown = Arc::new(AtomicBool::new(false));
         let ahead = unreachable_registry(&runtime, shutdown.clone());
         // Magic byte, schema id 1, an empty body: needs the registry.
-        ahead.submit([(Some(&[0u8, 0, 0, 0, 1][..]), None)].into_iter()).unwrap();
+        ahead
+            .submit([(Some(&[0u8, 0, 0, 0, 1][..]), None)].into_iter())
+            .unwrap();
         std::thread::sleep(Duration::from_millis(300));
         shutdown.store(true, Ordering::Relaxed);
         let started = Instant::now();

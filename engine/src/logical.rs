@@ -108,10 +108,12 @@ impl Plain {
                 }
                 Value::Map(out)
             }
-            (Value::Union(index, inner), Schema::Union(union)) => match union.variants().get(index as usize) {
-                Some(branch) => Value::Union(index, Box::new(self.walk(*inner, branch, path)?)),
-                None => Value::Union(index, inner),
-            },
+            (Value::Union(index, inner), Schema::Union(union)) => {
+                match union.variants().get(index as usize) {
+                    Some(branch) => Value::Union(index, Box::new(self.walk(*inner, branch, path)?)),
+                    None => Value::Union(index, inner),
+                }
+            }
             (Value::Decimal(decimal), Schema::Decimal(DecimalSchema { scale, .. })) => {
                 let unscaled = BigInt::from(decimal);
                 Value::String(decimal_text(&BigDecimal::new(unscaled, scale_i64(*scale))))
@@ -122,7 +124,8 @@ impl Plain {
                 message: format!("day {days} is not a date chrono can represent"),
             })?),
             (Value::TimeMillis(millis), _) => Value::String(
-                time_text(i64::from(millis) * 1_000, 3).ok_or_else(|| out_of_day(path, millis.into(), "ms"))?,
+                time_text(i64::from(millis) * 1_000, 3)
+                    .ok_or_else(|| out_of_day(path, millis.into(), "ms"))?,
             ),
             (Value::TimeMicros(micros), _) => {
                 Value::String(time_text(micros, 6).ok_or_else(|| out_of_day(path, micros, "µs"))?)
@@ -191,7 +194,8 @@ fn has_logical(schema: &Schema, names: &HashMap<Name, Schema>, seen: &mut HashSe
         Schema::Map(map) => has_logical(&map.types, names, seen),
         Schema::Union(union) => union.variants().iter().any(|v| has_logical(v, names, seen)),
         Schema::Record(record) => {
-            seen.insert(record.name.clone()) && record.fields.iter().any(|f| has_logical(&f.schema, names, seen))
+            seen.insert(record.name.clone())
+                && record.fields.iter().any(|f| has_logical(&f.schema, names, seen))
         }
         Schema::Ref { name } => {
             !seen.contains(name) && names.get(name).is_some_and(|s| has_logical(s, names, seen))
@@ -217,7 +221,8 @@ pub fn decimal_from_text(text: &str) -> Option<BigDecimal> {
     let digits = text.strip_prefix('-').unwrap_or(text);
     let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
     let plain = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || !plain(whole) || !plain(fraction) || (digits.contains('.') && fraction.is_empty()) {
+    if whole.is_empty() || !plain(whole) || !plain(fraction) || (digits.contains('.') && fraction.is_empty())
+    {
         return None;
     }
     BigDecimal::from_str(text).ok()
@@ -236,7 +241,10 @@ pub fn precision(decimal: &BigDecimal) -> u64 {
 pub fn unscaled_at(decimal: &BigDecimal, precision_limit: usize, scale: usize) -> Result<BigInt, String> {
     let rescaled = decimal.with_scale(scale_i64(scale));
     if rescaled != *decimal {
-        return Err(format!("{} has more than {scale} digits after the point", decimal_text(decimal)));
+        return Err(format!(
+            "{} has more than {scale} digits after the point",
+            decimal_text(decimal)
+        ));
     }
     if precision(&rescaled) > precision_limit as u64 {
         return Err(format!(

@@ -146,7 +146,11 @@ impl RegistryClient {
     /// The writer schema with `id`, its references resolved. Blocks (retrying)
     /// while the registry is unavailable, until it answers or `keep_waiting`
     /// returns false. Call it from a thread that is not a tokio worker.
-    pub fn schema(&self, id: u32, keep_waiting: &dyn Fn() -> bool) -> Result<Arc<WriterSchema>, RegistryError> {
+    pub fn schema(
+        &self,
+        id: u32,
+        keep_waiting: &dyn Fn() -> bool,
+    ) -> Result<Arc<WriterSchema>, RegistryError> {
         if let Some(schema) = self.cache.lock().expect("registry cache lock").get(&id) {
             return Ok(schema.clone());
         }
@@ -235,7 +239,10 @@ impl RegistryClient {
                     referenced.push(found.schema);
                 }
                 Answer::Failed(Failure::NotAvro(message)) => {
-                    return Fetched::Failed(Failure::NotAvro(format!("its reference {what}: {message}")), what)
+                    return Fetched::Failed(
+                        Failure::NotAvro(format!("its reference {what}: {message}")),
+                        what,
+                    )
                 }
                 Answer::Failed(failure) => return Fetched::Failed(failure, what),
             }
@@ -248,7 +255,12 @@ impl RegistryClient {
         url.path_segments_mut()
             .map_err(|()| "the registry URL cannot take a path".to_owned())?
             .pop_if_empty()
-            .extend(["subjects", &reference.subject, "versions", &reference.version.to_string()]);
+            .extend([
+                "subjects",
+                &reference.subject,
+                "versions",
+                &reference.version.to_string(),
+            ]);
         Ok(url.to_string())
     }
 
@@ -329,7 +341,12 @@ mod tests {
     use super::*;
 
     fn answer(status: u16, body: &str) -> Answer {
-        classify("http://r/schemas/ids/7", status, body.as_bytes(), &[SCHEMA_NOT_FOUND])
+        classify(
+            "http://r/schemas/ids/7",
+            status,
+            body.as_bytes(),
+            &[SCHEMA_NOT_FOUND],
+        )
     }
 
     #[test]

@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use projector_tests::{
-    assert_matches, metric_value, orders, order_summary_projections, python, repo_root,
-    run_to_completion, set_compatibility, wait_applied, worker_config, write_events, Broker, Registry,
-    Worker,
+    assert_matches, metric_value, order_summary_projections, orders, python, repo_root, run_to_completion,
+    set_compatibility, wait_applied, worker_config, write_events, Broker, Registry, Worker,
 };
 use rand::Rng;
 use serde_json::{json, Value};
@@ -86,12 +85,29 @@ fn union_schemas_under_the_topic_name_strategy_fold_to_the_oracle() -> Result<()
     full_names(&mut inline);
     let inline_schemas = [
         ("shop.orders.OrderPlaced", order_schema("OrderPlaced.v1.avsc")),
-        ("shop.orders.PaymentCharged", order_schema("PaymentCharged.v1.avsc")),
+        (
+            "shop.orders.PaymentCharged",
+            order_schema("PaymentCharged.v1.avsc"),
+        ),
         ("shop.orders.OrderShipped", order_schema("OrderShipped.v2.avsc")),
-        ("shop.orders.OrderDelivered", order_schema("OrderDelivered.v1.avsc")),
-        ("shop.orders.OrderCancelled", order_schema("OrderCancelled.v1.avsc")),
+        (
+            "shop.orders.OrderDelivered",
+            order_schema("OrderDelivered.v1.avsc"),
+        ),
+        (
+            "shop.orders.OrderCancelled",
+            order_schema("OrderCancelled.v1.avsc"),
+        ),
     ];
-    produce_shapes(dir.path(), &broker, &registry, &inline, "inline", &inline_schemas, None)?;
+    produce_shapes(
+        dir.path(),
+        &broker,
+        &registry,
+        &inline,
+        "inline",
+        &inline_schemas,
+        None,
+    )?;
 
     // References: a union of references to each type's own subject; OrderShipped
     // is v1 there (its Rust upcaster runs).
@@ -100,10 +116,19 @@ fn union_schemas_under_the_topic_name_strategy_fold_to_the_oracle() -> Result<()
     full_names(&mut referenced);
     let referenced_schemas = [
         ("shop.orders.OrderPlaced", order_schema("OrderPlaced.v3.avsc")),
-        ("shop.orders.PaymentCharged", order_schema("PaymentCharged.v1.avsc")),
+        (
+            "shop.orders.PaymentCharged",
+            order_schema("PaymentCharged.v1.avsc"),
+        ),
         ("shop.orders.OrderShipped", order_schema("OrderShipped.v1.avsc")),
-        ("shop.orders.OrderDelivered", order_schema("OrderDelivered.v1.avsc")),
-        ("shop.orders.OrderCancelled", order_schema("OrderCancelled.v1.avsc")),
+        (
+            "shop.orders.OrderDelivered",
+            order_schema("OrderDelivered.v1.avsc"),
+        ),
+        (
+            "shop.orders.OrderCancelled",
+            order_schema("OrderCancelled.v1.avsc"),
+        ),
     ];
     produce_shapes(
         dir.path(),
@@ -115,20 +140,29 @@ fn union_schemas_under_the_topic_name_strategy_fold_to_the_oracle() -> Result<()
         None,
     )?;
     // The registry serves the references the producer registered.
-    let (status, latest) = get_json(&format!("{}/subjects/orders-refs-value/versions/latest", registry.url()))?;
+    let (status, latest) = get_json(&format!(
+        "{}/subjects/orders-refs-value/versions/latest",
+        registry.url()
+    ))?;
     ensure!(status == 200, "{status} {latest}");
     ensure!(
         latest["references"].as_array().map(Vec::len) == Some(5),
         "the union's references: {latest}"
     );
 
-    let projections = order_summary_projections(&[("inline", "orders-inline"), ("referenced", "orders-refs")]);
+    let projections =
+        order_summary_projections(&[("inline", "orders-inline"), ("referenced", "orders-refs")]);
     let mut worker = Worker::start(
         dir.path(),
         &worker_config(&broker, &registry, &dir.path().join("data"), &projections),
     )?;
     wait_applied(&mut worker, "inline", inline.len(), Duration::from_secs(120))?;
-    wait_applied(&mut worker, "referenced", referenced.len(), Duration::from_secs(120))?;
+    wait_applied(
+        &mut worker,
+        "referenced",
+        referenced.len(),
+        Duration::from_secs(120),
+    )?;
     assert_matches(&worker, "inline", &inline_oracle)?;
     assert_matches(&worker, "referenced", &referenced_oracle)?;
 
@@ -145,7 +179,10 @@ fn union_schemas_under_the_topic_name_strategy_fold_to_the_oracle() -> Result<()
         upcasts("shop.orders.OrderPlaced") == placed_v1,
         "every OrderPlaced of the inline union went through v1->v2"
     );
-    let shipped = referenced.iter().filter(|l| l["type"] == "shop.orders.OrderShipped").count();
+    let shipped = referenced
+        .iter()
+        .filter(|l| l["type"] == "shop.orders.OrderShipped")
+        .count();
     ensure!(upcasts("shop.orders.OrderShipped") == shipped);
     for name in ["inline", "referenced"] {
         let poison = metric_value(&metrics, "projector_poison_events_total", &[("projection", name)]);
@@ -205,7 +242,12 @@ set = { id = "event.paymentId", amount = "event.amount", paid_on = "event.paidOn
 
 /// `cents` as a decimal(12,2)'s text.
 fn money(cents: i64) -> String {
-    format!("{}{}.{:02}", if cents < 0 { "-" } else { "" }, cents.abs() / 100, cents.abs() % 100)
+    format!(
+        "{}{}.{:02}",
+        if cents < 0 { "-" } else { "" },
+        cents.abs() / 100,
+        cents.abs() % 100
+    )
 }
 
 #[test]
@@ -282,7 +324,12 @@ fn decimals_dates_times_uuids_and_bytes_keep_their_meaning() -> Result<()> {
         String::from_utf8_lossy(&check.stderr)
     );
     wait_applied(&mut worker, "balances", lines.len(), Duration::from_secs(180))?;
-    wait_applied(&mut worker, "payments_seen", lines.len(), Duration::from_secs(180))?;
+    wait_applied(
+        &mut worker,
+        "payments_seen",
+        lines.len(),
+        Duration::from_secs(180),
+    )?;
 
     let expected: BTreeMap<String, Value> = balances
         .into_iter()
@@ -302,7 +349,11 @@ fn chrono_day(n: i64) -> String {
     let mut days = n;
     let mut year = 2018;
     loop {
-        let length = if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) { 366 } else { 365 };
+        let length = if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) {
+            366
+        } else {
+            365
+        };
         if days < length {
             break;
         }
@@ -310,7 +361,20 @@ fn chrono_day(n: i64) -> String {
         year += 1;
     }
     let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let months = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let months = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     let mut month = 0;
     while days >= months[month] {
         days -= months[month];
@@ -344,10 +408,31 @@ fn avro_keys_reach_meta_key_as_their_json_text() -> Result<()> {
             delivered(n, json!({"region": region, "id": n % 7}))
         })
         .collect();
-    let string_keyed: Vec<Value> = (60..100).map(|n| delivered(n, json!(format!("k-{}", n % 5)))).collect();
-    let schemas = [("shop.orders.OrderDelivered", order_schema("OrderDelivered.v1.avsc"))];
-    produce_shapes(dir.path(), &broker, &registry, &record_keyed, "records", &schemas, Some(&record_key))?;
-    produce_shapes(dir.path(), &broker, &registry, &string_keyed, "records", &schemas, Some(&string_key))?;
+    let string_keyed: Vec<Value> = (60..100)
+        .map(|n| delivered(n, json!(format!("k-{}", n % 5))))
+        .collect();
+    let schemas = [(
+        "shop.orders.OrderDelivered",
+        order_schema("OrderDelivered.v1.avsc"),
+    )];
+    produce_shapes(
+        dir.path(),
+        &broker,
+        &registry,
+        &record_keyed,
+        "records",
+        &schemas,
+        Some(&record_key),
+    )?;
+    produce_shapes(
+        dir.path(),
+        &broker,
+        &registry,
+        &string_keyed,
+        "records",
+        &schemas,
+        Some(&string_key),
+    )?;
 
     let projections = r#"
 [[projections]]

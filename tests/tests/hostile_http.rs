@@ -598,7 +598,10 @@ fn listens_on_loopback_only(worker: &Worker, log: &str) -> Result<()> {
         .and_then(|p| p.parse().ok())
         .context("the worker's port")?;
     // The log goes to a file, not a terminal: no colour codes in it.
-    ensure!(!log.contains('\u{1b}'), "terminal escape codes in a log file:\n{log}");
+    ensure!(
+        !log.contains('\u{1b}'),
+        "terminal escape codes in a log file:\n{log}"
+    );
     ensure!(
         log.contains(&format!("worker started listen=127.0.0.1:{port}")),
         "the worker logs its address:\n{log}"

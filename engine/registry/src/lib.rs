@@ -164,7 +164,11 @@ async fn register(State(shared): State<Shared>, Path(subject): Path<String>, bod
 
 async fn lookup(State(shared): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Answer {
     let body = schema_body(&body)?;
-    ok(version_json(&lock(&shared).lookup(&subject, &body.schema, &body.references)?))
+    ok(version_json(&lock(&shared).lookup(
+        &subject,
+        &body.schema,
+        &body.references,
+    )?))
 }
 
 #[derive(Deserialize)]

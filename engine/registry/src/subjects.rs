@@ -258,7 +258,11 @@ impl Subjects {
 
     /// The references of schema `id` (none for an unknown id).
     pub fn references(&self, id: u32) -> &[Reference] {
-        self.stored.references.get(&id).map(Vec::as_slice).unwrap_or_default()
+        self.stored
+            .references
+            .get(&id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// The ids of the schemas that reference `subject`'s `version`.

@@ -162,10 +162,12 @@ fn within_precision(sum: &Json, field: &str, precision: Option<u64>) -> Result<(
 /// (ISO dates and times among them) as text.
 fn compare(a: &Json, b: &Json) -> Option<std::cmp::Ordering> {
     match (a, b) {
-        (Json::String(x), Json::String(y)) => match (logical::decimal_from_text(x), logical::decimal_from_text(y)) {
-            (Some(x), Some(y)) => Some(x.cmp(&y)),
-            _ => Some(x.cmp(y)),
-        },
+        (Json::String(x), Json::String(y)) => {
+            match (logical::decimal_from_text(x), logical::decimal_from_text(y)) {
+                (Some(x), Some(y)) => Some(x.cmp(&y)),
+                _ => Some(x.cmp(y)),
+            }
+        }
         (Json::String(_), Json::Number(_)) | (Json::Number(_), Json::String(_)) => {
             Some(exact(a)?.cmp(&exact(b)?))
         }

@@ -326,7 +326,9 @@ fn a_decimal_sum_beyond_the_declared_precision_fails_the_event_and_changes_nothi
     // Merging two partials whose sum overflows is an error, not a wrong value.
     let mut other = Memory::default();
     fold(&p, &mut other, &payment(1, 1, "9999.00", "2026-01-21"));
-    assert!(p.merge("a", vec![copy(&state.0["a"]), copy(&other.0["a"])]).is_err());
+    assert!(p
+        .merge("a", vec![copy(&state.0["a"]), copy(&other.0["a"])])
+        .is_err());
     // A float cannot be added to a decimal.
     assert!(add_numbers(&json!("1.00"), &json!(0.5)).is_err());
     assert_eq!(add_numbers(&json!(2), &json!("0.25")).unwrap(), json!("2.25"));

@@ -20,7 +20,8 @@ fn schema() -> Schema {
             {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
             {"name": "refund", "type": ["null", {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}], "default": null},
             {"name": "history", "type": {"type": "array", "items": {"type": "int", "logicalType": "date"}}},
-            {"name": "byCurrency", "type": {"type": "map", "values": {"type": "bytes", "logicalType": "decimal", "precision": 6, "scale": 1}}}
+            {"name": "byCurrency", "type": {"type": "map", "values": {"type": "bytes", "logicalType": "decimal", "precision": 6, "scale": 1}}},
+            {"name": "rate", "type": {"type": "bytes", "logicalType": "big-decimal"}}
         ]}"#,
     )
     .unwrap()
@@ -40,7 +41,8 @@ fn meaning() -> serde_json::Value {
         "at": 1_769_000_000_000_i64,
         "refund": "0.01",
         "history": ["1970-01-01", "1969-12-31"],
-        "byCurrency": {"EUR": "99999.9"}
+        "byCurrency": {"EUR": "99999.9"},
+        "rate": "-0.000123456789012345678901234567890"
     })
 }
 
@@ -57,12 +59,18 @@ fn json_to_avro_builds_the_encodings_and_back_gives_the_meaning() {
     let value = from_json(&meaning(), &schema).unwrap();
     assert!(value.validate(&schema), "{value:?}");
     // The encodings, as Avro defines them.
-    assert_eq!(field(&value, "amount"), &Value::Decimal(vec![0x01, 0xE2, 0x3A].into()));
+    assert_eq!(
+        field(&value, "amount"),
+        &Value::Decimal(vec![0x01, 0xE2, 0x3A].into())
+    );
     assert_eq!(field(&value, "paidOn"), &Value::Date(20_474));
     assert_eq!(field(&value, "cutoff"), &Value::TimeMillis(49_500_250));
     assert_eq!(field(&value, "precise"), &Value::TimeMicros(1_000_002));
     assert_eq!(field(&value, "raw"), &Value::Bytes(vec![0x00, 0xFF, 0x10]));
-    assert_eq!(field(&value, "hash"), &Value::Fixed(4, vec![0xDE, 0xAD, 0xBE, 0xEF]));
+    assert_eq!(
+        field(&value, "hash"),
+        &Value::Fixed(4, vec![0xDE, 0xAD, 0xBE, 0xEF])
+    );
     // Through the Avro binary encoding and back, then to their meaning.
     let bytes = apache_avro::to_avro_datum(&schema, value).unwrap();
     let decoded = apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).unwrap();
@@ -92,7 +100,10 @@ fn a_named_type_from_a_reference_is_looked_up() {
     assert_eq!(schemata.len(), 1);
     let plain = Plain::for_schema(&schema, &schemata).expect("Money is a decimal");
     let value = Value::Record(vec![("m".into(), Value::Decimal(vec![0x04, 0xD2].into()))]);
-    assert_eq!(to_json(plain.convert(value).unwrap()).unwrap(), json!({"m": "12.34"}));
+    assert_eq!(
+        to_json(plain.convert(value).unwrap()).unwrap(),
+        json!({"m": "12.34"})
+    );
 }
 
 #[test]
@@ -189,7 +200,9 @@ fn typed_events_read_decimals_and_dates() {
     };
     let payment: Payment = event.parse().unwrap();
     assert_eq!(payment.amount, rust_decimal::Decimal::new(123_450, 2));
-    assert_eq!(payment.paid_on, chrono::NaiveDate::from_ymd_opt(2026, 1, 21).unwrap());
+    assert_eq!(
+        payment.paid_on,
+        chrono::NaiveDate::from_ymd_opt(2026, 1, 21).unwrap()
+    );
     assert_eq!(payment.id, "5f0c7a52-3c1b-4c8e-9d2e-7a0b8f1e2d3c");
 }
-

@@ -403,11 +403,14 @@ impl SchemaSet {
         let mut pending = vec![(event_type, version, payload)];
         let mut done = Vec::new();
         while let Some((event_type, version, payload)) = pending.pop() {
-            let schema = event_type.versions.get(&version).ok_or_else(|| UpcastError::NoSchema {
-                step: "decoding".to_owned(),
-                event: event_type.name.to_string(),
-                version,
-            })?;
+            let schema = event_type
+                .versions
+                .get(&version)
+                .ok_or_else(|| UpcastError::NoSchema {
+                    step: "decoding".to_owned(),
+                    event: event_type.name.to_string(),
+                    version,
+                })?;
             let payload = schema.plain(payload).map_err(|source| UpcastError::Logical {
                 event: event_type.name.to_string(),
                 version,

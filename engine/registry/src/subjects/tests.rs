@@ -1,7 +1,6 @@
 use super::*;
 
-const V1: &str =
-    r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"}]}"#;
+const V1: &str = r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"}]}"#;
 const V2_WITH_DEFAULT: &str = r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"},{"name":"b","type":"int","default":0}]}"#;
 const V2_NO_DEFAULT: &str = r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"a","type":"string"},{"name":"b","type":"int"}]}"#;
 
@@ -58,7 +57,8 @@ fn persists_to_its_file() {
     assert_eq!(subjects.lookup("s", V1, &[]).unwrap().id, id);
 }
 
-const LINE: &str = r#"{"type":"record","name":"Line","namespace":"t","fields":[{"name":"sku","type":"string"}]}"#;
+const LINE: &str =
+    r#"{"type":"record","name":"Line","namespace":"t","fields":[{"name":"sku","type":"string"}]}"#;
 const ORDER: &str = r#"{"type":"record","name":"Order","namespace":"t","fields":[{"name":"lines","type":{"type":"array","items":"t.Line"}}]}"#;
 const EITHER: &str = r#"["t.Order","t.E"]"#;
 
@@ -83,8 +83,14 @@ fn references_resolve_transitively_and_are_part_of_a_schema() {
     let union_refs = [reference("t.Order", "t.Order", 1), reference("t.E", "t.E", 1)];
     let union = subjects.register("both-value", EITHER, &union_refs).unwrap();
     assert_eq!(subjects.references(union), union_refs);
-    assert_eq!(subjects.version("both-value", "latest").unwrap().references, union_refs);
-    assert_eq!(subjects.lookup("both-value", EITHER, &union_refs).unwrap().id, union);
+    assert_eq!(
+        subjects.version("both-value", "latest").unwrap().references,
+        union_refs
+    );
+    assert_eq!(
+        subjects.lookup("both-value", EITHER, &union_refs).unwrap().id,
+        union
+    );
     assert_eq!(subjects.referenced_by("t.Order", "1").unwrap(), vec![union]);
     assert_eq!(subjects.referenced_by("t.Line", "1").unwrap(), vec![order]);
     assert!(subjects.referenced_by("t.E", "1").unwrap().contains(&union));
