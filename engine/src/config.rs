@@ -5,7 +5,6 @@
 //! Unknown keys are refused. Every error names the key and the file it came from.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Toml};
@@ -15,6 +14,10 @@ use serde::Deserialize;
 /// Prefix of environment variables that override file values; `__` separates levels,
 /// so `PROJECTOR__KAFKA__BROKERS` sets `kafka.brokers`.
 pub const ENV_PREFIX: &str = "PROJECTOR__";
+
+mod http;
+
+pub use http::{HttpConfig, ReadTokens, TlsConfig};
 
 /// The whole deployment.
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +172,14 @@ pub struct StoreConfig {
     /// it, has one. 0 turns the cache off.
     #[serde(default = "default_state_cache_mb")]
     pub state_cache_mb: usize,
+    /// Files RocksDB keeps open at most (its `max_open_files`): part of the
+    /// worker's file-descriptor budget (see `http.max_connections`).
+    #[serde(default = "default_max_open_files")]
+    pub max_open_files: u32,
+}
+
+fn default_max_open_files() -> u32 {
+    256
 }
 
 impl StoreConfig {
@@ -188,41 +199,6 @@ fn default_batch_max_events() -> usize {
 
 fn default_batch_max_wait_ms() -> u64 {
     100
-}
-
-/// `[http]`
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address the HTTP API listens on. Loopback unless you mean otherwise.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// Bearer token of the admin endpoints (resume, skip, replay); they are
-    /// disabled without one. Prefer `PROJECTOR__HTTP__ADMIN_TOKEN` over the file.
-    #[serde(default)]
-    pub admin_token: Option<String>,
-}
-
-impl std::fmt::Debug for HttpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpConfig")
-            .field("listen", &self.listen)
-            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: default_listen(),
-            admin_token: None,
-        }
-    }
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
 }
 
 /// `[schemas]`
@@ -378,6 +354,14 @@ impl Config {
                 file,
                 "registry.url",
                 format!("`{}` is not an http(s) URL", self.registry.url),
+            ));
+        }
+        self.http.validate(file)?;
+        if self.store.max_open_files < 16 {
+            return Err(ConfigError::at(
+                file,
+                "store.max_open_files",
+                "must be at least 16",
             ));
         }
         if self.store.batch_max_events == 0 {

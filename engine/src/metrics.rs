@@ -118,6 +118,21 @@ pub static REGISTRY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `projector_http_connections_total{outcome}`
+pub static HTTP_CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "projector_http_connections_total",
+                "HTTP connections by outcome: accepted, refused (every connection was answering a request), \
+                 evicted (closed at the cap to make room), timed_out (header or idle timeout), accept_error.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// `projector_consumer_lag_events{projection,topic,partition}`
 pub static CONSUMER_LAG_EVENTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register(
@@ -252,6 +267,11 @@ pub fn registry_request(outcome: &str) {
     REGISTRY_REQUESTS.with_label_values(&[outcome]).inc();
 }
 
+/// Counts an HTTP connection's outcome (see [`HTTP_CONNECTIONS`]).
+pub fn http_connection(outcome: &str) {
+    HTTP_CONNECTIONS.with_label_values(&[outcome]).inc();
+}
+
 /// Every metric, for `init` and `names`.
 fn all() -> Vec<&'static dyn prometheus::core::Collector> {
     vec![
@@ -264,6 +284,7 @@ fn all() -> Vec<&'static dyn prometheus::core::Collector> {
         &*OPERATOR_SKIPS,
         &*UPCASTS,
         &*REGISTRY_REQUESTS,
+        &*HTTP_CONNECTIONS,
         &*CONSUMER_LAG_EVENTS,
         &*CONSUMER_LAG_SECONDS,
         &*PROJECTION_UP,

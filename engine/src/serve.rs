@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 
 use crate::metrics;
 use crate::store::Store;
+
+mod access;
 use crate::supervisor::{StartError, Supervisor};
 
 /// What the handlers read.
@@ -28,25 +30,41 @@ pub struct ApiState {
     pub store: Arc<Store>,
     /// Bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<String>,
+    /// Bearer tokens of the read routes; empty: reads are open.
+    pub read_tokens: Arc<Vec<String>>,
+    /// Whether `/healthz`, `/readyz` and `/metrics` need a read token too.
+    pub protect_probes: bool,
+    /// Permits for key scans running at once.
+    pub scans: Arc<tokio::sync::Semaphore>,
 }
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let read_guard = axum::middleware::from_fn_with_state(state.clone(), access::require_read_token);
+    let reads = Router::new()
         .route("/projections", get(list_projections))
         .route("/projections/{name}", get(show_projection))
         .route("/projections/{name}/state", get(scan_keys))
         .route("/projections/{name}/state/{*key}", get(read_key))
+        .route_layer(read_guard.clone());
+    let probes = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readiness))
+        .route("/metrics", get(|| async { metrics::render() }));
+    let probes = if state.protect_probes {
+        probes.route_layer(read_guard)
+    } else {
+        probes
+    };
+    // Admin routes check the admin token themselves (before reading the body).
+    let admin = Router::new()
         .route("/projections/{name}/resume", post(resume))
         .route("/projections/{name}/skip", post(skip))
         .route(
             "/projections/{name}/replay",
             post(start_replay).delete(abort_replay),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readiness))
-        .route("/metrics", get(|| async { metrics::render() }))
-        .with_state(state)
+        );
+    reads.merge(probes).merge(admin).with_state(state)
 }
 
 /// A JSON error response: `{"error": "..."}` with a status.
@@ -230,8 +248,23 @@ async fn scan_keys(
 ) -> Result<Json<Value>, ApiError> {
     let projection = state.projection(&name)?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_SCAN_LIMIT);
+    // A scan reads and merges up to `limit` keys: a bounded number run at once,
+    // off the async threads; the others wait within the request timeout.
+    let _permit = state.scans.clone().acquire_owned().await.map_err(internal)?;
     let live = projection.live();
-    let view = state.store.read_view(&live.generation).map_err(internal)?;
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || scan(&store, &live, &query, limit))
+        .await
+        .map_err(internal)?
+}
+
+fn scan(
+    store: &Store,
+    live: &crate::fold_state::Fold,
+    query: &ScanQuery,
+    limit: usize,
+) -> Result<Json<Value>, ApiError> {
+    let view = store.read_view(&live.generation).map_err(internal)?;
     let mut items = Vec::new();
     let mut failed = None;
     let found = view
@@ -263,34 +296,6 @@ async fn scan_keys(
         "next": next,
         "as_of": as_of(view.offsets().map_err(internal)?),
     })))
-}
-
-impl ApiState {
-    /// Admits a request carrying `Authorization: Bearer <admin token>`.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        // An empty token would admit requests that carry none: it disables them.
-        let Some(expected) = self.admin_token.as_ref().filter(|t| !t.trim().is_empty()) else {
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                "admin endpoints are disabled: set http.admin_token (or PROJECTOR__HTTP__ADMIN_TOKEN)".into(),
-            ));
-        };
-        let offered = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            // The auth scheme is case-insensitive (RFC 9110 §11.1).
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map_or("", |(_, token)| token);
-        if !offered.is_empty() && constant_time_eq(offered.as_bytes(), expected.as_bytes()) {
-            Ok(())
-        } else {
-            Err(ApiError(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong admin token".into(),
-            ))
-        }
-    }
 }
 
 /// Most bytes read of an admin request's body; they take no options.
@@ -352,15 +357,6 @@ async fn expect_no_options(headers: &HeaderMap, body: Body) -> Result<(), ApiErr
             "the body is JSON but not an object".into(),
         ),
     }
-}
-
-/// Compares without an early exit, so timing does not reveal how much matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut difference = a.len() ^ b.len();
-    for (i, byte) in b.iter().enumerate() {
-        difference |= usize::from(a.get(i).copied().unwrap_or(0) ^ byte);
-    }
-    difference == 0
 }
 
 async fn resume(

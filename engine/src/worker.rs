@@ -4,14 +4,17 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, ProjectionConfig, ProjectionDefinition};
 use crate::declarative::Declarative;
 use crate::decode::Decoder;
+use crate::descriptors::{self, Budget};
 use crate::fold::{self, SourceDeps};
 use crate::fold_state::Fold;
+use crate::listener;
 use crate::projection::{Projection, ProjectionRegistry};
 use crate::registry_client::RegistryClient;
 use crate::schemas::{RustUpcasters, SchemaSet};
@@ -176,7 +179,26 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
     crate::metrics::init();
     let CheckSummary { projections, schemas } = check(&config, config_path, builtins)?;
     let schemas = Arc::new(schemas);
-    let store = Arc::new(Store::open(&config.store.path, config.store.sync_writes)?);
+    let budget = Budget::new(
+        config.http.max_connections,
+        config.store.max_open_files,
+        config.projections.len(),
+    );
+    let descriptors = descriptors::ensure(&budget).map_err(|e| WorkerError::Startup(e.to_string()))?;
+    info!(
+        needed = budget.total(),
+        limit = descriptors,
+        "file descriptors: the budget fits RLIMIT_NOFILE"
+    );
+    let tls = match &config.http.tls {
+        Some(tls) => Some(listener::tls_acceptor(&tls.cert, &tls.key).map_err(WorkerError::Startup)?),
+        None => None,
+    };
+    let store = Arc::new(Store::open_with_max_files(
+        &config.store.path,
+        config.store.sync_writes,
+        config.store.max_open_files,
+    )?);
     let registry = Arc::new(
         RegistryClient::new(&config.registry, tokio::runtime::Handle::current())
             .map_err(|e| WorkerError::Startup(e.to_string()))?,
@@ -222,7 +244,7 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
         supervisors.insert(entry.name.clone(), supervisor);
     }
 
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
+    let socket = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|e| WorkerError::Startup(format!("http.listen {}: {e}", config.http.listen)))?;
     info!(listen = %config.http.listen, projections = supervisors.len(), "worker started");
@@ -258,16 +280,23 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
         projections: Arc::new(supervisors),
         store,
         admin_token: config.http.admin_token.clone(),
+        read_tokens: Arc::new(config.http.read_tokens()),
+        protect_probes: config.http.protect_probes,
+        scans: Arc::new(tokio::sync::Semaphore::new(config.http.max_concurrent_scans)),
     });
+    let limits = listener::Limits {
+        header_timeout: Duration::from_millis(config.http.header_timeout_ms),
+        idle_timeout: Duration::from_millis(config.http.idle_timeout_ms),
+        request_timeout: Duration::from_millis(config.http.request_timeout_ms),
+        max_connections: config.http.max_connections,
+    };
     let signal_flag = shutdown.clone();
-    axum::serve(listener, api)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            info!("shutdown requested");
-            signal_flag.store(true, Ordering::Relaxed);
-        })
-        .await
-        .map_err(|e| WorkerError::Startup(format!("http server: {e}")))?;
+    listener::serve(socket, api, limits, tls, async move {
+        shutdown_signal().await;
+        info!("shutdown requested");
+        signal_flag.store(true, Ordering::Relaxed);
+    })
+    .await;
 
     tokio::task::spawn_blocking(move || {
         let threads = std::mem::take(&mut *threads.lock().expect("threads lock"));

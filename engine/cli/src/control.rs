@@ -17,39 +17,57 @@ const UNREACHABLE_LIMIT: Duration = Duration::from_secs(120);
 pub struct WorkerApi {
     base: String,
     token: Option<String>,
+    /// What reads send: a read token when reads need one, else the admin token.
+    read_token: Option<String>,
     client: reqwest::Client,
 }
 
 impl WorkerApi {
-    /// The API of the worker `config` describes, or at `url` when given.
-    pub fn new(config: &Path, url: Option<String>) -> Result<WorkerApi> {
+    /// The API of the worker `config` describes (https:// when it has `http.tls`),
+    /// or at `url` when given; `ca_file` is a PEM CA to trust besides the system's.
+    pub fn new(config: &Path, url: Option<String>, ca_file: Option<&Path>) -> Result<WorkerApi> {
         let loaded = Config::load(config)?;
         let base = url.unwrap_or_else(|| {
             let mut listen: SocketAddr = loaded.http.listen;
             if listen.ip().is_unspecified() {
                 listen.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
             }
-            format!("http://{listen}")
+            let scheme = if loaded.http.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{listen}")
         });
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .context("building the HTTP client")?;
+        let mut client = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        if let Some(ca_file) = ca_file {
+            let pem = std::fs::read(ca_file).with_context(|| format!("--ca-file {}", ca_file.display()))?;
+            let ca = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("--ca-file {}: not a PEM certificate", ca_file.display()))?;
+            client = client.add_root_certificate(ca);
+        }
+        let client = client.build().context("building the HTTP client")?;
+        let read_token = loaded
+            .http
+            .read_tokens()
+            .into_iter()
+            .next()
+            .or_else(|| loaded.http.admin_token.clone());
         Ok(WorkerApi {
             base: base.trim_end_matches('/').to_owned(),
             token: loaded.http.admin_token,
+            read_token,
             client,
         })
     }
 
     async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        let response = self
-            .client
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
+        let mut request = self.client.get(&url);
+        if let Some(token) = &self.read_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.with_context(|| format!("GET {url}"))?;
         let status = response.status();
         let body: Value = response
             .json()

@@ -80,15 +80,21 @@ enum Command {
         /// The worker's API, when not at the config's `http.listen`.
         #[arg(long)]
         url: Option<String>,
+        /// A PEM file of the CA to trust for an https:// API (besides the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Print a running worker's projections: generation, state, replay, lag.
     Status {
-        /// The deployment's TOML config (for the API address).
+        /// The deployment's TOML config (for the API address and tokens).
         #[arg(long, short)]
         config: PathBuf,
         /// The worker's API, when not at the config's `http.listen`.
         #[arg(long)]
         url: Option<String>,
+        /// A PEM file of the CA to trust for an https:// API (besides the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Run a development schema registry (Confluent REST API).
     Registry {
@@ -158,8 +164,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             config,
             wait,
             url,
-        } => control::replay(&control::WorkerApi::new(&config, url)?, &name, wait).await?,
-        Command::Status { config, url } => control::status(&control::WorkerApi::new(&config, url)?).await?,
+            ca_file,
+        } => {
+            control::replay(
+                &control::WorkerApi::new(&config, url, ca_file.as_deref())?,
+                &name,
+                wait,
+            )
+            .await?
+        }
+        Command::Status { config, url, ca_file } => {
+            control::status(&control::WorkerApi::new(&config, url, ca_file.as_deref())?).await?
+        }
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             let summary = engine::worker::check(&loaded, &config, &builtins())?;

@@ -1,5 +1,6 @@
 //! Unit tests of this module.
 
+use super::access::constant_time_eq;
 use super::*;
 
 fn state_with_token(dir: &std::path::Path, token: Option<&str>) -> ApiState {
@@ -7,6 +8,33 @@ fn state_with_token(dir: &std::path::Path, token: Option<&str>) -> ApiState {
         projections: Arc::default(),
         store: Arc::new(Store::open(dir, false).unwrap()),
         admin_token: token.map(str::to_owned),
+        read_tokens: Arc::default(),
+        protect_probes: false,
+        scans: Arc::new(tokio::sync::Semaphore::new(1)),
+    }
+}
+
+#[test]
+fn read_tokens_admit_any_of_them_or_the_admin_token_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = state_with_token(dir.path(), Some("admin"));
+    assert!(
+        state.may_read(&authorization(None)),
+        "no read token: reads are open"
+    );
+    state.read_tokens = Arc::new(vec!["one".into(), "two".into()]);
+    for admitted in ["Bearer one", "bearer two", "Bearer admin"] {
+        assert!(state.may_read(&authorization(Some(admitted))), "{admitted}");
+    }
+    for refused in [
+        None,
+        Some("Bearer"),
+        Some("Bearer "),
+        Some("Bearer on"),
+        Some("Bearer one2"),
+        Some("Basic one"),
+    ] {
+        assert!(!state.may_read(&authorization(refused)), "{refused:?}");
     }
 }
 

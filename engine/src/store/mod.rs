@@ -111,7 +111,18 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path, sync_writes: bool) -> Result<Store, StoreError> {
+        Self::open_with_max_files(path, sync_writes, 256)
+    }
+
+    /// [`Store::open`], keeping at most `max_open_files` files open (RocksDB's
+    /// `max_open_files`: part of the worker's descriptor budget).
+    pub fn open_with_max_files(
+        path: &Path,
+        sync_writes: bool,
+        max_open_files: u32,
+    ) -> Result<Store, StoreError> {
         let mut options = Options::default();
+        options.set_max_open_files(i32::try_from(max_open_files).unwrap_or(i32::MAX));
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         let existing = if path.join("CURRENT").exists() {
