@@ -426,3 +426,6 @@ mod tests {
         assert!(value.validate(&schema));
     }
 }
+
+#[cfg(test)]
+mod logical_tests;

@@ -14,9 +14,9 @@
 //! | `bytes`, `fixed` | base64 string (standard alphabet, padded) |
 //! | `timestamp-*`, `local-timestamp-*` | number in its unit, unchanged |
 //!
-//! The other way (an upcaster's JSON into an Avro value) is
-//! [`crate::avro_json::JsonToAvro`], which calls [`decimal_from_text`] and the
-//! parsers here.
+//! The other way (an upcaster's JSON into an Avro value) uses the parsers here
+//! ([`decimal_from_text`], [`date_from_text`], ...); their tests, both ways, are
+//! with that conversion (`avro_json/logical_tests.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -302,6 +302,3 @@ pub fn time_from_text(text: &str) -> Option<i64> {
 pub fn bytes_from_base64(text: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
-
-#[cfg(test)]
-mod tests;

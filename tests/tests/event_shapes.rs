@@ -47,6 +47,24 @@ fn order_schema(file: &str) -> PathBuf {
     repo_root().join("schemas/shop.orders").join(file)
 }
 
+/// The demo's five order event types, `OrderPlaced` and `OrderShipped` at the
+/// versions given, as `produce_shapes.py --schema` takes them.
+fn order_schemas(placed: u32, shipped: u32) -> Vec<(&'static str, PathBuf)> {
+    [
+        ("shop.orders.OrderPlaced", placed),
+        ("shop.orders.PaymentCharged", 1),
+        ("shop.orders.OrderShipped", shipped),
+        ("shop.orders.OrderDelivered", 1),
+        ("shop.orders.OrderCancelled", 1),
+    ]
+    .into_iter()
+    .map(|(name, version)| {
+        let short = name.trim_start_matches("shop.orders.");
+        (name, order_schema(&format!("{short}.v{version}.avsc")))
+    })
+    .collect()
+}
+
 /// `lines` with every event type's full name, as `produce_shapes.py` takes it.
 fn full_names(lines: &mut [Value]) {
     for line in lines {
@@ -83,22 +101,7 @@ fn union_schemas_under_the_topic_name_strategy_fold_to_the_oracle() -> Result<()
     let inline_oracle = orders::oracle(&inline);
     let placed_v1 = inline.iter().filter(|l| l["type"] == "OrderPlaced").count();
     full_names(&mut inline);
-    let inline_schemas = [
-        ("shop.orders.OrderPlaced", order_schema("OrderPlaced.v1.avsc")),
-        (
-            "shop.orders.PaymentCharged",
-            order_schema("PaymentCharged.v1.avsc"),
-        ),
-        ("shop.orders.OrderShipped", order_schema("OrderShipped.v2.avsc")),
-        (
-            "shop.orders.OrderDelivered",
-            order_schema("OrderDelivered.v1.avsc"),
-        ),
-        (
-            "shop.orders.OrderCancelled",
-            order_schema("OrderCancelled.v1.avsc"),
-        ),
-    ];
+    let inline_schemas = order_schemas(1, 2);
     produce_shapes(
         dir.path(),
         &broker,
@@ -114,22 +117,7 @@ fn union_schemas_under_the_topic_name_strategy_fold_to_the_oracle() -> Result<()
     let mut referenced = orders::generate("orders-refs", 400, 32).lines;
     let referenced_oracle = orders::oracle(&referenced);
     full_names(&mut referenced);
-    let referenced_schemas = [
-        ("shop.orders.OrderPlaced", order_schema("OrderPlaced.v3.avsc")),
-        (
-            "shop.orders.PaymentCharged",
-            order_schema("PaymentCharged.v1.avsc"),
-        ),
-        ("shop.orders.OrderShipped", order_schema("OrderShipped.v1.avsc")),
-        (
-            "shop.orders.OrderDelivered",
-            order_schema("OrderDelivered.v1.avsc"),
-        ),
-        (
-            "shop.orders.OrderCancelled",
-            order_schema("OrderCancelled.v1.avsc"),
-        ),
-    ];
+    let referenced_schemas = order_schemas(3, 1);
     produce_shapes(
         dir.path(),
         &broker,

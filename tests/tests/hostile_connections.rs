@@ -16,6 +16,18 @@ use projector_tests::{
     wait_until, worker_config, write_events, Broker, Registry, Worker,
 };
 
+/// The config of a worker folding `orders` into `order_summary`, with `http`
+/// (lines starting with `[http]`) as its HTTP section.
+fn order_summary_config(dir: &Path, broker: &Broker, registry: &Registry, http: &str) -> String {
+    worker_config(
+        broker,
+        registry,
+        &dir.join("data"),
+        &order_summary_projections(&[("order_summary", "orders")]),
+    )
+    .replace("[http]\n", http)
+}
+
 /// A script that runs `projector` with at most 1,024 open files.
 fn limited_projector(dir: &Path) -> Result<PathBuf> {
     let script = dir.join("projector-ulimit-1024");
@@ -68,14 +80,10 @@ fn slow_idle_and_bursting_connections_never_keep_a_reader_out() -> Result<()> {
     let broker = Broker::start(dir.path())?;
     broker.create_topic("orders", 4)?;
     let registry = Registry::start(dir.path())?;
-    let config = worker_config(
+    let config = order_summary_config(
+        dir.path(),
         &broker,
         &registry,
-        &dir.path().join("data"),
-        &order_summary_projections(&[("order_summary", "orders")]),
-    )
-    .replace(
-        "[http]\n",
         "[http]\nheader_timeout_ms = 2000\nidle_timeout_ms = 2000\n",
     );
     let mut worker = Worker::start_binary(dir.path(), &config, &limited_projector(dir.path())?)?;
@@ -200,14 +208,10 @@ fn reads_need_a_read_token_when_one_is_set() -> Result<()> {
     let broker = Broker::start(dir.path())?;
     broker.create_topic("orders", 1)?;
     let registry = Registry::start(dir.path())?;
-    let config = worker_config(
+    let config = order_summary_config(
+        dir.path(),
         &broker,
         &registry,
-        &dir.path().join("data"),
-        &order_summary_projections(&[("order_summary", "orders")]),
-    )
-    .replace(
-        "[http]\n",
         "[http]\nread_token = [\"reader-one\", \"reader-two\"]\nadmin_token = \"the-admin\"\n",
     );
     let worker = Worker::start(dir.path(), &config)?;
@@ -325,14 +329,10 @@ fn tls_serves_a_client_that_trusts_the_ca_and_refuses_plain_http() -> Result<()>
     broker.create_topic("orders", 1)?;
     let registry = Registry::start(dir.path())?;
     let (ca, cert, key) = certificates(dir.path())?;
-    let config = worker_config(
+    let config = order_summary_config(
+        dir.path(),
         &broker,
         &registry,
-        &dir.path().join("data"),
-        &order_summary_projections(&[("order_summary", "orders")]),
-    )
-    .replace(
-        "[http]\n",
         &format!(
             "[http]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
             cert.display(),

@@ -1,9 +1,11 @@
+//! Logical types both ways: Avro values to their meaning and JSON back to Avro.
+
 use apache_avro::types::Value;
 use apache_avro::Schema;
 use serde_json::json;
 
 use super::*;
-use crate::avro_json::{from_json, to_json, ConversionError};
+use crate::logical::{decimal_from_text, decimal_text, precision, Plain};
 
 /// A record with every logical type, nested in a union, an array and a map.
 fn schema() -> Schema {
