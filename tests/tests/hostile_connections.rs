@@ -384,3 +384,30 @@ fn tls_serves_a_client_that_trusts_the_ca_and_refuses_plain_http() -> Result<()>
     );
     Ok(())
 }
+
+#[test]
+fn a_descriptor_budget_over_the_limit_refuses_to_start_naming_both_numbers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    let registry = Registry::start(dir.path())?;
+    let config = order_summary_config(dir.path(), &broker, &registry, "[http]\nmax_connections = 2000\n")
+        .replace(
+            "{HTTP_LISTEN}",
+            &format!("127.0.0.1:{}", projector_tests::free_port()),
+        );
+    let file = dir.path().join("projector.toml");
+    std::fs::write(&file, config)?;
+    let output = std::process::Command::new(limited_projector(dir.path())?)
+        .args(["run", "--config"])
+        .arg(&file)
+        .current_dir(repo_root())
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success(), "the worker must not start:\n{text}");
+    // 128 + 2,001 + 256 + 64 needed; 1,024 allowed.
+    ensure!(
+        text.contains("needs 2449 file descriptors") && text.contains("RLIMIT_NOFILE allows 1024"),
+        "the error names both numbers:\n{text}"
+    );
+    Ok(())
+}
