@@ -19,6 +19,7 @@ use crate::metrics;
 use crate::store::Store;
 
 mod access;
+mod checkpoint;
 use crate::supervisor::{StartError, Supervisor};
 
 /// What the handlers read.
@@ -63,7 +64,8 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/projections/{name}/replay",
             post(start_replay).delete(abort_replay),
-        );
+        )
+        .route("/checkpoint", post(checkpoint::take));
     reads.merge(probes).merge(admin).with_state(state)
 }
 

@@ -83,6 +83,33 @@ impl WorkerApi {
     }
 }
 
+/// `projector checkpoint --to DIR` through a running worker.
+pub async fn checkpoint(api: &WorkerApi, to: &Path) -> Result<engine::store::Manifest> {
+    let url = format!("{}/checkpoint", api.base);
+    let mut request = api.client.post(&url).json(&serde_json::json!({ "to": to }));
+    if let Some(token) = &api.token {
+        request = request.bearer_auth(token);
+    }
+    // A checkpoint of a large store takes longer than a read.
+    let response = request
+        .timeout(Duration::from_secs(600))
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .with_context(|| format!("POST {url}: body"))?;
+    if !status.is_success() {
+        bail!(
+            "checkpoint refused: {status}: {}",
+            body["error"].as_str().unwrap_or_default()
+        );
+    }
+    serde_json::from_value(body["checkpoint"].clone()).with_context(|| format!("POST {url}: the manifest"))
+}
+
 /// `projector replay NAME [--wait]`.
 pub async fn replay(api: &WorkerApi, name: &str, wait: bool) -> Result<()> {
     let url = format!("{}/projections/{name}/replay", api.base);

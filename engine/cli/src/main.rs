@@ -96,6 +96,33 @@ enum Command {
         #[arg(long)]
         ca_file: Option<PathBuf>,
     },
+    /// Write a consistent checkpoint of every projection's live generation (state,
+    /// offsets, definition) into a new or empty directory: through the running
+    /// worker's API (admin token), or straight from the store when no worker holds it.
+    Checkpoint {
+        /// The deployment's TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where to write it (on the worker's machine).
+        #[arg(long)]
+        to: PathBuf,
+        /// The worker's API, when not at the config's `http.listen`.
+        #[arg(long)]
+        url: Option<String>,
+        /// A PEM file of the CA to trust for an https:// API (besides the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+    /// Seed an empty store (the config's `store.path`) from a checkpoint; a worker
+    /// started on it continues from the checkpoint's offsets.
+    Restore {
+        /// The deployment's TOML config.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The checkpoint directory.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Run a development schema registry (Confluent REST API).
     Registry {
         /// Address to listen on.
@@ -172,6 +199,38 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 wait,
             )
             .await?
+        }
+        Command::Checkpoint {
+            config,
+            to,
+            url,
+            ca_file,
+        } => {
+            let loaded = Config::load(&config)?;
+            let to = std::path::absolute(&to).with_context(|| format!("--to {}", to.display()))?;
+            // A stopped store is read directly; RocksDB's lock says a worker runs.
+            let manifest = match engine::store::Store::open(&loaded.store.path, false) {
+                Ok(store) => store.checkpoint(&to)?,
+                Err(e) if e.to_string().to_ascii_lowercase().contains("lock") => {
+                    let api = control::WorkerApi::new(&config, url, ca_file.as_deref())?;
+                    control::checkpoint(&api, &to).await?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+        }
+        Command::Restore { config, from } => {
+            let loaded = Config::load(&config)?;
+            let manifest = engine::store::restore(&from, &loaded.store.path)?;
+            for projection in &manifest.projections {
+                let events: i64 = projection.offsets.values().sum();
+                println!(
+                    "{}: generation {} restored at {} source partitions ({events} offsets in all)",
+                    projection.name,
+                    projection.generation,
+                    projection.offsets.len()
+                );
+            }
         }
         Command::Status { config, url, ca_file } => {
             control::status(&control::WorkerApi::new(&config, url, ca_file.as_deref())?).await?

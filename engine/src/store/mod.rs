@@ -12,6 +12,7 @@
 //! A batch's state rows and offsets go in one `WriteBatch` (DESIGN.md invariant 1).
 
 mod catalog;
+mod checkpoint;
 mod keys;
 mod read;
 mod rows;
@@ -26,6 +27,10 @@ use keys::generation_options;
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteOptions};
 
 pub use read::{KeyPartials, ReadView};
+
+pub use checkpoint::{
+    read_manifest, restore, CheckpointError, CheckpointedProjection, Manifest, CHECKPOINT_FORMAT,
+};
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
