@@ -32,8 +32,11 @@ pub struct DecodedMessage {
 struct Chunk {
     bytes: Vec<u8>,
     /// Each message's value and key; `None` for a message without one.
-    messages: Vec<(Option<Range<usize>>, Option<Range<usize>>)>,
+    messages: Vec<MessageBytes>,
 }
+
+/// Where one message's value and key are in a chunk's bytes.
+type MessageBytes = (Option<Range<usize>>, Option<Range<usize>>);
 
 impl Chunk {
     fn push(&mut self, bytes: Option<&[u8]>) -> Option<Range<usize>> {

@@ -154,11 +154,9 @@ fn scale_i64(scale: usize) -> i64 {
 /// of names leaves out a decimal on a named `fixed`.)
 pub fn collect_names(schema: &Schema, names: &mut HashMap<Name, Schema>) {
     match schema {
-        Schema::Record(record) => {
-            if names.insert(record.name.clone(), schema.clone()).is_none() {
-                for field in &record.fields {
-                    collect_names(&field.schema, names);
-                }
+        Schema::Record(record) if names.insert(record.name.clone(), schema.clone()).is_none() => {
+            for field in &record.fields {
+                collect_names(&field.schema, names);
             }
         }
         Schema::Enum(enumeration) => {
