@@ -67,12 +67,7 @@ impl WorkerApi {
         if let Some(token) = &self.read_token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.with_context(|| format!("GET {url}"))?;
-        let status = response.status();
-        let body: Value = response
-            .json()
-            .await
-            .with_context(|| format!("GET {url}: body"))?;
+        let (status, body) = answer(request, &format!("GET {url}")).await?;
         if !status.is_success() {
             bail!(
                 "GET {url}: {status}: {}",
@@ -83,6 +78,14 @@ impl WorkerApi {
     }
 }
 
+/// Sends `request` (described as `what` in errors); its status and JSON body.
+async fn answer(request: reqwest::RequestBuilder, what: &str) -> Result<(reqwest::StatusCode, Value)> {
+    let response = request.send().await.with_context(|| what.to_owned())?;
+    let status = response.status();
+    let body: Value = response.json().await.with_context(|| format!("{what}: body"))?;
+    Ok((status, body))
+}
+
 /// `projector checkpoint --to DIR` through a running worker.
 pub async fn checkpoint(api: &WorkerApi, to: &Path) -> Result<engine::store::Manifest> {
     let url = format!("{}/checkpoint", api.base);
@@ -91,16 +94,8 @@ pub async fn checkpoint(api: &WorkerApi, to: &Path) -> Result<engine::store::Man
         request = request.bearer_auth(token);
     }
     // A checkpoint of a large store takes longer than a read.
-    let response = request
-        .timeout(Duration::from_secs(600))
-        .send()
-        .await
-        .with_context(|| format!("POST {url}"))?;
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .with_context(|| format!("POST {url}: body"))?;
+    let request = request.timeout(Duration::from_secs(600));
+    let (status, body) = answer(request, &format!("POST {url}")).await?;
     if !status.is_success() {
         bail!(
             "checkpoint refused: {status}: {}",
@@ -117,12 +112,7 @@ pub async fn replay(api: &WorkerApi, name: &str, wait: bool) -> Result<()> {
     if let Some(token) = &api.token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.with_context(|| format!("POST {url}"))?;
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .with_context(|| format!("POST {url}: body"))?;
+    let (status, body) = answer(request, &format!("POST {url}")).await?;
     if !status.is_success() {
         let running = body
             .get("replay")
