@@ -334,7 +334,7 @@ fn tls_serves_a_client_that_trusts_the_ca_and_refuses_plain_http() -> Result<()>
         &broker,
         &registry,
         &format!(
-            "[http]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            "[http]\nheader_timeout_ms = 1000\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
             cert.display(),
             key.display()
         ),
@@ -363,6 +363,20 @@ fn tls_serves_a_client_that_trusts_the_ca_and_refuses_plain_http() -> Result<()>
             .send()
             .is_err(),
         "plain HTTP is refused"
+    );
+    // A client that never starts its TLS handshake is closed at the header timeout.
+    let silent = TcpStream::connect(worker.url().trim_start_matches("http://"))?;
+    silent.set_nonblocking(true)?;
+    let connected = Instant::now();
+    wait_until(
+        "the silent TLS client to be closed",
+        Duration::from_secs(5),
+        || closed_by_server(&silent),
+    )?;
+    ensure!(
+        connected.elapsed() < Duration::from_millis(1_000 + 1_000),
+        "closed after {:?} with a 1 s header timeout",
+        connected.elapsed()
     );
     let status = std::process::Command::new(projector_bin())
         .args(["status", "--config"])
