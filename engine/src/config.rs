@@ -15,8 +15,10 @@ use serde::Deserialize;
 /// so `PROJECTOR__KAFKA__BROKERS` sets `kafka.brokers`.
 pub const ENV_PREFIX: &str = "PROJECTOR__";
 
+mod dedup;
 mod http;
 
+pub use dedup::DedupConfig;
 pub use http::{HttpConfig, ReadTokens, TlsConfig};
 
 /// The whole deployment.
@@ -249,6 +251,14 @@ pub struct ProjectionConfig {
     /// Values larger than this are poison (`bad_frame`) rather than decoded.
     #[serde(default = "default_max_event_bytes")]
     pub max_event_bytes: usize,
+    /// Fold each event id once ([`DedupConfig`]); off when absent.
+    #[serde(default)]
+    pub dedup: Option<DedupConfig>,
+    /// An event's time for as-of generations: a CEL expression over `event` and
+    /// `meta` giving milliseconds since the epoch or RFC 3339 text (an Avro
+    /// timestamp field gives its instant). The record timestamp when absent.
+    #[serde(default)]
+    pub event_time: Option<String>,
 }
 
 /// What decides a projection's state: the parts of its config a generation is
@@ -422,6 +432,13 @@ impl Config {
                     }
                     Some(_) => {}
                 }
+            }
+            if let Some(dedup) = &projection.dedup {
+                dedup.validate(file, index)?;
+            }
+            if let Some(event_time) = &projection.event_time {
+                crate::expr::Expr::compile(event_time)
+                    .map_err(|e| ConfigError::at(file, &key("event_time"), e))?;
             }
             if let Some(bad) = projection.topics.iter().find(|t| !is_valid_name(t)) {
                 return Err(ConfigError::at(

@@ -62,6 +62,34 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `projector_duplicate_events_total{projection}`
+pub static DUPLICATE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "projector_duplicate_events_total",
+                "Events not folded because their id was folded before (`dedup`), committed by the live generation.",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `projector_events_without_id_total{projection}`
+pub static EVENTS_WITHOUT_ID: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register(
+        IntCounterVec::new(
+            Opts::new(
+                "projector_events_without_id_total",
+                "Events of a projection with `dedup` that had no id (header missing, expression null): folded.",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// `projector_operator_skips_total{projection}`
 pub static OPERATOR_SKIPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register(
@@ -282,6 +310,8 @@ fn all() -> Vec<&'static dyn prometheus::core::Collector> {
         &*POISON_EVENTS,
         &*DEAD_LETTERS,
         &*OPERATOR_SKIPS,
+        &*DUPLICATE_EVENTS,
+        &*EVENTS_WITHOUT_ID,
         &*UPCASTS,
         &*REGISTRY_REQUESTS,
         &*HTTP_CONNECTIONS,

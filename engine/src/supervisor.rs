@@ -117,6 +117,10 @@ pub struct Supervisor {
     pub dead_letter_topic: Option<String>,
     /// Larger values are poison.
     pub max_event_bytes: usize,
+    /// Fold each event id once, when set.
+    pub dedup: Option<crate::config::DedupConfig>,
+    /// Where an event's time is, for as-of generations (record timestamp when absent).
+    pub event_time: Option<String>,
     /// The definition in the config, which a replay folds with.
     pub configured_definition: Json,
     /// The fold built from the configured definition.
@@ -149,6 +153,8 @@ impl Supervisor {
             on_poison: config.on_poison,
             dead_letter_topic: config.dead_letter_topic.clone(),
             max_event_bytes: config.max_event_bytes,
+            dedup: config.dedup.clone(),
+            event_time: config.event_time.clone(),
             configured_definition: config.definition(),
             configured_projection,
             lifecycle: Mutex::new(lifecycle),

@@ -149,11 +149,20 @@ impl Batch {
         }
     }
 
-    /// Counts a message as applied (folded, or skipped by policy): its partition's
-    /// next offset becomes `next`.
-    pub(super) fn advance(&mut self, partition: SourcePartition, next: i64, timestamp_ms: Option<i64>) {
+    /// Counts a message as applied (folded, or skipped by policy; a duplicate
+    /// passed over is not `counted` in the batch's events): its partition's next
+    /// offset becomes `next`.
+    pub(super) fn advance(
+        &mut self,
+        partition: SourcePartition,
+        next: i64,
+        timestamp_ms: Option<i64>,
+        counted: bool,
+    ) {
         self.offsets.insert(partition, next);
-        self.events += 1;
+        if counted {
+            self.events += 1;
+        }
         if let Some(timestamp) = timestamp_ms {
             self.timestamps.push(timestamp);
         }
@@ -197,6 +206,7 @@ impl Batch {
             write: BatchWrite {
                 rows,
                 offsets: std::mem::take(&mut self.offsets),
+                ..BatchWrite::default()
             },
             states,
             events: std::mem::take(&mut self.events),

@@ -48,7 +48,7 @@ impl Folding {
                 .set(unix_seconds());
         }
         let Some(Taken {
-            write,
+            mut write,
             states,
             events,
             timestamps,
@@ -56,6 +56,12 @@ impl Folding {
         else {
             return Ok(None);
         };
+        let (mut duplicates, mut without_id) = (0, 0);
+        if let Some(dedup) = self.dedup.as_mut() {
+            (write.seen, write.forgotten) = dedup.take();
+            duplicates = std::mem::take(&mut dedup.duplicates);
+            without_id = std::mem::take(&mut dedup.without_id);
+        }
         let started = Instant::now();
         self.write_until_stored(&write, events)?;
         self.fold.clear_unapplied(self.unapplied_noted.iter());
@@ -77,6 +83,14 @@ impl Folding {
         metrics::BATCH_EVENTS.observe(events as f64);
         if live {
             metrics::EVENTS_APPLIED.with_label_values(&[&name]).inc_by(events);
+            if self.dedup.is_some() {
+                metrics::DUPLICATE_EVENTS
+                    .with_label_values(&[&name])
+                    .inc_by(duplicates);
+                metrics::EVENTS_WITHOUT_ID
+                    .with_label_values(&[&name])
+                    .inc_by(without_id);
+            }
         }
         self.batch.written(states);
         Ok(Some(write.offsets))

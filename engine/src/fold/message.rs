@@ -1,7 +1,7 @@
 //! The loop's decisions for each message of a chunk, in message order: drop a
 //! redelivery, note the oldest unapplied event for lag, apply an operator's skip,
-//! fold, or hand a bad event to the poison policy; then advance the batch and
-//! commit it when it is due.
+//! pass over an id folded before ([`super::dedup`]), fold, or hand a bad event
+//! to the poison policy; then advance the batch and commit it when it is due.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,15 +12,18 @@ use tracing::{debug, error, info, warn};
 
 use super::batch::Stop;
 use super::consumer::SourceConsumer;
+use super::dedup;
 use super::policy::{self, Outcome, Poison};
 use super::run::Folding;
 use super::{LoopEnd, LoopError};
 use crate::dead_letter::DeadLetters;
+use crate::decode::DecodeError;
 use crate::decode_ahead::Decoded;
 use crate::fold_state::{Fold, RunState};
 use crate::metrics;
 use crate::poison::PoisonReason;
-use crate::store::SourcePartition;
+use crate::projection::EventMeta;
+use crate::store::{SeenId, SourcePartition};
 use crate::supervisor::Supervisor;
 
 /// Whether the loop goes on after a chunk.
@@ -42,6 +45,15 @@ impl ChunkEnd {
             ChunkEnd::Refold => Some(LoopEnd::Refold),
         }
     }
+}
+
+/// What became of a message that was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Applied {
+    /// Its events were folded.
+    Folded,
+    /// Its id was folded before: passed over.
+    Duplicate,
 }
 
 /// The per-message decisions of the loop, for the messages of one chunk.
@@ -100,6 +112,9 @@ impl ChunkFolder<'_> {
             reason,
             error,
         };
+        // Everything applied counts as applied (a skip by policy too), but a
+        // duplicate passed over.
+        let mut counted = true;
         let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
             metrics::OPERATOR_SKIPS
                 .with_label_values(&[&self.supervisor.name])
@@ -113,7 +128,10 @@ impl ChunkFolder<'_> {
             policy::handle(&self.supervisor, fold, self.dead_letters, poison, &keep_waiting)?
         } else {
             match folding.apply(&message, &partition, decoded) {
-                Ok(()) => Outcome::Applied,
+                Ok(applied) => {
+                    counted = applied != Applied::Duplicate;
+                    Outcome::Applied
+                }
                 Err(Stop::Interrupted) => Outcome::Retry,
                 Err(Stop::Store(error)) => return Err(error.into()),
                 Err(Stop::Panicked(panic)) => {
@@ -152,11 +170,85 @@ impl ChunkFolder<'_> {
         folding.positions.insert(partition.clone(), offset + 1);
         folding
             .batch
-            .advance(partition, offset + 1, message.timestamp().to_millis());
+            .advance(partition, offset + 1, message.timestamp().to_millis(), counted);
         if folding.batch.is_due(self.max_events, self.max_wait) {
             folding.commit(consumer)?;
         }
         folding.throttle();
         Ok(ChunkEnd::Folded)
+    }
+}
+
+impl Folding {
+    /// Decodes, upcasts and folds one message into the batch.
+    pub(super) fn apply(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        partition: &SourcePartition,
+        decoded: Decoded,
+    ) -> Result<Applied, Stop> {
+        let size = message.payload_len();
+        if size > self.supervisor.max_event_bytes {
+            return Err(Stop::Poison {
+                reason: PoisonReason::BadFrame,
+                error: format!(
+                    "value of {size} bytes exceeds max_event_bytes = {}",
+                    self.supervisor.max_event_bytes
+                ),
+            });
+        }
+        let decoded = decoded.map_err(|e| match e {
+            DecodeError::Poison { reason, message } => Stop::Poison {
+                reason,
+                error: message,
+            },
+            DecodeError::Interrupted(_) => Stop::Interrupted,
+        })?;
+        let meta = EventMeta {
+            topic: partition.topic.clone(),
+            partition: partition.partition,
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            key: decoded.key,
+        };
+        let events = decoded.events;
+        let mut remember = None;
+        if let Some(dedup) = self.dedup.as_mut() {
+            let id = self
+                .facts
+                .event_id(message.headers(), &events, &meta)
+                .map_err(|error| Stop::Poison {
+                    reason: PoisonReason::FoldFailed,
+                    error: format!("reading the event id: {error}"),
+                })?;
+            match id {
+                None => dedup.without_id += 1,
+                Some(id) => {
+                    let digest = dedup::digest(&id);
+                    if dedup
+                        .is_duplicate(&self.deps.store, &self.fold.generation, partition, &digest)
+                        .map_err(Stop::Store)?
+                    {
+                        debug!(topic = %partition.topic, partition = partition.partition, offset = meta.offset,
+                            "event id folded before; passed over");
+                        dedup.duplicates += 1;
+                        return Ok(Applied::Duplicate);
+                    }
+                    remember = Some(digest);
+                }
+            }
+        }
+        let source = (&*self.deps.store, &self.fold.generation);
+        self.batch
+            .fold_message(self.fold.projection.as_ref(), source, &events, &meta, partition)?;
+        if let (Some(dedup), Some(digest)) = (self.dedup.as_mut(), remember) {
+            let seen = SeenId {
+                offset: meta.offset,
+                digest,
+                timestamp_ms: meta.timestamp_ms.unwrap_or(0),
+            };
+            dedup.remember(partition, seen);
+        }
+        Ok(Applied::Folded)
     }
 }

@@ -29,6 +29,8 @@
 mod batch;
 mod commit;
 mod consumer;
+mod dedup;
+mod facts;
 mod message;
 mod policy;
 mod run;
@@ -144,4 +146,6 @@ enum LoopError {
     DecoderGone(#[from] DecoderGone),
     #[error(transparent)]
     Encode(#[from] batch::EncodeError),
+    #[error("the projection's configuration: {0}")]
+    Config(String),
 }

@@ -12,17 +12,17 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use tracing::{error, info, warn};
 
-use super::batch::{Batch, Stop};
+use super::batch::Batch;
 use super::consumer::{self, SourceConsumer};
+use super::dedup::Dedup;
+use super::facts::Facts;
 use super::message::ChunkFolder;
 use super::{LoopEnd, LoopError, SourceDeps};
 use crate::config::PoisonPolicy;
 use crate::dead_letter::DeadLetters;
-use crate::decode::DecodeError;
-use crate::decode_ahead::{DecodeAhead, Decoded};
+use crate::decode_ahead::DecodeAhead;
 use crate::fold_state::{Command, Fold, LogBehind, RunState};
 use crate::poison::PoisonReason;
-use crate::projection::EventMeta;
 use crate::replay::Replay;
 use crate::store::{SourcePartition, StoreError};
 use crate::supervisor::Supervisor;
@@ -57,6 +57,10 @@ pub(super) struct Folding {
     pub(super) stopping: bool,
     /// A [`Command::LogBehind`] came and is not handled yet.
     log_behind: Option<LogBehind>,
+    /// Where the projection's event ids and times are.
+    pub(super) facts: Facts,
+    /// The ids folded, when the projection folds each id once.
+    pub(super) dedup: Option<Dedup>,
 }
 
 impl FoldLoop {
@@ -86,6 +90,9 @@ impl FoldLoop {
         .map_err(LoopError::DecoderThread)?;
         let consumer = consumer::subscribe(&deps.kafka, deps.store.clone(), fold.clone())?;
         let batch = Batch::new(deps.store_config.state_cache_bytes());
+        let facts = Facts::new(supervisor.dedup.as_ref(), supervisor.event_time.as_deref())
+            .map_err(|e| LoopError::Config(e.to_string()))?;
+        let dedup = supervisor.dedup.as_ref().map(Dedup::new);
         Ok(FoldLoop {
             consumer,
             dead_letters,
@@ -103,6 +110,8 @@ impl FoldLoop {
                 commands,
                 stopping: false,
                 log_behind: None,
+                facts,
+                dedup,
             },
         })
     }
@@ -226,6 +235,9 @@ fn handle_rebalance(consumer: &SourceConsumer, folding: &mut Folding) -> Result<
         for partition in revoked {
             folding.positions.remove(&partition);
             folding.batch.drop_partition(&partition);
+            if let Some(dedup) = folding.dedup.as_mut() {
+                dedup.drop_partition(&partition);
+            }
         }
     }
     Ok(())
@@ -373,42 +385,5 @@ impl Folding {
             .unwrap_or(0);
         self.positions.insert(partition.clone(), next);
         Ok(next)
-    }
-
-    /// Decodes, upcasts and folds one message into the batch.
-    pub(super) fn apply(
-        &mut self,
-        message: &BorrowedMessage<'_>,
-        partition: &SourcePartition,
-        decoded: Decoded,
-    ) -> Result<(), Stop> {
-        let size = message.payload_len();
-        if size > self.supervisor.max_event_bytes {
-            return Err(Stop::Poison {
-                reason: PoisonReason::BadFrame,
-                error: format!(
-                    "value of {size} bytes exceeds max_event_bytes = {}",
-                    self.supervisor.max_event_bytes
-                ),
-            });
-        }
-        let decoded = decoded.map_err(|e| match e {
-            DecodeError::Poison { reason, message } => Stop::Poison {
-                reason,
-                error: message,
-            },
-            DecodeError::Interrupted(_) => Stop::Interrupted,
-        })?;
-        let meta = EventMeta {
-            topic: partition.topic.clone(),
-            partition: partition.partition,
-            offset: message.offset(),
-            timestamp_ms: message.timestamp().to_millis(),
-            key: decoded.key,
-        };
-        let events = decoded.events;
-        let source = (&*self.deps.store, &self.fold.generation);
-        self.batch
-            .fold_message(self.fold.projection.as_ref(), source, &events, &meta, partition)
     }
 }

@@ -9,13 +9,15 @@
 //! (`definition/<projection>@<n>`). A replay's switch is one write of the first
 //! two (DESIGN.md invariant 3).
 //!
-//! A batch's state rows and offsets go in one `WriteBatch` (DESIGN.md invariant 1).
+//! A batch's state rows, offsets and event ids ([`seen_ids`]) go in one
+//! `WriteBatch` (DESIGN.md invariant 1).
 
 mod catalog;
 mod checkpoint;
 mod keys;
 mod read;
 mod rows;
+mod seen_ids;
 #[cfg(test)]
 mod tests;
 
@@ -27,6 +29,7 @@ use keys::generation_options;
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteOptions};
 
 pub use read::{KeyPartials, ReadView};
+pub use seen_ids::{SeenId, ID_DIGEST_BYTES};
 
 pub use checkpoint::{
     read_manifest, restore, CheckpointError, CheckpointedProjection, Manifest, CHECKPOINT_FORMAT,
@@ -103,6 +106,10 @@ pub struct BatchWrite {
     pub rows: Vec<(String, SourcePartition, Option<Vec<u8>>)>,
     /// Next offset to apply, per partition.
     pub offsets: BTreeMap<SourcePartition, i64>,
+    /// Event ids folded by this batch, to remember ([`SeenId`]).
+    pub seen: Vec<(SourcePartition, SeenId)>,
+    /// Remembered ids to forget (out of the window), by partition and offset.
+    pub forgotten: Vec<(SourcePartition, i64)>,
 }
 
 /// The RocksDB database of one worker.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::keys::{decode_offset, offset_key, state_key};
+use super::seen_ids::{seen_key, seen_value};
 use super::{failed, BatchWrite, Generation, SourcePartition, Store, StoreError};
 use rocksdb::WriteBatch;
 
@@ -61,7 +62,7 @@ impl Store {
             .transpose()
     }
 
-    /// Writes one batch atomically: state rows and offsets together.
+    /// Writes one batch atomically: state rows, offsets and event ids together.
     pub fn commit(&self, generation: &Generation, batch: &BatchWrite) -> Result<(), StoreError> {
         let cf = self.cf(generation)?;
         let mut rows: Vec<(Vec<u8>, &Option<Vec<u8>>)> = batch
@@ -81,6 +82,14 @@ impl Store {
         }
         for (partition, next) in &batch.offsets {
             write.put_cf(&cf, offset_key(partition), (*next as u64).to_be_bytes());
+        }
+        // Puts before deletes: an id remembered and forgotten within one batch
+        // leaves no row.
+        for (partition, seen) in &batch.seen {
+            write.put_cf(&cf, seen_key(partition, seen.offset), seen_value(seen));
+        }
+        for (partition, offset) in &batch.forgotten {
+            write.delete_cf(&cf, seen_key(partition, *offset));
         }
         self.db
             .write_opt(write, &self.write_options)

@@ -86,7 +86,7 @@ fn fold_one(batch: &mut Batch, source: (&Store, &Generation), key: &str, offset:
     batch
         .fold_message(&Counter, source, &[event("e", key)], &meta(offset), &partition(0))
         .unwrap();
-    batch.advance(partition(0), offset + 1, Some(1_000 + offset));
+    batch.advance(partition(0), offset + 1, Some(1_000 + offset), true);
 }
 
 fn store() -> (tempfile::TempDir, Store, Generation) {
