@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use crate::as_of::AsOfSpec;
 use crate::poison::PoisonReason;
 use crate::projection::Projection;
 use crate::store::{Generation, SourcePartition};
@@ -69,6 +70,8 @@ pub struct Fold {
     pub projection: Arc<dyn Projection>,
     /// Source topics of that definition.
     pub topics: Vec<String>,
+    /// For an as-of generation: the time it folds up to and where it stops.
+    pub as_of: Option<AsOfSpec>,
     state: Mutex<RunState>,
     skip_once: Mutex<Option<Position>>,
     /// Record timestamp of the oldest polled-but-uncommitted event per partition.
@@ -131,6 +134,7 @@ impl Fold {
             generation,
             projection,
             topics,
+            as_of: None,
             state: Mutex::new(RunState::Starting),
             skip_once: Mutex::new(None),
             unapplied: Mutex::new(HashMap::new()),
@@ -142,6 +146,12 @@ impl Fold {
             known_panic: Mutex::new(None),
             owned: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// This fold as an as-of generation folding up to `spec`.
+    pub fn with_as_of(mut self, spec: AsOfSpec) -> Self {
+        self.as_of = Some(spec);
+        self
     }
 
     /// The projection's name.

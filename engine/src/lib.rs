@@ -11,6 +11,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod as_of;
 mod avro_json;
 mod backoff;
 pub mod config;

@@ -19,6 +19,7 @@ use crate::metrics;
 use crate::store::Store;
 
 mod access;
+mod as_of;
 mod checkpoint;
 use crate::supervisor::{StartError, Supervisor};
 
@@ -37,6 +38,9 @@ pub struct ApiState {
     pub protect_probes: bool,
     /// Permits for key scans running at once.
     pub scans: Arc<tokio::sync::Semaphore>,
+    /// Kafka, for the high watermarks of a new as-of generation (`None`: they
+    /// are refused).
+    pub kafka: Option<crate::config::KafkaConfig>,
 }
 
 /// The API's routes.
@@ -64,6 +68,11 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/projections/{name}/replay",
             post(start_replay).delete(abort_replay),
+        )
+        .route("/projections/{name}/as-of", post(as_of::request))
+        .route(
+            "/projections/{name}/as-of/{until}",
+            axum::routing::delete(as_of::remove),
         )
         .route("/checkpoint", post(checkpoint::take));
     reads.merge(probes).merge(admin).with_state(state)
@@ -143,6 +152,7 @@ impl ApiState {
             },
             "replay": projection.replay_status(),
             "last_replay": projection.last_replay(),
+            "as_of_generations": as_of::describe_all(&self.store, projection),
         });
         if let Some(error) = store_error {
             description["store_error"] = json!(error);
@@ -202,13 +212,20 @@ fn as_of(offsets: BTreeMap<crate::store::SourcePartition, i64>) -> Value {
     )
 }
 
+/// Query of a key read: `at` names an as-of generation by its time.
+#[derive(serde::Deserialize)]
+struct ReadQuery {
+    at: Option<String>,
+}
+
 async fn read_key(
     State(state): State<ApiState>,
     ApiPath((name, key)): ApiPath<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+    ApiQuery(query): ApiQuery<ReadQuery>,
+) -> Result<Json<Value>, as_of::Refusal> {
     let projection = state.projection(&name)?;
     // One fold for the whole request: its generation and the merge that goes with it.
-    let live = projection.live();
+    let (live, until) = as_of::resolve(&state.store, &name, projection, query.at.as_deref())?;
     let view = state.store.read_view(&live.generation).map_err(internal)?;
     let partials = view.partials(&key).map_err(internal)?;
     let not_found = || {
@@ -218,7 +235,7 @@ async fn read_key(
         )
     };
     if partials.is_empty() {
-        return Err(not_found());
+        return Err(not_found().into());
     }
     let mut value = live
         .projection
@@ -227,6 +244,9 @@ async fn read_key(
         .ok_or_else(not_found)?;
     if let Value::Object(fields) = &mut value {
         fields.insert("as_of".into(), as_of(view.offsets().map_err(internal)?));
+        if let Some(until) = until {
+            fields.insert("until".into(), json!(until));
+        }
     }
     Ok(Json(value))
 }
@@ -238,6 +258,8 @@ struct ScanQuery {
     prefix: String,
     after: Option<String>,
     limit: Option<usize>,
+    /// An as-of generation's time.
+    at: Option<String>,
 }
 
 /// Most keys one scan returns.
@@ -247,17 +269,21 @@ async fn scan_keys(
     State(state): State<ApiState>,
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<ScanQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, as_of::Refusal> {
     let projection = state.projection(&name)?;
+    let (live, until) = as_of::resolve(&state.store, &name, projection, query.at.as_deref())?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_SCAN_LIMIT);
     // A scan reads and merges up to `limit` keys: a bounded number run at once,
     // off the async threads; the others wait within the request timeout.
     let _permit = state.scans.clone().acquire_owned().await.map_err(internal)?;
-    let live = projection.live();
     let store = state.store.clone();
-    tokio::task::spawn_blocking(move || scan(&store, &live, &query, limit))
+    let Json(mut page) = tokio::task::spawn_blocking(move || scan(&store, &live, &query, limit))
         .await
-        .map_err(internal)?
+        .map_err(internal)??;
+    if let Some(until) = until {
+        page["until"] = json!(until);
+    }
+    Ok(Json(page))
 }
 
 fn scan(

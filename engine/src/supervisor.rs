@@ -32,7 +32,10 @@
 //! its own channel ([`crate::fold_state::Command`]) and reports how it ended with
 //! [`Supervisor::loop_exited`].
 
+mod as_of;
 mod handover;
+
+pub use as_of::AsOfError;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -126,6 +129,8 @@ pub struct Supervisor {
     /// The fold built from the configured definition.
     pub configured_projection: Arc<dyn Projection>,
     lifecycle: Mutex<Lifecycle>,
+    /// As-of generations by the time they fold up to.
+    as_ofs: Mutex<BTreeMap<i64, Arc<Fold>>>,
     last_replay: Mutex<Option<ReplayOutcome>>,
     spawner: OnceLock<Spawner>,
 }
@@ -158,6 +163,7 @@ impl Supervisor {
             configured_definition: config.definition(),
             configured_projection,
             lifecycle: Mutex::new(lifecycle),
+            as_ofs: Mutex::new(BTreeMap::new()),
             last_replay: Mutex::new(None),
             spawner: OnceLock::new(),
         }
@@ -172,7 +178,8 @@ impl Supervisor {
         let _ = self.spawner.set(spawner);
     }
 
-    /// Starts the loops of the live generation and of a replay found in the store.
+    /// Starts the loops of the live generation, of a replay found in the store and
+    /// of as-of generations not complete yet.
     pub fn start(&self) {
         let lifecycle = self.lifecycle().clone();
         self.spawn(lifecycle.live().clone());
@@ -180,6 +187,7 @@ impl Supervisor {
             info!(projection = %self.name, generation = replay.fold.generation.number, "resuming the replay");
             self.spawn(replay.fold.clone());
         }
+        self.start_as_ofs();
     }
 
     /// Starts a thread running `fold`'s loop.
@@ -231,6 +239,11 @@ impl Supervisor {
             let mut lifecycle = self.lifecycle();
             fold.set_loop_running(false);
             if shutting_down {
+                return;
+            }
+            if fold.as_of.is_some() {
+                drop(lifecycle);
+                self.as_of_loop_exited(fold, store);
                 return;
             }
             if matches!(fold.state(), RunState::Starting) {

@@ -241,6 +241,22 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
             None => None,
         };
         let supervisor = Arc::new(Supervisor::new(entry, projection.clone(), live, replay));
+        for record in store.as_of_records(&entry.name)? {
+            let generation = crate::store::Generation {
+                projection: entry.name.clone(),
+                number: record.generation,
+            };
+            let fold = stored_fold(
+                &store,
+                entry,
+                &projection,
+                generation,
+                false,
+                &builtins.projections,
+                &schemas,
+            )?;
+            supervisor.restore_as_of(fold.with_as_of(crate::as_of::AsOfSpec::from_record(&record)));
+        }
         supervisors.insert(entry.name.clone(), supervisor);
     }
 
@@ -283,6 +299,7 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
         read_tokens: Arc::new(config.http.read_tokens()),
         protect_probes: config.http.protect_probes,
         scans: Arc::new(tokio::sync::Semaphore::new(config.http.max_concurrent_scans)),
+        kafka: Some(config.kafka.clone()),
     });
     let limits = listener::Limits {
         header_timeout: Duration::from_millis(config.http.header_timeout_ms),

@@ -1,4 +1,5 @@
-//! `projector replay` and `projector status`: talk to a running worker's HTTP API.
+//! `projector replay`, `as-of`, `checkpoint` (of a running worker) and `status`:
+//! talk to a running worker's HTTP API.
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -131,6 +132,75 @@ pub async fn replay(api: &WorkerApi, name: &str, wait: bool) -> Result<()> {
         wait_for_switch(api, name, generation).await?;
     }
     Ok(())
+}
+
+/// `projector as-of NAME --until T [--wait]`.
+pub async fn as_of(api: &WorkerApi, name: &str, until: &str, wait: bool) -> Result<()> {
+    let url = format!("{}/projections/{name}/as-of", api.base);
+    let mut request = api.client.post(&url).json(&serde_json::json!({ "until": until }));
+    if let Some(token) = &api.token {
+        request = request.bearer_auth(token);
+    }
+    let (status, body) = answer(request, &format!("POST {url}")).await?;
+    if !status.is_success() {
+        bail!(
+            "{name}: as-of refused: {status}: {}",
+            body["error"].as_str().unwrap_or_default()
+        );
+    }
+    let started = &body["as_of_generation"];
+    let until = started["until"].as_str().unwrap_or(until).to_owned();
+    println!(
+        "{name}: as-of generation {} until {until} started",
+        started["generation"]
+    );
+    if !wait {
+        return Ok(());
+    }
+    let mut last_line = Instant::now();
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        let projection = match api.get(&format!("/projections/{name}")).await {
+            Ok(projection) => {
+                unreachable_since = None;
+                projection
+            }
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > UNREACHABLE_LIMIT {
+                    return Err(e.context(format!("the worker did not answer for {UNREACHABLE_LIMIT:?}")));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let Some(generation) = projection["as_of_generations"]
+            .as_array()
+            .and_then(|all| all.iter().find(|g| g["until"] == until.as_str()))
+        else {
+            bail!("{name}: the as-of generation until {until} is gone (removed?)");
+        };
+        if generation["complete"] == true {
+            println!("{name}: as-of generation until {until} is complete");
+            return Ok(());
+        }
+        let state = generation["status"]["state"].as_str().unwrap_or_default();
+        if matches!(state, "poisoned" | "failed") {
+            bail!(
+                "{name}: the as-of generation until {until} stopped: {}",
+                generation["status"]
+            );
+        }
+        if last_line.elapsed() >= Duration::from_secs(5) {
+            let progress = &generation["progress"];
+            eprintln!(
+                "{name}: as of {until}: {}/{} events read",
+                progress["read"], progress["target"]
+            );
+            last_line = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 async fn wait_for_switch(api: &WorkerApi, name: &str, generation: u64) -> Result<()> {

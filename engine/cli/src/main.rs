@@ -84,6 +84,27 @@ enum Command {
         #[arg(long)]
         ca_file: Option<PathBuf>,
     },
+    /// Build a frozen generation of a projection in a running worker that folds
+    /// only the events up to a time, read as `GET .../state/{key}?at=<until>`.
+    AsOf {
+        /// The projection.
+        name: String,
+        /// The time, RFC 3339 (`2026-06-30T23:59:59.000Z`): events at or before it are folded.
+        #[arg(long)]
+        until: String,
+        /// The deployment's TOML config (for the API address and admin token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Wait until it is complete; exit non-zero if it stops.
+        #[arg(long)]
+        wait: bool,
+        /// The worker's API, when not at the config's `http.listen`.
+        #[arg(long)]
+        url: Option<String>,
+        /// A PEM file of the CA to trust for an https:// API (besides the system's).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
     /// Print a running worker's projections: generation, state, replay, lag.
     Status {
         /// The deployment's TOML config (for the API address and tokens).
@@ -196,6 +217,22 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             control::replay(
                 &control::WorkerApi::new(&config, url, ca_file.as_deref())?,
                 &name,
+                wait,
+            )
+            .await?
+        }
+        Command::AsOf {
+            name,
+            until,
+            config,
+            wait,
+            url,
+            ca_file,
+        } => {
+            control::as_of(
+                &control::WorkerApi::new(&config, url, ca_file.as_deref())?,
+                &name,
+                &until,
                 wait,
             )
             .await?

@@ -98,7 +98,7 @@ impl Facts {
                 .as_i64()
                 .map(Some)
                 .ok_or_else(|| format!("`{}` gave {n}, not whole milliseconds", expr.source())),
-            Some(Json::String(text)) => parse_instant(&text)
+            Some(Json::String(text)) => crate::as_of::parse_instant(&text)
                 .map(Some)
                 .ok_or_else(|| format!("`{}` gave `{text}`, not RFC 3339 text", expr.source())),
             None | Some(Json::Null) => Err(format!("`{}` gave no value", expr.source())),
@@ -133,17 +133,10 @@ fn avro_instant(value: &Avro) -> Option<i64> {
         Avro::TimestampMicros(us) | Avro::LocalTimestampMicros(us) => Some(us.div_euclid(1_000)),
         Avro::TimestampNanos(ns) | Avro::LocalTimestampNanos(ns) => Some(ns.div_euclid(1_000_000)),
         Avro::Int(ms) => Some(i64::from(*ms)),
-        Avro::String(text) => parse_instant(text),
+        Avro::String(text) => crate::as_of::parse_instant(text),
         Avro::Union(_, inner) => avro_instant(inner),
         _ => None,
     }
-}
-
-/// RFC 3339 text as ms since the epoch.
-pub fn parse_instant(text: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.timestamp_millis())
 }
 
 #[cfg(test)]

@@ -54,6 +54,9 @@ pub(super) enum Applied {
     Folded,
     /// Its id was folded before: passed over.
     Duplicate,
+    /// An as-of generation passes over events after its time or written after
+    /// its request.
+    PassedOver,
 }
 
 /// The per-message decisions of the loop, for the messages of one chunk.
@@ -112,8 +115,8 @@ impl ChunkFolder<'_> {
             reason,
             error,
         };
-        // Everything applied counts as applied (a skip by policy too), but a
-        // duplicate passed over.
+        // Everything applied counts as applied (a skip by policy too), but
+        // events passed over (duplicates, after an as-of's time).
         let mut counted = true;
         let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
             metrics::OPERATOR_SKIPS
@@ -129,7 +132,7 @@ impl ChunkFolder<'_> {
         } else {
             match folding.apply(&message, &partition, decoded) {
                 Ok(applied) => {
-                    counted = applied != Applied::Duplicate;
+                    counted = applied == Applied::Folded;
                     Outcome::Applied
                 }
                 Err(Stop::Interrupted) => Outcome::Retry,
@@ -187,6 +190,11 @@ impl Folding {
         partition: &SourcePartition,
         decoded: Decoded,
     ) -> Result<Applied, Stop> {
+        let as_of = self.fold.as_of.as_ref();
+        if as_of.is_some_and(|spec| spec.is_past_target(partition, message.offset())) {
+            // Written after the as-of's request: not its to read, even undecodable.
+            return Ok(Applied::PassedOver);
+        }
         let size = message.payload_len();
         if size > self.supervisor.max_event_bytes {
             return Err(Stop::Poison {
@@ -212,6 +220,24 @@ impl Folding {
             key: decoded.key,
         };
         let events = decoded.events;
+        if let Some(spec) = &self.fold.as_of {
+            let time = self
+                .facts
+                .event_time(&events, &meta)
+                .map_err(|error| Stop::Poison {
+                    reason: PoisonReason::FoldFailed,
+                    error: format!("reading the event time: {error}"),
+                })?;
+            let Some(time) = time else {
+                return Err(Stop::Poison {
+                    reason: PoisonReason::FoldFailed,
+                    error: "the event has no time for the as-of generation (no record timestamp)".into(),
+                });
+            };
+            if time > spec.until_ms {
+                return Ok(Applied::PassedOver);
+            }
+        }
         let mut remember = None;
         if let Some(dedup) = self.dedup.as_mut() {
             let id = self

@@ -145,6 +145,9 @@ impl FoldLoop {
                 return Ok(LoopEnd::Stopped);
             }
             drive_replay(consumer, folding)?;
+            if drive_as_of(consumer, folding)? {
+                return Ok(LoopEnd::Stopped);
+            }
             if let Some(found) = folding.log_behind.take() {
                 // Only for a partition this loop still folds, still at that offset
                 // (the report may be older than a rebalance or a resume).
@@ -332,6 +335,32 @@ fn drive_replay(consumer: &SourceConsumer, folding: &mut Folding) -> Result<(), 
     folding.replay = None;
     folding.throttle = None;
     Ok(())
+}
+
+/// An as-of generation's end: once every partition reached its target, commit,
+/// record it complete and stop (true). Its state is final from then on.
+fn drive_as_of(consumer: &SourceConsumer, folding: &mut Folding) -> Result<bool, LoopError> {
+    let fold = folding.fold.clone();
+    let Some(spec) = fold.as_of.as_ref() else {
+        return Ok(false);
+    };
+    if spec.is_complete() {
+        return Ok(true);
+    }
+    for partition in spec.targets.keys() {
+        if !spec.reached(partition, folding.position(partition)?) {
+            return Ok(false);
+        }
+    }
+    folding.commit(consumer)?;
+    folding
+        .deps
+        .store
+        .complete_as_of(&folding.supervisor.name, spec.until_ms)?;
+    spec.set_complete();
+    info!(until = %spec.until_text(), "as-of generation complete: its state is final");
+    fold.set_state(RunState::Stopped);
+    Ok(true)
 }
 
 impl Folding {

@@ -11,6 +11,7 @@ fn state_with_token(dir: &std::path::Path, token: Option<&str>) -> ApiState {
         read_tokens: Arc::default(),
         protect_probes: false,
         scans: Arc::new(tokio::sync::Semaphore::new(1)),
+        kafka: None,
     }
 }
 

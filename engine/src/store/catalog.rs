@@ -39,7 +39,7 @@ impl Store {
     }
 
     /// Drops every generation of `projection` (state, offsets, definitions) and
-    /// forgets which was live or replaying, so its next run rebuilds it from
+    /// forgets which was live, replaying or as of a time, so its next run rebuilds it from
     /// offset 0. Returns the column families dropped.
     pub fn reset(&self, projection: &str) -> Result<Vec<String>, StoreError> {
         let mut dropped = Vec::new();
@@ -54,6 +54,9 @@ impl Store {
         let mut write = WriteBatch::default();
         write.delete(pointer_key(LIVE_PREFIX, projection));
         write.delete(pointer_key(REPLAY_PREFIX, projection));
+        for record in self.as_of_records(projection)? {
+            self.forget_as_of(projection, record.until_ms)?;
+        }
         self.db
             .write(write)
             .map_err(failed("forgetting the live generation"))?;
@@ -93,14 +96,19 @@ impl Store {
     }
 
     /// Drops the generations of `projection` that are neither live nor being
-    /// replayed (left by a crash between a switch or an abort and the drop).
-    /// Returns the column families dropped.
+    /// replayed nor as of a time (left by a crash between a switch, an abort or
+    /// an as-of's removal and the drop). Returns the column families dropped.
     pub fn drop_orphans(&self, projection: &str) -> Result<Vec<String>, StoreError> {
         let live = self.pointer(LIVE_PREFIX, projection)?;
         let replay = self.pointer(REPLAY_PREFIX, projection)?;
+        let as_of: Vec<u64> = self
+            .as_of_records(projection)?
+            .iter()
+            .map(|r| r.generation)
+            .collect();
         let mut dropped = Vec::new();
         for number in self.generation_numbers(projection) {
-            if Some(number) != live && Some(number) != replay {
+            if Some(number) != live && Some(number) != replay && !as_of.contains(&number) {
                 let generation = Generation {
                     projection: projection.to_owned(),
                     number,
@@ -139,13 +147,7 @@ impl Store {
     /// one), records the definition it folds with, and marks it as the
     /// projection's replay so a restarted worker resumes it.
     pub fn begin_replay(&self, projection: &str, definition: &Json) -> Result<Generation, StoreError> {
-        let live = self.live_generation(projection)?;
-        let highest = self.generation_numbers(projection).last().copied().unwrap_or(0);
-        let generation = Generation {
-            projection: projection.to_owned(),
-            number: highest.max(live.number) + 1,
-        };
-        self.ensure_column_family(&generation)?;
+        let generation = self.next_generation(projection)?;
         self.record_definition(&generation, definition)?;
         self.db
             .put(
@@ -156,6 +158,18 @@ impl Store {
                 "marking {} as replaying",
                 generation.column_family()
             )))?;
+        Ok(generation)
+    }
+
+    /// Creates the column family of a new generation, one above every existing one.
+    pub(super) fn next_generation(&self, projection: &str) -> Result<Generation, StoreError> {
+        let live = self.live_generation(projection)?;
+        let highest = self.generation_numbers(projection).last().copied().unwrap_or(0);
+        let generation = Generation {
+            projection: projection.to_owned(),
+            number: highest.max(live.number) + 1,
+        };
+        self.ensure_column_family(&generation)?;
         Ok(generation)
     }
 

@@ -12,6 +12,7 @@
 //! A batch's state rows, offsets and event ids ([`seen_ids`]) go in one
 //! `WriteBatch` (DESIGN.md invariant 1).
 
+mod as_of;
 mod catalog;
 mod checkpoint;
 mod keys;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use keys::generation_options;
 use rocksdb::{DBWithThreadMode, MultiThreaded, Options, WriteOptions};
 
+pub use as_of::AsOfRecord;
 pub use read::{KeyPartials, ReadView};
 pub use seen_ids::{SeenId, ID_DIGEST_BYTES};
 
