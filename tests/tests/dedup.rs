@@ -53,11 +53,11 @@ fn re_sent_events_are_folded_once_through_sigkills_and_restarts() -> Result<()> 
     let mut rng = projector_tests::seeded_rng("dedup");
     let dir = tempfile::tempdir()?;
     let broker = Broker::start(dir.path())?;
-    broker.create_topic("orders", 4)?;
+    broker.create_topic("orders", 2)?;
     let registry = Registry::start(dir.path())?;
 
     // Unique events, each with its id in `ce_id`, but a few that carry none.
-    let stream = orders::generate("orders", 1_500, rng.random());
+    let stream = orders::generate("orders", 2_000, rng.random());
     let mut unique = stream.lines.clone();
     stamp(&mut unique);
     let mut without_id = 0;
@@ -69,8 +69,9 @@ fn re_sent_events_are_folded_once_through_sigkills_and_restarts() -> Result<()> 
         }
     }
 
-    // A random 10% re-sent: a third right after the original, a third 2,000
-    // offsets later (in production order), a third after a worker restart.
+    // A random 10% re-sent: a third right after the original, a third 4,000
+    // events later in production order (about 2,000 offsets later in their
+    // partition of two), a third after a worker restart.
     let (mut first, mut after_restart) = (Vec::new(), Vec::new());
     let mut later: Vec<(usize, Value)> = Vec::new();
     let mut resent = 0;
@@ -85,12 +86,12 @@ fn re_sent_events_are_folded_once_through_sigkills_and_restarts() -> Result<()> 
         resent += 1;
         match rng.random_range(0..3) {
             0 => first.push(line.clone()),
-            1 => later.push((index + 2_000, line.clone())),
+            1 => later.push((index + 4_000, line.clone())),
             _ => after_restart.push(line.clone()),
         }
     }
     first.extend(later.into_iter().map(|(_, line)| line));
-    ensure!(resent >= 400, "{resent} events re-sent");
+    ensure!(resent >= 600, "{resent} events re-sent");
     let total = first.len() + after_restart.len();
 
     let home = dir.path().join("worker");
@@ -105,7 +106,7 @@ fn re_sent_events_are_folded_once_through_sigkills_and_restarts() -> Result<()> 
     )
     .spawn()?;
     // Killed twice while the producer writes, mid-batch.
-    for applied in [1_500, 3_500] {
+    for applied in [2_000, 5_000] {
         wait_applied(&mut worker, "order_summary", applied, Duration::from_secs(120))?;
         worker.restart(&home)?;
     }
