@@ -190,6 +190,16 @@ impl Supervisor {
         self.start_as_ofs();
     }
 
+    /// [`Supervisor::start`] but for the live generation, which the worker
+    /// starts in its topics' shared source.
+    pub fn start_all_but_live(&self) {
+        if let Some(replay) = self.replay() {
+            info!(projection = %self.name, generation = replay.fold.generation.number, "resuming the replay");
+            self.spawn(replay.fold.clone());
+        }
+        self.start_as_ofs();
+    }
+
     /// Starts a thread running `fold`'s loop.
     pub(crate) fn spawn(&self, fold: Arc<Fold>) {
         if let Some(spawner) = self.spawner.get() {

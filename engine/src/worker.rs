@@ -12,7 +12,7 @@ use crate::config::{Config, ConfigError, ProjectionConfig, ProjectionDefinition}
 use crate::declarative::Declarative;
 use crate::decode::Decoder;
 use crate::descriptors::{self, Budget};
-use crate::fold::{self, SourceDeps};
+use crate::fold::{self, SharedSource, SourceDeps};
 use crate::fold_state::Fold;
 use crate::listener;
 use crate::projection::{Projection, ProjectionRegistry};
@@ -204,7 +204,9 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
             .map_err(|e| WorkerError::Startup(e.to_string()))?,
     );
     let shutdown = Arc::new(AtomicBool::new(false));
+    let sources = shared_sources(&config);
     let deps = SourceDeps {
+        sources: Arc::new(sources.clone()),
         kafka: config.kafka.clone(),
         store_config: config.store.clone(),
         replay_config: config.replay.clone(),
@@ -266,6 +268,15 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
     info!(listen = %config.http.listen, projections = supervisors.len(), "worker started");
 
     let threads = Arc::new(Mutex::new(Vec::new()));
+    for source in sources.values() {
+        let (registry, schemas, deps, threads) =
+            (registry.clone(), schemas.clone(), deps.clone(), threads.clone());
+        source.set_starter(Box::new(move |source, members| {
+            let decoder = Decoder::new(registry.clone(), schemas.clone());
+            let thread = fold::spawn_source(source, members, decoder, deps.clone());
+            threads.lock().expect("threads lock").push(thread);
+        }));
+    }
     for supervisor in supervisors.values() {
         let spawner = {
             let weak = Arc::downgrade(supervisor);
@@ -281,8 +292,8 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
             }
         };
         supervisor.set_spawner(Box::new(spawner));
-        supervisor.start();
     }
+    start_folds(&store, &supervisors, &sources)?;
 
     let lag_monitor = crate::lag::spawn(
         &config.kafka,
@@ -325,6 +336,70 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
     .await
     .map_err(|e| WorkerError::Startup(format!("joining fold loops: {e}")))?;
     info!("worker stopped");
+    Ok(())
+}
+
+/// One shared source per set of topics that two or more projections read.
+fn shared_sources(config: &Config) -> BTreeMap<Vec<String>, Arc<SharedSource>> {
+    let mut readers: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+    for projection in &config.projections {
+        let mut topics = projection.topics.clone();
+        topics.sort();
+        *readers.entry(topics).or_default() += 1;
+    }
+    readers
+        .into_iter()
+        .filter(|(_, count)| *count >= 2)
+        .map(|(topics, count)| {
+            let source = SharedSource::new(&topics, count);
+            (topics, source)
+        })
+        .collect()
+}
+
+/// Starts every projection's loops. The live generations of projections that
+/// share a source start in it when they are within [`fold::JOIN_DISTANCE`]
+/// events of the furthest one; the others fold on their own until they are near
+/// (see `fold::source`).
+fn start_folds(
+    store: &Store,
+    supervisors: &BTreeMap<String, Arc<Supervisor>>,
+    sources: &BTreeMap<Vec<String>, Arc<SharedSource>>,
+) -> Result<(), WorkerError> {
+    let mut members: BTreeMap<Vec<String>, Vec<(Arc<Supervisor>, Arc<Fold>, i64)>> = BTreeMap::new();
+    for supervisor in supervisors.values() {
+        let live = supervisor.live();
+        let mut topics = live.topics.clone();
+        topics.sort();
+        if !sources.contains_key(&topics) {
+            supervisor.start();
+            continue;
+        }
+        supervisor.start_all_but_live();
+        let applied: i64 = store
+            .offsets(&live.generation)?
+            .values()
+            .fold(0i64, |sum, next| sum.saturating_add(*next));
+        members
+            .entry(topics)
+            .or_default()
+            .push((supervisor.clone(), live, applied));
+    }
+    for (topics, folds) in members {
+        let furthest = folds.iter().map(|(_, _, applied)| *applied).max().unwrap_or(0);
+        let (near, behind): (Vec<_>, Vec<_>) = folds
+            .into_iter()
+            .partition(|(_, _, applied)| furthest.saturating_sub(*applied) <= fold::JOIN_DISTANCE);
+        for (supervisor, fold, _) in behind {
+            info!(projection = %supervisor.name, "behind the shared source: folding on its own until near it");
+            supervisor.spawn(fold);
+        }
+        let near = near
+            .into_iter()
+            .map(|(supervisor, fold, _)| (supervisor, fold))
+            .collect();
+        sources[&topics].start(near);
+    }
     Ok(())
 }
 

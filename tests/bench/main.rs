@@ -7,7 +7,8 @@
 //! between and after the contenders; ratios divide by the best); Projector folding
 //! `order_summary`, a declarative projection and `revenue_by_day` from offset 0
 //! (each in a fresh worker), a replay of `order_summary`; Quix Streams folding the
-//! same events; and, on a second topic, the freshness of a live projection under
+//! same events; 1, 4 and 12 projections over the topic in one worker
+//! ([`shared`]); and, on a second topic, the freshness of a live projection under
 //! a steady producer (`live_producer`, rdkafka in this process). Prints a table
 //! and writes it as JSON.
 //!
@@ -15,6 +16,7 @@
 //! process start and group join are left out of every contender alike.
 
 mod live_producer;
+mod shared;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -90,6 +92,11 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
+    if std::env::var("BENCH_ONLY").is_ok_and(|only| only == "shared") {
+        let shared = shared::measure(dir.path(), &broker, &registry, "bench", total)?;
+        shared::print(&shared);
+        return Ok(());
+    }
     if let Some(binaries) = std::env::var_os("BENCH_AB") {
         return compare_builds(dir.path(), &broker, &registry, total, &binaries);
     }
@@ -143,6 +150,9 @@ fn main() -> Result<()> {
         "raw_consume",
         json!({ "events_per_second": raw, "runs": raw_runs }),
     );
+
+    let shared = shared::measure(dir.path(), &broker, &registry, "bench", total)?;
+    results.insert("shared_source", shared);
 
     let quix = quix_fold(&broker, &registry, settings.quix_events)?;
     eprintln!("quix streams: {quix:.0} events/s");
@@ -555,6 +565,7 @@ fn print_table(report: &Value) {
         results["customer_stats"]["peak_rss_mb"].as_f64().unwrap_or(0.0),
         results["revenue_by_day"]["peak_rss_mb"].as_f64().unwrap_or(0.0)
     );
+    shared::print(&results["shared_source"]);
 }
 
 fn chrono_date() -> String {

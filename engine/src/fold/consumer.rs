@@ -2,6 +2,7 @@
 //! (start assigned partitions at the stored offsets; note revocations for the
 //! loop), and polling in chunks.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +24,13 @@ use crate::store::{Generation, SourcePartition, Store, StoreError};
 /// revocations left for the loop to handle in message order.
 pub(super) struct SourceContext {
     pub(super) store: Arc<Store>,
-    pub(super) fold: Arc<Fold>,
+    /// The folds the loop folds (several in a shared source).
+    pub(super) folds: Mutex<Vec<Arc<Fold>>>,
+    /// Where each assigned partition started (the lowest stored offset of the
+    /// folds), until the loop has consumed from it.
+    pub(super) started_at: Mutex<HashMap<SourcePartition, i64>>,
+    /// The partitions assigned now.
+    pub(super) assignment: Mutex<BTreeSet<SourcePartition>>,
     pub(super) revoked: Mutex<Vec<SourcePartition>>,
     pub(super) assignment_error: Mutex<Option<String>>,
     /// Set as the loop ends: the revocation of closing the consumer is no loss of
@@ -54,8 +61,12 @@ impl ConsumerContext for SourceContext {
                 };
                 match assigned {
                     Ok(()) => {
-                        self.fold.own(partitions_of(tpl));
-                        self.fold.set_assigned();
+                        let partitions = partitions_of(tpl);
+                        for fold in self.folds.lock().expect("lock").iter() {
+                            fold.own(partitions.iter().cloned());
+                            fold.set_assigned();
+                        }
+                        self.assignment.lock().expect("lock").extend(partitions);
                     }
                     Err(e) => *self.assignment_error.lock().expect("lock") = Some(e.to_string()),
                 }
@@ -67,7 +78,17 @@ impl ConsumerContext for SourceContext {
                 // leave the partition owned. Partitions lost with the session
                 // (brokers silent) stay ours to report: their lag keeps ageing.
                 if !self.closing.load(Ordering::Relaxed) && !consumer.assignment_lost() {
-                    self.fold.disown(&partitions);
+                    for fold in self.folds.lock().expect("lock").iter() {
+                        fold.disown(&partitions);
+                    }
+                }
+                {
+                    let mut assignment = self.assignment.lock().expect("lock");
+                    let mut started_at = self.started_at.lock().expect("lock");
+                    for partition in &partitions {
+                        assignment.remove(partition);
+                        started_at.remove(partition);
+                    }
                 }
                 self.revoked.lock().expect("lock").extend(partitions);
                 let unassigned = if cooperative {
@@ -88,12 +109,27 @@ impl ConsumerContext for SourceContext {
 }
 
 impl SourceContext {
+    /// Starts each assigned partition at the lowest stored next offset of the
+    /// folds (from its beginning when one has none): each fold drops what it
+    /// applied already.
     fn start_from_stored_offsets(&self, tpl: &mut TopicPartitionList) -> Result<(), StoreError> {
+        let folds = self.folds.lock().expect("lock").clone();
         for partition in partitions_of(tpl) {
-            let offset = match self.store.next_offset(&self.fold.generation, &partition)? {
+            let mut lowest = Some(i64::MAX);
+            for fold in &folds {
+                lowest = match (lowest, self.store.next_offset(&fold.generation, &partition)?) {
+                    (Some(low), Some(next)) => Some(low.min(next)),
+                    _ => None,
+                };
+            }
+            let offset = match lowest.filter(|low| *low != i64::MAX) {
                 Some(next) => Offset::Offset(next),
                 None => Offset::Beginning,
             };
+            self.started_at.lock().expect("lock").insert(
+                partition.clone(),
+                lowest.filter(|low| *low != i64::MAX).unwrap_or(0),
+            );
             info!(topic = %partition.topic, partition = partition.partition, start = ?offset, "partition assigned");
             // The partition is in the list we were given, so this cannot fail.
             let _ = tpl.set_partition_offset(&partition.topic, partition.partition, offset);
@@ -112,36 +148,52 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<SourcePartition> {
         .collect()
 }
 
-/// Creates the consumer of `fold`'s loop, subscribed to its topics.
+/// Creates the consumer of a loop folding `folds` (one, or the members of a
+/// shared source, which all read `topics`), subscribed to their topics.
 pub(super) fn subscribe(
     kafka: &KafkaConfig,
     store: Arc<Store>,
-    fold: Arc<Fold>,
+    folds: Vec<Arc<Fold>>,
+    shared: bool,
 ) -> Result<SourceConsumer, KafkaError> {
+    let topics = folds.first().map(|f| f.topics.clone()).unwrap_or_default();
+    let group_id = match (&folds[..], shared) {
+        ([fold], false) => group_id(kafka, &fold.generation),
+        _ => shared_group_id(kafka, &topics),
+    };
     let context = SourceContext {
         store,
-        fold: fold.clone(),
+        folds: Mutex::new(folds),
+        started_at: Mutex::new(HashMap::new()),
+        assignment: Mutex::new(BTreeSet::new()),
         revoked: Mutex::new(Vec::new()),
         assignment_error: Mutex::new(None),
         closing: AtomicBool::new(false),
     };
-    let group_id = group_id(kafka, &fold.generation);
     let consumer: SourceConsumer =
         crate::kafka_client::config(kafka, Role::FoldConsumer { group_id: &group_id })
             .create_with_context(context)?;
-    let topics: Vec<&str> = fold.topics.iter().map(String::as_str).collect();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
 }
 
-/// The consumer group of a generation: `<prefix>.<projection>` for the first,
-/// `<prefix>.<projection>.g<n>` for later ones, so a replay's consumer never
-/// shares partitions with the live one.
+/// The consumer group of a generation folding on its own: `<prefix>.<projection>`
+/// for the first, `<prefix>.<projection>.g<n>` for later ones, so a replay's
+/// consumer never shares partitions with the live one.
 fn group_id(kafka: &KafkaConfig, generation: &Generation) -> String {
     match generation.number {
         1 => format!("{}.{}", kafka.group_prefix, generation.projection),
         n => format!("{}.{}.g{n}", kafka.group_prefix, generation.projection),
     }
+}
+
+/// The consumer group of the shared source of `topics`:
+/// `<prefix>.source.<topic>+<topic>...` (sorted).
+fn shared_group_id(kafka: &KafkaConfig, topics: &[String]) -> String {
+    let mut sorted = topics.to_vec();
+    sorted.sort();
+    format!("{}.source.{}", kafka.group_prefix, sorted.join("+"))
 }
 
 /// Messages taken from the consumer in one go.

@@ -4,8 +4,6 @@
 //! to the poison policy; then advance the batch and commit it when it is due.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::message::{BorrowedMessage, Message};
 use tracing::{debug, error, info, warn};
@@ -13,39 +11,16 @@ use tracing::{debug, error, info, warn};
 use super::batch::Stop;
 use super::consumer::SourceConsumer;
 use super::dedup;
+use super::member::Folding;
 use super::policy::{self, Outcome, Poison};
-use super::run::Folding;
 use super::{LoopEnd, LoopError};
-use crate::dead_letter::DeadLetters;
 use crate::decode::DecodeError;
 use crate::decode_ahead::Decoded;
-use crate::fold_state::{Fold, RunState};
+use crate::fold_state::RunState;
 use crate::metrics;
 use crate::poison::PoisonReason;
 use crate::projection::EventMeta;
 use crate::store::{SeenId, SourcePartition};
-use crate::supervisor::Supervisor;
-
-/// Whether the loop goes on after a chunk.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum ChunkEnd {
-    Folded,
-    /// Stopped at a message (poison under `stop`, or shutdown mid-message).
-    LoopEnded,
-    /// A fold panicked: the open batch must be dropped and folded again.
-    Refold,
-}
-
-impl ChunkEnd {
-    /// How the loop ends after this chunk, if it does.
-    pub(super) fn loop_end(self) -> Option<LoopEnd> {
-        match self {
-            ChunkEnd::Folded => None,
-            ChunkEnd::LoopEnded => Some(LoopEnd::Stopped),
-            ChunkEnd::Refold => Some(LoopEnd::Refold),
-        }
-    }
-}
 
 /// What became of a message that was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,59 +34,53 @@ pub(super) enum Applied {
     PassedOver,
 }
 
-/// The per-message decisions of the loop, for the messages of one chunk.
-pub(super) struct ChunkFolder<'d> {
-    pub(super) supervisor: Arc<Supervisor>,
-    pub(super) fold: Arc<Fold>,
-    pub(super) dead_letters: Option<&'d DeadLetters>,
-    pub(super) max_wait: Duration,
-    pub(super) max_events: u64,
+/// Whether a fold goes on after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ChunkEnd {
+    Folded,
+    /// Stopped at a message (poison under `stop`, or shutdown mid-message).
+    LoopEnded,
+    /// A fold panicked: the open batch must be dropped and folded again.
+    Refold,
 }
 
-impl ChunkFolder<'_> {
-    /// Folds `messages`, the oldest chunk submitted for decoding, in order.
-    pub(super) fn fold_chunk(
-        &self,
-        consumer: &SourceConsumer,
-        folding: &mut Folding,
-        messages: Vec<BorrowedMessage<'_>>,
-    ) -> Result<ChunkEnd, LoopError> {
-        let decoded = folding.decode_ahead.next()?;
-        for (message, decoded) in messages.into_iter().zip(decoded) {
-            match self.fold_message(consumer, folding, message, decoded)? {
-                ChunkEnd::Folded => {}
-                end => return Ok(end),
-            }
+impl ChunkEnd {
+    /// How the fold's loop ends after this message, if it does.
+    pub(super) fn loop_end(self) -> Option<LoopEnd> {
+        match self {
+            ChunkEnd::Folded => None,
+            ChunkEnd::LoopEnded => Some(LoopEnd::Stopped),
+            ChunkEnd::Refold => Some(LoopEnd::Refold),
         }
-        Ok(ChunkEnd::Folded)
     }
+}
 
-    fn fold_message(
-        &self,
+impl Folding {
+    /// The fold's decisions for one message (of `partition`), decoded as
+    /// `decoded`, in message order.
+    pub(super) fn fold_message(
+        &mut self,
         consumer: &SourceConsumer,
-        folding: &mut Folding,
-        message: BorrowedMessage<'_>,
-        decoded: Decoded,
+        message: &BorrowedMessage<'_>,
+        partition: &SourcePartition,
+        decoded: &Decoded,
     ) -> Result<ChunkEnd, LoopError> {
-        let fold = &self.fold;
-        let partition = SourcePartition {
-            topic: folding.intern(message.topic()),
-            partition: message.partition(),
-        };
+        let fold = self.fold.clone();
+        let supervisor = self.supervisor.clone();
         let offset = message.offset();
-        let next = folding.position(&partition)?;
-        if offset >= next && folding.unapplied_noted.insert(partition.clone()) {
-            fold.note_unapplied(&partition, message.timestamp().to_millis().unwrap_or(0));
+        let next = self.position(partition)?;
+        if offset >= next && self.unapplied_noted.insert(partition.clone()) {
+            fold.note_unapplied(partition, message.timestamp().to_millis().unwrap_or(0));
         }
         if offset < next {
             debug!(topic = %partition.topic, partition = partition.partition, offset, next, "already applied; dropped");
             return Ok(ChunkEnd::Folded);
         }
-        let shutdown = folding.deps.shutdown.clone();
+        let shutdown = self.deps.shutdown.clone();
         let keep_waiting = move || !shutdown.load(Ordering::Relaxed);
         let poison = |reason, error| Poison {
-            message: &message,
-            partition: &partition,
+            message,
+            partition,
             reason,
             error,
         };
@@ -120,17 +89,23 @@ impl ChunkFolder<'_> {
         let mut counted = true;
         let outcome = if fold.take_skip(&partition.topic, partition.partition, offset) {
             metrics::OPERATOR_SKIPS
-                .with_label_values(&[&self.supervisor.name])
+                .with_label_values(&[&supervisor.name])
                 .inc();
             warn!(topic = %partition.topic, partition = partition.partition, offset,
                 "operator skip: event at {partition} offset {offset} skipped without folding");
             Outcome::Applied
-        } else if let Some(panic) = fold.take_known_panic(&partition, offset) {
+        } else if let Some(panic) = fold.take_known_panic(partition, offset) {
             // Folded again after this event's fold panicked: it is poison now.
             let poison = poison(PoisonReason::FoldFailed, panic);
-            policy::handle(&self.supervisor, fold, self.dead_letters, poison, &keep_waiting)?
+            policy::handle(
+                &supervisor,
+                &fold,
+                self.dead_letters.as_ref(),
+                poison,
+                &keep_waiting,
+            )?
         } else {
-            match folding.apply(&message, &partition, decoded) {
+            match self.apply(message, partition, decoded) {
                 Ok(applied) => {
                     counted = applied == Applied::Folded;
                     Outcome::Applied
@@ -141,12 +116,18 @@ impl ChunkFolder<'_> {
                     error!(topic = %partition.topic, partition = partition.partition, offset, error = %panic,
                         "the fold of {partition} offset {offset} {panic}: the open batch is dropped unwritten \
                          and folded again from the stored offsets, with this event as poison (fold_failed)");
-                    fold.remember_panic(&partition, offset, panic);
+                    fold.remember_panic(partition, offset, panic);
                     return Ok(ChunkEnd::Refold);
                 }
                 Err(Stop::Poison { reason, error }) => {
                     let poison = poison(reason, error);
-                    policy::handle(&self.supervisor, fold, self.dead_letters, poison, &keep_waiting)?
+                    policy::handle(
+                        &supervisor,
+                        &fold,
+                        self.dead_letters.as_ref(),
+                        poison,
+                        &keep_waiting,
+                    )?
                 }
             }
         };
@@ -155,29 +136,27 @@ impl ChunkFolder<'_> {
             Outcome::Retry => {
                 // Never go on to later messages past one left unapplied: stop
                 // here, committed up to it, and let the next run start from it.
-                drop(message);
-                folding.commit(consumer)?;
+                self.commit(consumer)?;
                 info!("stopping mid-message: batch committed");
                 fold.set_state(RunState::Stopped);
                 return Ok(ChunkEnd::LoopEnded);
             }
             Outcome::Halt => {
                 let timestamp = message.timestamp().to_millis().unwrap_or(0);
-                drop(message);
-                folding.commit(consumer)?;
+                self.commit(consumer)?;
                 // The event it stopped at stays unapplied: its age is the lag.
-                fold.note_unapplied(&partition, timestamp);
+                fold.note_unapplied(partition, timestamp);
                 return Ok(ChunkEnd::LoopEnded);
             }
         }
-        folding.positions.insert(partition.clone(), offset + 1);
-        folding
-            .batch
-            .advance(partition, offset + 1, message.timestamp().to_millis(), counted);
-        if folding.batch.is_due(self.max_events, self.max_wait) {
-            folding.commit(consumer)?;
-        }
-        folding.throttle();
+        self.positions.insert(partition.clone(), offset + 1);
+        self.batch.advance(
+            partition.clone(),
+            offset + 1,
+            message.timestamp().to_millis(),
+            counted,
+        );
+        self.throttle();
         Ok(ChunkEnd::Folded)
     }
 }
@@ -188,7 +167,7 @@ impl Folding {
         &mut self,
         message: &BorrowedMessage<'_>,
         partition: &SourcePartition,
-        decoded: Decoded,
+        decoded: &Decoded,
     ) -> Result<Applied, Stop> {
         let as_of = self.fold.as_of.as_ref();
         if as_of.is_some_and(|spec| spec.is_past_target(partition, message.offset())) {
@@ -205,10 +184,10 @@ impl Folding {
                 ),
             });
         }
-        let decoded = decoded.map_err(|e| match e {
+        let decoded = decoded.as_ref().map_err(|e| match e {
             DecodeError::Poison { reason, message } => Stop::Poison {
-                reason,
-                error: message,
+                reason: *reason,
+                error: message.clone(),
             },
             DecodeError::Interrupted(_) => Stop::Interrupted,
         })?;
@@ -217,9 +196,9 @@ impl Folding {
             partition: partition.partition,
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
-            key: decoded.key,
+            key: decoded.key.clone(),
         };
-        let events = decoded.events;
+        let events = &decoded.events;
         if let Some(spec) = &self.fold.as_of {
             let time = self
                 .facts
@@ -242,7 +221,7 @@ impl Folding {
         if let Some(dedup) = self.dedup.as_mut() {
             let id = self
                 .facts
-                .event_id(message.headers(), &events, &meta)
+                .event_id(message.headers(), events, &meta)
                 .map_err(|error| Stop::Poison {
                     reason: PoisonReason::FoldFailed,
                     error: format!("reading the event id: {error}"),
@@ -266,7 +245,7 @@ impl Folding {
         }
         let source = (&*self.deps.store, &self.fold.generation);
         self.batch
-            .fold_message(self.fold.projection.as_ref(), source, &events, &meta, partition)?;
+            .fold_message(self.fold.projection.as_ref(), source, events, &meta, partition)?;
         if let (Some(dedup), Some(digest)) = (self.dedup.as_mut(), remember) {
             let seen = SeenId {
                 offset: meta.offset,

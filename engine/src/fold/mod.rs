@@ -31,11 +31,17 @@ mod commit;
 mod consumer;
 mod dedup;
 mod facts;
+mod member;
 mod message;
+mod partitions;
 mod policy;
 mod run;
+mod source;
 mod state_cache;
 
+pub use source::{SharedSource, JOIN_DISTANCE};
+
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -64,6 +70,17 @@ pub struct SourceDeps {
     pub shutdown: Arc<AtomicBool>,
     /// For the blocking calls of async clients (registry, dead-letter producer).
     pub async_runtime: tokio::runtime::Handle,
+    /// The shared sources, by their sorted topics.
+    pub sources: Arc<BTreeMap<Vec<String>, Arc<SharedSource>>>,
+}
+
+impl SourceDeps {
+    /// The shared source of `topics`, if their projections share one.
+    fn source_of(&self, topics: &[String]) -> Option<Arc<SharedSource>> {
+        let mut sorted = topics.to_vec();
+        sorted.sort();
+        self.sources.get(&sorted).cloned()
+    }
 }
 
 /// Starts the fold loop of one generation of `projection` on its own thread (the
@@ -87,21 +104,34 @@ pub fn spawn(
             // itself is a failure like any other, never a thread gone quietly.
             let outcome = crate::panics::contained(|| {
                 let mut fold_loop =
-                    run::FoldLoop::new(projection.clone(), fold.clone(), replay, commands, decoder, deps)?;
+                    run::FoldLoop::solo(projection.clone(), fold.clone(), replay, commands, decoder, deps)?;
                 let end = fold_loop.run()?;
-                Ok::<_, LoopError>((end, fold_loop.into_commands()))
+                let commands = fold_loop.into_members().pop().map(member::Folding::into_commands);
+                Ok::<_, LoopError>((end, commands))
             });
+            let shutting_down = shutdown.load(Ordering::Relaxed);
             let failure = match outcome {
                 Ok(Ok((LoopEnd::Stopped, _))) => None,
-                Ok(Ok((LoopEnd::Refold, commands))) if !shutdown.load(Ordering::Relaxed) => {
-                    // A fold panicked: the open batch was dropped; a new loop folds
-                    // again from the stored offsets and applies the poison policy
-                    // to the event that panicked (see `Fold::remember_panic`).
+                Ok(Ok((
+                    end @ (LoopEnd::Refold | LoopEnd::Joined | LoopEnd::StartSource(_)),
+                    Some(commands),
+                ))) if !shutting_down => {
+                    // The fold goes on in another loop, which takes its commands:
+                    // after a panic, a new loop of its own folds again from the
+                    // stored offsets and applies the poison policy to the event
+                    // that panicked (see `Fold::remember_panic`); after a join,
+                    // the shared source adopts it.
                     fold.hand_on(commands);
-                    projection.spawn(fold.clone());
+                    match end {
+                        LoopEnd::Refold => projection.spawn(fold.clone()),
+                        LoopEnd::StartSource(source) => {
+                            source.start(vec![(projection.clone(), fold.clone())])
+                        }
+                        _ => {}
+                    }
                     return;
                 }
-                Ok(Ok((LoopEnd::Refold, _))) => None,
+                Ok(Ok(_)) => None,
                 Ok(Err(failure)) => Some(failure.to_string()),
                 Err(panic) => Some(format!("the fold loop {panic}")),
             };
@@ -109,19 +139,78 @@ pub fn spawn(
                 error!(error = %failure, "fold loop stopped");
                 fold.set_state(RunState::Failed { error: failure });
             }
-            projection.loop_exited(&fold, &store, shutdown.load(Ordering::Relaxed));
+            projection.loop_exited(&fold, &store, shutting_down);
+        })
+        .expect("spawning a thread")
+}
+
+/// Starts the loop of the shared source `source` on its own thread, folding
+/// `members` (their loops marked as running by [`SharedSource::start`]).
+pub fn spawn_source(
+    source: Arc<SharedSource>,
+    members: Vec<(Arc<Supervisor>, Arc<Fold>)>,
+    decoder: Decoder,
+    deps: SourceDeps,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(format!("source-{}", source.topics.join("+")))
+        .spawn(move || {
+            let span = info_span!("source", topics = %source.topics.join(","));
+            let _entered = span.enter();
+            let (store, shutdown) = (deps.store.clone(), deps.shutdown.clone());
+            let mut folds: Vec<(Arc<Supervisor>, Arc<Fold>)> = members.clone();
+            let outcome = crate::panics::contained(|| {
+                let mut fold_loop = run::FoldLoop::shared(source.clone(), members, decoder, deps)?;
+                let end = fold_loop.run();
+                // Those that left were handled by the loop; these are still in it.
+                folds = fold_loop
+                    .into_members()
+                    .into_iter()
+                    .map(|m| (m.supervisor.clone(), m.fold.clone()))
+                    .collect();
+                end
+            });
+            let shutting_down = shutdown.load(Ordering::Relaxed);
+            let failure = match outcome {
+                Ok(Ok(_)) => None,
+                Ok(Err(failure)) => Some(failure.to_string()),
+                Err(panic) => Some(format!("the shared source's loop {panic}")),
+            };
+            if let Some(failure) = &failure {
+                error!(error = %failure, "shared source stopped");
+            }
+            for (projection, fold) in folds {
+                if let Some(failure) = &failure {
+                    fold.set_state(RunState::Failed {
+                        error: failure.clone(),
+                    });
+                }
+                projection.loop_exited(&fold, &store, shutting_down);
+            }
+            // Folds that asked to join meanwhile fold on their own (and start the
+            // source again when they join).
+            for (projection, fold) in source.ended() {
+                if shutting_down {
+                    projection.loop_exited(&fold, &store, true);
+                } else {
+                    projection.spawn(fold);
+                }
+            }
         })
         .expect("spawning a thread")
 }
 
 /// How a fold loop ended without an error.
-#[derive(Debug, PartialEq, Eq)]
 enum LoopEnd {
     /// Stopped (shutdown, handover, poison under `stop`, operator).
     Stopped,
     /// A fold panicked; its open batch was dropped unwritten and the loop must
     /// start over from the stored offsets.
     Refold,
+    /// A solo loop's fold joined its topics' shared source, which adopts it.
+    Joined,
+    /// A solo loop's fold found no shared source running: it starts one.
+    StartSource(Arc<SharedSource>),
 }
 
 /// Why the loop ended abnormally.

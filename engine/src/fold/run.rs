@@ -1,8 +1,14 @@
 //! The loop itself: poll a chunk, hand it to the decoding thread, fold the chunk
-//! decoded before it message by message, commit when the batch is due, and handle
-//! rebalances, log-behind reports and a replay's handover between chunks.
+//! decoded before it message by message into each fold of the loop, commit when
+//! a batch is due, and handle rebalances, log-behind reports, a replay's
+//! handover and joins between chunks.
+//!
+//! A loop folds one fold on a consumer of its own ([`FoldLoop::solo`]), or every
+//! member of a shared source ([`FoldLoop::shared`], see [`super::source`]). A
+//! solo loop's fold stopping ends the loop; a shared source's member stopping
+//! leaves it, and the others fold on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -10,61 +16,48 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
-use tracing::{error, info, warn};
+use rdkafka::topic_partition_list::Offset;
+use tracing::{info, warn};
 
-use super::batch::Batch;
+use super::commit::commit_all;
 use super::consumer::{self, SourceConsumer};
-use super::dedup::Dedup;
-use super::facts::Facts;
-use super::message::ChunkFolder;
+use super::member::Folding;
+use super::partitions::unexplained_offset_error;
+use super::source::{Join, SharedSource};
 use super::{LoopEnd, LoopError, SourceDeps};
-use crate::config::PoisonPolicy;
-use crate::dead_letter::DeadLetters;
 use crate::decode_ahead::DecodeAhead;
-use crate::fold_state::{Command, Fold, LogBehind, RunState};
-use crate::poison::PoisonReason;
+use crate::fold_state::{Command, Fold, RunState};
 use crate::replay::Replay;
-use crate::store::{SourcePartition, StoreError};
+use crate::store::SourcePartition;
 use crate::supervisor::Supervisor;
+
+/// How often a solo loop of a live generation checks whether it can join its
+/// topics' shared source.
+const JOIN_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 pub(super) struct FoldLoop {
     consumer: SourceConsumer,
-    dead_letters: Option<DeadLetters>,
-    folding: Folding,
+    state: LoopState,
 }
 
-/// Everything of the loop but the consumer, so a message borrowed from the
+/// Everything of the loop but the consumer, so messages borrowed from the
 /// consumer can be folded into it.
-pub(super) struct Folding {
-    pub(super) supervisor: Arc<Supervisor>,
-    pub(super) fold: Arc<Fold>,
-    /// Set while this loop builds a replay's generation.
-    replay: Option<Arc<Replay>>,
-    /// When a throttled replay started counting, and the events since.
-    throttle: Option<(Instant, u64, u32)>,
-    pub(super) decode_ahead: DecodeAhead,
-    pub(super) deps: SourceDeps,
-    /// Next offset to apply per partition, as far as this loop knows (committed
-    /// or in the open batch).
-    pub(super) positions: HashMap<SourcePartition, i64>,
+pub(super) struct LoopState {
+    decode_ahead: DecodeAhead,
+    /// The folds of this loop: one for a solo loop, the members of a shared source.
+    members: Vec<Folding>,
+    /// Set for a shared source: where it takes joins and publishes positions.
+    shared: Option<Arc<SharedSource>>,
+    /// For a solo loop of a live generation: the shared source it may join.
+    joinable: Option<Arc<SharedSource>>,
+    last_join_check: Instant,
+    deps: SourceDeps,
     topics: HashMap<String, Arc<str>>,
-    pub(super) batch: Batch,
-    /// Partitions whose first unapplied event of this batch was noted for lag.
-    pub(super) unapplied_noted: HashSet<SourcePartition>,
-    /// What the supervisor and the lag monitor tell this loop.
-    commands: Receiver<Command>,
-    /// A [`Command::Stop`] came: commit and stop.
-    pub(super) stopping: bool,
-    /// A [`Command::LogBehind`] came and is not handled yet.
-    log_behind: Option<LogBehind>,
-    /// Where the projection's event ids and times are.
-    pub(super) facts: Facts,
-    /// The ids folded, when the projection folds each id once.
-    pub(super) dedup: Option<Dedup>,
 }
 
 impl FoldLoop {
-    pub(super) fn new(
+    /// A loop of its own for `fold`.
+    pub(super) fn solo(
         supervisor: Arc<Supervisor>,
         fold: Arc<Fold>,
         replay: Option<Arc<Replay>>,
@@ -72,98 +65,118 @@ impl FoldLoop {
         decoder: crate::decode::Decoder,
         deps: SourceDeps,
     ) -> Result<Self, LoopError> {
-        let dead_letters = match (&supervisor.on_poison, &supervisor.dead_letter_topic) {
-            (PoisonPolicy::DeadLetter, Some(topic)) => {
-                Some(DeadLetters::new(&deps.kafka, topic, deps.async_runtime.clone())?)
-            }
-            _ => None,
-        };
-        let throttle = replay
-            .as_ref()
-            .and(deps.replay_config.max_events_per_second)
-            .map(|rate| (Instant::now(), 0, rate.max(1)));
         let decode_ahead = DecodeAhead::start(
             decoder,
             format!("decode-{}", fold.generation.column_family()),
             deps.shutdown.clone(),
         )
         .map_err(LoopError::DecoderThread)?;
-        let consumer = consumer::subscribe(&deps.kafka, deps.store.clone(), fold.clone())?;
-        let batch = Batch::new(deps.store_config.state_cache_bytes());
-        let facts = Facts::new(supervisor.dedup.as_ref(), supervisor.event_time.as_deref())
-            .map_err(|e| LoopError::Config(e.to_string()))?;
-        let dedup = supervisor.dedup.as_ref().map(Dedup::new);
+        let consumer = consumer::subscribe(&deps.kafka, deps.store.clone(), vec![fold.clone()], false)?;
+        let joinable = if fold.as_of.is_none() {
+            deps.source_of(&fold.topics)
+        } else {
+            None
+        };
+        let cache = deps.store_config.state_cache_bytes();
+        let member = Folding::new(supervisor, fold, replay, commands, deps.clone(), cache)?;
         Ok(FoldLoop {
             consumer,
-            dead_letters,
-            folding: Folding {
-                supervisor,
-                fold,
-                replay,
-                throttle,
+            state: LoopState {
                 decode_ahead,
+                members: vec![member],
+                shared: None,
+                joinable,
+                last_join_check: Instant::now(),
                 deps,
-                positions: HashMap::new(),
                 topics: HashMap::new(),
-                batch,
-                unapplied_noted: HashSet::new(),
-                commands,
-                stopping: false,
-                log_behind: None,
-                facts,
-                dedup,
             },
         })
     }
 
-    /// The command channel, for the loop that starts over after this one.
-    pub(super) fn into_commands(mut self) -> Receiver<Command> {
-        std::mem::replace(&mut self.folding.commands, std::sync::mpsc::channel().1)
+    /// The loop of the shared source `source`, folding `members` (live
+    /// generations of projections reading its topics).
+    pub(super) fn shared(
+        source: Arc<SharedSource>,
+        members: Vec<(Arc<Supervisor>, Arc<Fold>)>,
+        decoder: crate::decode::Decoder,
+        deps: SourceDeps,
+    ) -> Result<Self, LoopError> {
+        let decode_ahead = DecodeAhead::start(
+            decoder,
+            format!("decode-{}", source.topics.join("+")),
+            deps.shutdown.clone(),
+        )
+        .map_err(LoopError::DecoderThread)?;
+        let folds = members.iter().map(|(_, fold)| fold.clone()).collect();
+        let consumer = consumer::subscribe(&deps.kafka, deps.store.clone(), folds, true)?;
+        let mut folding = Vec::new();
+        for (supervisor, fold) in members {
+            let commands = fold.listen();
+            let cache = source.cache_share(deps.store_config.state_cache_bytes());
+            folding.push(Folding::new(
+                supervisor,
+                fold,
+                None,
+                commands,
+                deps.clone(),
+                cache,
+            )?);
+        }
+        Ok(FoldLoop {
+            consumer,
+            state: LoopState {
+                decode_ahead,
+                members: folding,
+                shared: Some(source),
+                joinable: None,
+                last_join_check: Instant::now(),
+                deps,
+                topics: HashMap::new(),
+            },
+        })
+    }
+
+    /// The folds still in the loop when it ended.
+    pub(super) fn into_members(mut self) -> Vec<Folding> {
+        std::mem::take(&mut self.state.members)
     }
 
     pub(super) fn run(&mut self) -> Result<LoopEnd, LoopError> {
-        let fold = self.folding.fold.clone();
-        fold.set_state(RunState::Running);
+        for member in &self.state.members {
+            member.fold.set_state(RunState::Running);
+        }
         let consumer = &self.consumer;
-        let folding = &mut self.folding;
-        let folder = ChunkFolder {
-            supervisor: folding.supervisor.clone(),
-            fold: fold.clone(),
-            dead_letters: self.dead_letters.as_ref(),
-            max_wait: Duration::from_millis(folding.deps.store_config.batch_max_wait_ms),
-            max_events: folding.deps.store_config.batch_max_events as u64,
-        };
+        let state = &mut self.state;
         // Messages polled and being decoded while the chunk before them is folded.
         let mut ahead: Option<Vec<BorrowedMessage<'_>>> = None;
         loop {
-            folding.read_commands();
-            if folding.deps.shutdown.load(Ordering::Relaxed) || folding.stopping {
+            for member in &mut state.members {
+                member.read_commands();
+            }
+            if state.deps.shutdown.load(Ordering::Relaxed) {
                 // A chunk still ahead was not applied: it is read again next time.
-                folding.commit(consumer)?;
+                commit_all(&mut state.members, consumer)?;
                 info!("stopping: batch committed");
-                fold.set_state(RunState::Stopped);
-                return Ok(LoopEnd::Stopped);
-            }
-            drive_replay(consumer, folding)?;
-            if drive_as_of(consumer, folding)? {
-                return Ok(LoopEnd::Stopped);
-            }
-            if let Some(found) = folding.log_behind.take() {
-                // Only for a partition this loop still folds, still at that offset
-                // (the report may be older than a rebalance or a resume).
-                let owned = consumer.assignment().is_ok_and(|assigned| {
-                    assigned
-                        .find_partition(&found.partition.topic, found.partition.partition)
-                        .is_some()
-                });
-                // A chunk polled ahead may hold the very offset the probe missed.
-                let polled_ahead = ahead.iter().flatten().any(|m| {
-                    m.partition() == found.partition.partition && m.topic() == &*found.partition.topic
-                });
-                if owned && !polled_ahead && folding.position(&found.partition)? == found.next {
-                    stop_on_log_behind(consumer, folding, found)?;
-                    return Ok(LoopEnd::Stopped);
+                for member in &state.members {
+                    member.fold.set_state(RunState::Stopped);
                 }
+                return Ok(LoopEnd::Stopped);
+            }
+            if let Some(end) = state.between_chunks(consumer, &ahead)? {
+                return Ok(end);
+            }
+            if state.shared.as_ref().is_some_and(|s| s.has_joining()) {
+                // Newcomers join with everything polled folded, so the consumer's
+                // position is where every member stands.
+                if let Some(previous) = ahead.take() {
+                    if let Some(end) = state.fold_chunk(consumer, previous)? {
+                        return Ok(end);
+                    }
+                }
+                state.adopt(consumer)?;
+            }
+            if let Some(end) = state.try_join(consumer)? {
+                return Ok(end);
             }
             let wait = if ahead.is_some() {
                 Duration::ZERO
@@ -172,9 +185,14 @@ impl FoldLoop {
             };
             let polled = consumer::poll_chunk(consumer, wait);
             if !polled.messages.is_empty() {
-                let max_bytes = folding.supervisor.max_event_bytes;
+                let max_bytes = state
+                    .members
+                    .iter()
+                    .map(|m| m.supervisor.max_event_bytes)
+                    .max()
+                    .unwrap_or(0);
                 // Values over the limit are poison without being decoded.
-                folding.decode_ahead.submit(
+                state.decode_ahead.submit(
                     polled
                         .messages
                         .iter()
@@ -182,7 +200,7 @@ impl FoldLoop {
                 )?;
             }
             if let Some(previous) = ahead.take() {
-                if let Some(end) = folder.fold_chunk(consumer, folding, previous)?.loop_end() {
+                if let Some(end) = state.fold_chunk(consumer, previous)? {
                     return Ok(end);
                 }
             }
@@ -191,19 +209,21 @@ impl FoldLoop {
             let rebalanced = consumer::rebalance_pending(consumer);
             if rebalanced || polled.offsets_outside_log || polled.messages.is_empty() {
                 if !polled.messages.is_empty() {
-                    if let Some(end) = folder.fold_chunk(consumer, folding, polled.messages)?.loop_end() {
+                    if let Some(end) = state.fold_chunk(consumer, polled.messages)? {
                         return Ok(end);
                     }
                 }
                 if rebalanced {
-                    handle_rebalance(consumer, folding)?;
+                    state.handle_rebalance(consumer)?;
                 }
-                if polled.offsets_outside_log && stop_on_offsets_outside_the_log(consumer, folding)? {
-                    return Ok(LoopEnd::Stopped);
+                if polled.offsets_outside_log {
+                    if let Some(end) = state.stop_on_offsets_outside_the_log(consumer)? {
+                        return Ok(end);
+                    }
                 }
                 if !rebalanced && !polled.offsets_outside_log {
                     // Nothing more to read right now: write what was folded.
-                    folding.commit(consumer)?;
+                    state.commit(consumer)?;
                 }
             } else {
                 ahead = Some(polled.messages);
@@ -222,159 +242,129 @@ impl Drop for FoldLoop {
     }
 }
 
-fn handle_rebalance(consumer: &SourceConsumer, folding: &mut Folding) -> Result<(), LoopError> {
-    if let Some(error) = consumer.context().assignment_error.lock().expect("lock").take() {
-        folding.commit(consumer)?;
-        return Err(LoopError::Assignment(error));
+impl LoopState {
+    /// Commits every member's batch in one write and publishes where they are.
+    fn commit(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
+        commit_all(&mut self.members, consumer)?;
+        self.publish(consumer)
     }
-    let revoked: Vec<SourcePartition> =
-        std::mem::take(&mut *consumer.context().revoked.lock().expect("lock"));
-    if !revoked.is_empty() {
-        // The open batch is consistent (state and offsets of the events already
-        // folded), so it is committed as it is; the partitions' positions are
-        // forgotten and read from the store again if they come back, as are
-        // their states (another worker may fold them meanwhile).
-        folding.commit(consumer)?;
-        for partition in revoked {
-            folding.positions.remove(&partition);
-            folding.batch.drop_partition(&partition);
-            if let Some(dedup) = folding.dedup.as_mut() {
-                dedup.drop_partition(&partition);
-            }
-        }
-    }
-    Ok(())
-}
 
-/// After the consumer reported a fetch position outside a partition's log: finds
-/// the partition whose stored offset lies outside `[low, high]` and stops the
-/// projection there with reason `offsets_reset` (true), rather than let the
-/// consumer jump to another position and fold new data onto old state.
-fn stop_on_offsets_outside_the_log(
-    consumer: &SourceConsumer,
-    folding: &mut Folding,
-) -> Result<bool, LoopError> {
-    let assignment = consumer.assignment()?;
-    for element in assignment.elements() {
-        let partition = SourcePartition {
-            topic: folding.intern(element.topic()),
-            partition: element.partition(),
-        };
-        let next = folding.position(&partition)?;
-        let Ok((low, high)) =
-            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(5))
-        else {
-            continue;
-        };
-        if next < low || next > high {
-            stop_on_log_behind(
-                consumer,
-                folding,
-                LogBehind {
-                    partition,
-                    next,
-                    low,
-                    high,
-                },
-            )?;
-            return Ok(true);
-        }
-    }
-    warn!("the consumer reported an offset out of range, but every stored offset is inside its log");
-    Ok(false)
-}
-
-/// Stops the projection with reason `offsets_reset` at a partition whose log no
-/// longer holds its stored offset, rather than fold new data onto old state.
-fn stop_on_log_behind(
-    consumer: &SourceConsumer,
-    folding: &mut Folding,
-    found: LogBehind,
-) -> Result<(), LoopError> {
-    folding.commit(consumer)?;
-    let LogBehind {
-        partition,
-        next,
-        low,
-        high,
-    } = found;
-    let error = format!(
-        "the stored next offset {next} of {partition} is outside its log [{low}, {high}]: the topic \
-         was recreated or truncated, or events expired before they were applied; \
-         `projector reset` or a replay rebuilds the projection from the log as it is now"
-    );
-    error!(topic = %partition.topic, partition = partition.partition, offset = next,
-        reason = "offsets_reset", "projection stopped: {error}");
-    folding.fold.set_state(RunState::Poisoned {
-        topic: partition.topic.to_string(),
-        partition: partition.partition,
-        offset: next,
-        reason: PoisonReason::OffsetsReset,
-        error,
-    });
-    Ok(())
-}
-
-/// A replay's part of the handover (see [`crate::supervisor`]): once the
-/// supervisor has the live generation's final offsets and this loop has folded up
-/// to them, commit and switch.
-fn drive_replay(consumer: &SourceConsumer, folding: &mut Folding) -> Result<(), LoopError> {
-    let Some(replay) = folding.replay.clone() else {
-        return Ok(());
-    };
-    let Some(target) = folding.supervisor.handover_target(&replay) else {
-        return Ok(());
-    };
-    for (partition, next) in &target {
-        if folding.position(partition)? < *next {
+    /// A shared source publishes its members' lowest next offset per assigned
+    /// partition, for folds that want to join.
+    fn publish(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
+        let Some(source) = self.shared.clone() else {
             return Ok(());
+        };
+        let assignment = consumer.context().assignment.lock().expect("lock").clone();
+        let mut positions = BTreeMap::new();
+        for partition in assignment {
+            let mut lowest = i64::MAX;
+            for member in &mut self.members {
+                lowest = lowest.min(member.position(&partition)?);
+            }
+            positions.insert(partition, lowest);
         }
+        source.publish(positions);
+        Ok(())
     }
-    folding.commit(consumer)?;
-    folding.supervisor.switch(&replay, &folding.deps.store)?;
-    folding.replay = None;
-    folding.throttle = None;
-    Ok(())
-}
 
-/// An as-of generation's end: once every partition reached its target, commit,
-/// record it complete and stop (true). Its state is final from then on.
-fn drive_as_of(consumer: &SourceConsumer, folding: &mut Folding) -> Result<bool, LoopError> {
-    let fold = folding.fold.clone();
-    let Some(spec) = fold.as_of.as_ref() else {
-        return Ok(false);
-    };
-    if spec.is_complete() {
-        return Ok(true);
-    }
-    for partition in spec.targets.keys() {
-        if !spec.reached(partition, folding.position(partition)?) {
-            return Ok(false);
+    /// Member `index` ended its part in the loop. In a solo loop that ends the
+    /// loop; a shared source's member leaves (the others fold on) and its end is
+    /// handled here as the thread's end handles a solo loop's.
+    fn member_ended(&mut self, consumer: &SourceConsumer, index: usize, end: LoopEnd) -> Option<LoopEnd> {
+        if self.shared.is_none() {
+            return Some(end);
         }
+        let member = self.members.remove(index);
+        let (supervisor, fold) = (member.supervisor.clone(), member.fold.clone());
+        consumer
+            .context()
+            .folds
+            .lock()
+            .expect("lock")
+            .retain(|f| !Arc::ptr_eq(f, &fold));
+        let shutting_down = self.deps.shutdown.load(Ordering::Relaxed);
+        info!(projection = %supervisor.name, "left the shared source");
+        match end {
+            LoopEnd::Refold if !shutting_down => {
+                fold.hand_on(member.into_commands());
+                supervisor.spawn(fold);
+            }
+            _ => supervisor.loop_exited(&fold, &self.deps.store, shutting_down),
+        }
+        self.members.is_empty().then_some(LoopEnd::Stopped)
     }
-    folding.commit(consumer)?;
-    folding
-        .deps
-        .store
-        .complete_as_of(&folding.supervisor.name, spec.until_ms)?;
-    spec.set_complete();
-    info!(until = %spec.until_text(), "as-of generation complete: its state is final");
-    fold.set_state(RunState::Stopped);
-    Ok(true)
-}
 
-impl Folding {
-    /// Takes in what the supervisor and the lag monitor said since last time.
-    pub(super) fn read_commands(&mut self) {
-        while let Ok(command) = self.commands.try_recv() {
-            match command {
-                Command::Stop => self.stopping = true,
-                Command::LogBehind(found) => self.log_behind = Some(found),
+    /// Each member's decisions between chunks: a stop it was told, a replay's
+    /// handover, an as-of generation's end, a log found behind its offsets.
+    fn between_chunks(
+        &mut self,
+        consumer: &SourceConsumer,
+        ahead: &Option<Vec<BorrowedMessage<'_>>>,
+    ) -> Result<Option<LoopEnd>, LoopError> {
+        let polled_ahead = |partition: &SourcePartition| {
+            ahead
+                .iter()
+                .flatten()
+                .any(|m| m.partition() == partition.partition && m.topic() == &*partition.topic)
+        };
+        let mut index = 0;
+        while index < self.members.len() {
+            let member = &mut self.members[index];
+            let stopped = if member.stopping {
+                // Told to stop (a handover, an abort): commit and stop.
+                member.commit(consumer)?;
+                info!(projection = %member.supervisor.name, "stopping: batch committed");
+                member.fold.set_state(RunState::Stopped);
+                true
+            } else {
+                member.drive_replay(consumer)?;
+                member.drive_as_of(consumer)? || member.handle_log_behind(consumer, &polled_ahead)?
+            };
+            if !stopped {
+                index += 1;
+                continue;
+            }
+            if let Some(end) = self.member_ended(consumer, index, LoopEnd::Stopped) {
+                return Ok(Some(end));
             }
         }
+        Ok(None)
     }
 
-    pub(super) fn intern(&mut self, topic: &str) -> Arc<str> {
+    /// Folds `messages`, the oldest chunk submitted for decoding, in order, into
+    /// every member; commits when a member's batch is due.
+    fn fold_chunk(
+        &mut self,
+        consumer: &SourceConsumer,
+        messages: Vec<BorrowedMessage<'_>>,
+    ) -> Result<Option<LoopEnd>, LoopError> {
+        let decoded = self.decode_ahead.next()?;
+        for (message, decoded) in messages.iter().zip(&decoded) {
+            let partition = SourcePartition {
+                topic: self.intern(message.topic()),
+                partition: message.partition(),
+            };
+            let mut index = 0;
+            while index < self.members.len() {
+                let end = self.members[index].fold_message(consumer, message, &partition, decoded)?;
+                match end.loop_end() {
+                    None => index += 1,
+                    Some(end) => {
+                        if let Some(end) = self.member_ended(consumer, index, end) {
+                            return Ok(Some(end));
+                        }
+                    }
+                }
+            }
+            if self.members.iter().any(Folding::is_due) {
+                self.commit(consumer)?;
+            }
+        }
+        Ok(None)
+    }
+
+    fn intern(&mut self, topic: &str) -> Arc<str> {
         if let Some(interned) = self.topics.get(topic) {
             return interned.clone();
         }
@@ -383,36 +373,158 @@ impl Folding {
         interned
     }
 
-    /// Holds a throttled replay to its configured rate.
-    pub(super) fn throttle(&mut self) {
-        let Some((since, events, rate)) = &mut self.throttle else {
-            return;
-        };
-        *events += 1;
-        let due = Duration::from_secs_f64(*events as f64 / f64::from(*rate));
-        let elapsed = since.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
+    fn handle_rebalance(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
+        if let Some(error) = consumer.context().assignment_error.lock().expect("lock").take() {
+            commit_all(&mut self.members, consumer)?;
+            return Err(LoopError::Assignment(error));
         }
-        if *events >= u64::from(*rate) {
-            // Restart the count every second or so, so a pause is not made up for
-            // with a burst.
-            *since = Instant::now();
-            *events = 0;
+        let revoked: Vec<SourcePartition> =
+            std::mem::take(&mut *consumer.context().revoked.lock().expect("lock"));
+        if !revoked.is_empty() {
+            // The open batches are consistent (state and offsets of the events
+            // already folded), so they are committed as they are; the
+            // partitions' positions are forgotten and read from the store again
+            // if they come back, as are their states (another worker may fold
+            // them meanwhile).
+            commit_all(&mut self.members, consumer)?;
+            for partition in revoked {
+                for member in &mut self.members {
+                    member.forget_partition(&partition);
+                }
+            }
         }
+        self.publish(consumer)
     }
 
-    /// Next offset to apply in `partition`.
-    pub(super) fn position(&mut self, partition: &SourcePartition) -> Result<i64, StoreError> {
-        if let Some(next) = self.positions.get(partition) {
-            return Ok(*next);
+    /// After the consumer reported a fetch position outside a partition's log:
+    /// stops each fold whose position lies outside it (reason `offsets_reset`).
+    fn stop_on_offsets_outside_the_log(
+        &mut self,
+        consumer: &SourceConsumer,
+    ) -> Result<Option<LoopEnd>, LoopError> {
+        let mut index = 0;
+        let mut any = false;
+        while index < self.members.len() {
+            if !self.members[index].stop_on_offsets_outside_the_log(consumer)? {
+                index += 1;
+                continue;
+            }
+            any = true;
+            if let Some(end) = self.member_ended(consumer, index, LoopEnd::Stopped) {
+                return Ok(Some(end));
+            }
         }
-        let next = self
-            .deps
-            .store
-            .next_offset(&self.fold.generation, partition)?
-            .unwrap_or(0);
-        self.positions.insert(partition.clone(), next);
-        Ok(next)
+        if !any {
+            unexplained_offset_error();
+        }
+        Ok(None)
+    }
+
+    /// A solo loop of a live generation joins its topics' shared source once it
+    /// is near it (see [`super::source`]): it commits and ends, and the source
+    /// adopts its fold.
+    fn try_join(&mut self, consumer: &SourceConsumer) -> Result<Option<LoopEnd>, LoopError> {
+        let Some(source) = self.joinable.clone() else {
+            return Ok(None);
+        };
+        if self.last_join_check.elapsed() < JOIN_CHECK_EVERY {
+            return Ok(None);
+        }
+        self.last_join_check = Instant::now();
+        let member = &mut self.members[0];
+        let eligible = member.fold.is_live()
+            && member.replay.is_none()
+            && member
+                .supervisor
+                .replay()
+                .is_none_or(|r| !Arc::ptr_eq(&r.fold, &member.fold))
+            && matches!(member.fold.state(), RunState::Running)
+            && member.fold.is_assigned();
+        if !eligible {
+            return Ok(None);
+        }
+        let assignment = consumer.context().assignment.lock().expect("lock").clone();
+        let mut positions = BTreeMap::new();
+        for partition in assignment {
+            let next = member.position(&partition)?;
+            positions.insert(partition, next);
+        }
+        let join = source.try_join(&member.supervisor, &member.fold, &positions);
+        if join == Join::NotYet {
+            return Ok(None);
+        }
+        member.commit(consumer)?;
+        info!(projection = %member.supervisor.name, "joining the shared source of {}", source.topics.join(", "));
+        Ok(Some(match join {
+            Join::Start => LoopEnd::StartSource(source),
+            _ => LoopEnd::Joined,
+        }))
+    }
+
+    /// A shared source adopts the folds waiting to join: each becomes a member
+    /// at its own offsets, and where one is behind the consumer the partition is
+    /// read again from its offset (the others pass over what they applied).
+    fn adopt(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
+        let Some(source) = self.shared.clone() else {
+            return Ok(());
+        };
+        let context = consumer.context();
+        for (supervisor, fold) in source.take_joining() {
+            let commands = fold.listen();
+            let cache = source.cache_share(self.deps.store_config.state_cache_bytes());
+            let mut member = Folding::new(
+                supervisor.clone(),
+                fold.clone(),
+                None,
+                commands,
+                self.deps.clone(),
+                cache,
+            )?;
+            let assignment = context.assignment.lock().expect("lock").clone();
+            let consumed = consumer.position()?;
+            let mut rewound = Ok(());
+            for partition in &assignment {
+                let next = member.position(partition)?;
+                let at = consumed
+                    .find_partition(&partition.topic, partition.partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(n) => Some(n),
+                        _ => None,
+                    })
+                    .or_else(|| context.started_at.lock().expect("lock").get(partition).copied())
+                    .unwrap_or(0);
+                if next < at {
+                    rewound = consumer.seek(
+                        &partition.topic,
+                        partition.partition,
+                        Offset::Offset(next),
+                        Duration::from_secs(5),
+                    );
+                    if rewound.is_err() {
+                        break;
+                    }
+                    context
+                        .started_at
+                        .lock()
+                        .expect("lock")
+                        .insert(partition.clone(), next);
+                }
+            }
+            if let Err(error) = rewound {
+                warn!(projection = %supervisor.name, %error, "could not rewind the shared source for a newcomer; it folds on its own");
+                fold.hand_on(member.into_commands());
+                supervisor.spawn(fold);
+                continue;
+            }
+            context.folds.lock().expect("lock").push(fold.clone());
+            fold.own(assignment.iter().cloned());
+            if !assignment.is_empty() {
+                fold.set_assigned();
+            }
+            fold.set_state(RunState::Running);
+            info!(projection = %supervisor.name, "joined the shared source of {}", source.topics.join(", "));
+            self.members.push(member);
+        }
+        self.publish(consumer)
     }
 }

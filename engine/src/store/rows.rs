@@ -64,6 +64,32 @@ impl Store {
 
     /// Writes one batch atomically: state rows, offsets and event ids together.
     pub fn commit(&self, generation: &Generation, batch: &BatchWrite) -> Result<(), StoreError> {
+        self.commit_many(&[(generation, batch)])
+    }
+
+    /// Writes the batches of several generations (the projections of a shared
+    /// source) in one atomic write: each generation's rows, offsets and ids in its
+    /// own column family.
+    pub fn commit_many(&self, batches: &[(&Generation, &BatchWrite)]) -> Result<(), StoreError> {
+        let mut write = WriteBatch::default();
+        for (generation, batch) in batches {
+            self.add_to(&mut write, generation, batch)?;
+        }
+        let what = match batches {
+            [(generation, _)] => generation.projection.clone(),
+            _ => format!("{} projections", batches.len()),
+        };
+        self.db
+            .write_opt(write, &self.write_options)
+            .map_err(failed(format!("committing a batch of {what}")))
+    }
+
+    fn add_to(
+        &self,
+        write: &mut WriteBatch,
+        generation: &Generation,
+        batch: &BatchWrite,
+    ) -> Result<(), StoreError> {
         let cf = self.cf(generation)?;
         let mut rows: Vec<(Vec<u8>, &Option<Vec<u8>>)> = batch
             .rows
@@ -73,7 +99,6 @@ impl Store {
         // In key order, each memtable insert starts its search where the last one
         // ended instead of at the top of the skip list.
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut write = WriteBatch::default();
         for (row, state) in rows {
             match state {
                 Some(state) => write.put_cf(&cf, row, state),
@@ -91,8 +116,6 @@ impl Store {
         for (partition, offset) in &batch.forgotten {
             write.delete_cf(&cf, seen_key(partition, *offset));
         }
-        self.db
-            .write_opt(write, &self.write_options)
-            .map_err(failed(format!("committing a batch of {}", generation.projection)))
+        Ok(())
     }
 }
