@@ -79,6 +79,8 @@ pub struct Fold {
     assigned: AtomicBool,
     live: AtomicBool,
     loop_running: AtomicBool,
+    /// Folded by its topics' shared source (not a loop of its own).
+    shared: AtomicBool,
     committed_events: AtomicU64,
     /// The command channel of the running loop.
     commands: Mutex<Commands>,
@@ -141,6 +143,7 @@ impl Fold {
             assigned: AtomicBool::new(false),
             live: AtomicBool::new(live),
             loop_running: AtomicBool::new(false),
+            shared: AtomicBool::new(false),
             committed_events: AtomicU64::new(0),
             commands: Mutex::new(Commands::default()),
             known_panic: Mutex::new(None),
@@ -208,6 +211,16 @@ impl Fold {
     /// Records whether a thread runs this fold's loop.
     pub(crate) fn set_loop_running(&self, running: bool) {
         self.loop_running.store(running, Ordering::SeqCst);
+    }
+
+    /// Records whether the fold is folded by its topics' shared source.
+    pub(crate) fn set_shared(&self, shared: bool) {
+        self.shared.store(shared, Ordering::SeqCst);
+    }
+
+    /// True while the fold is folded by its topics' shared source.
+    pub fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::SeqCst)
     }
 
     /// True while a thread runs this fold's loop.

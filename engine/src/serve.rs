@@ -144,6 +144,7 @@ impl ApiState {
             "topics": live.topics,
             "generation": live.generation.number,
             "status": live.state(),
+            "shared_source": live.is_shared(),
             "offsets": offsets,
             "definition_matches_config": definition.as_ref() == Some(&projection.configured_definition),
             "lag": {

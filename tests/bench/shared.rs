@@ -14,10 +14,15 @@ use serde_json::{json, Value};
 /// The projection counts measured.
 pub const COUNTS: [usize; 3] = [1, 4, 12];
 
-/// One row per projection count.
+/// One row per projection count (`BENCH_SHARED_COUNTS=12` measures that one
+/// only, for profiling).
 pub fn measure(dir: &Path, broker: &Broker, registry: &Registry, topic: &str, total: i64) -> Result<Value> {
+    let counts: Vec<usize> = match std::env::var("BENCH_SHARED_COUNTS") {
+        Ok(list) => list.split(',').filter_map(|c| c.trim().parse().ok()).collect(),
+        Err(_) => COUNTS.to_vec(),
+    };
     let mut rows = Vec::new();
-    for count in COUNTS {
+    for count in counts {
         let projections: String = (1..=count)
             .map(|i| {
                 format!("[[projections]]\nname = \"summary_{i}\"\nkind = \"order_summary\"\ntopics = [\"{topic}\"]\n")

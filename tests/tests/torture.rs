@@ -3,15 +3,15 @@
 //! or leaves its group (a rebalance), and while a replay folds or hands over.
 //! After each kill the worker is restarted on the same data. In the end every key
 //! equals the oracle: nothing lost, nothing applied twice (an order's `version`
-//! counts its events).
+//! counts its events), for both of two projections that fold in a shared source.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use projector_tests::orders;
 use projector_tests::{
-    order_summary_projections, produce_command, wait_for_oracle, wait_until, worker_config, write_events,
-    Broker, Registry, Service, Worker,
+    assert_matches, order_summary_projections, produce_command, wait_applied, wait_for_oracle, wait_until,
+    worker_config, write_events, Broker, Registry, Service, Worker,
 };
 use rand::Rng;
 
@@ -32,7 +32,9 @@ enum Moment {
 }
 
 fn start_worker(home: &std::path::Path, broker: &Broker, registry: &Registry) -> Result<Worker> {
-    let projections = order_summary_projections(&[("order_summary", "orders")]);
+    // Two projections over one topic: they fold in a shared source (the replay's
+    // generation on its own until it joins).
+    let projections = order_summary_projections(&[("order_summary", "orders"), ("summary_shared", "orders")]);
     let config = worker_config(broker, registry, &home.join("data"), &projections)
         .replace("[http]\n", &format!("[http]\nadmin_token = \"{TOKEN}\"\n"));
     Worker::start(home, &config)
@@ -159,5 +161,12 @@ fn twenty_sigkills_at_seeded_moments_lose_nothing_and_apply_nothing_twice() -> R
     wait_until("every replay to switch or end", Duration::from_secs(180), || {
         !replay_running(&worker)
     })?;
-    wait_for_oracle(&mut worker, &stream, Duration::from_secs(180))
+    wait_for_oracle(&mut worker, &stream, Duration::from_secs(180))?;
+    wait_applied(
+        &mut worker,
+        "summary_shared",
+        stream.lines.len(),
+        Duration::from_secs(180),
+    )?;
+    assert_matches(&worker, "summary_shared", &orders::oracle(&stream.lines))
 }

@@ -180,6 +180,7 @@ pub fn spawn_source(
                 error!(error = %failure, "shared source stopped");
             }
             for (projection, fold) in folds {
+                fold.set_shared(false);
                 if let Some(failure) = &failure {
                     fold.set_state(RunState::Failed {
                         error: failure.clone(),
@@ -237,4 +238,6 @@ enum LoopError {
     Encode(#[from] batch::EncodeError),
     #[error("the projection's configuration: {0}")]
     Config(String),
+    #[error("a thread folding a shared source's members {0}")]
+    Thread(String),
 }
