@@ -21,6 +21,7 @@ use crate::store::Store;
 mod access;
 mod as_of;
 mod checkpoint;
+mod scan;
 use crate::supervisor::{StartError, Supervisor};
 
 /// What the handlers read.
@@ -49,7 +50,7 @@ pub fn router(state: ApiState) -> Router {
     let reads = Router::new()
         .route("/projections", get(list_projections))
         .route("/projections/{name}", get(show_projection))
-        .route("/projections/{name}/state", get(scan_keys))
+        .route("/projections/{name}/state", get(scan::scan_keys))
         .route("/projections/{name}/state/{*key}", get(read_key))
         .route_layer(read_guard.clone());
     let probes = Router::new()
@@ -204,7 +205,7 @@ async fn show_projection(
 }
 
 /// `as_of`: the next offset of each source partition that the answer reflects.
-fn as_of(offsets: BTreeMap<crate::store::SourcePartition, i64>) -> Value {
+fn as_of_offsets(offsets: BTreeMap<crate::store::SourcePartition, i64>) -> Value {
     Value::Object(
         offsets
             .into_iter()
@@ -244,87 +245,12 @@ async fn read_key(
         .map_err(|e| internal(format!("merging the partial states of `{key}`: {e}")))?
         .ok_or_else(not_found)?;
     if let Value::Object(fields) = &mut value {
-        fields.insert("as_of".into(), as_of(view.offsets().map_err(internal)?));
+        fields.insert("as_of".into(), as_of_offsets(view.offsets().map_err(internal)?));
         if let Some(until) = until {
             fields.insert("until".into(), json!(until));
         }
     }
     Ok(Json(value))
-}
-
-/// Query of a scan.
-#[derive(serde::Deserialize)]
-struct ScanQuery {
-    #[serde(default)]
-    prefix: String,
-    after: Option<String>,
-    limit: Option<usize>,
-    /// An as-of generation's time.
-    at: Option<String>,
-}
-
-/// Most keys one scan returns.
-const MAX_SCAN_LIMIT: usize = 1000;
-
-async fn scan_keys(
-    State(state): State<ApiState>,
-    ApiPath(name): ApiPath<String>,
-    ApiQuery(query): ApiQuery<ScanQuery>,
-) -> Result<Json<Value>, as_of::Refusal> {
-    let projection = state.projection(&name)?;
-    let (live, until) = as_of::resolve(&state.store, &name, projection, query.at.as_deref())?;
-    let limit = query.limit.unwrap_or(100).clamp(1, MAX_SCAN_LIMIT);
-    // A scan reads and merges up to `limit` keys: a bounded number run at once,
-    // off the async threads; the others wait within the request timeout.
-    let _permit = state.scans.clone().acquire_owned().await.map_err(internal)?;
-    let store = state.store.clone();
-    let Json(mut page) = tokio::task::spawn_blocking(move || scan(&store, &live, &query, limit))
-        .await
-        .map_err(internal)??;
-    if let Some(until) = until {
-        page["until"] = json!(until);
-    }
-    Ok(Json(page))
-}
-
-fn scan(
-    store: &Store,
-    live: &crate::fold_state::Fold,
-    query: &ScanQuery,
-    limit: usize,
-) -> Result<Json<Value>, ApiError> {
-    let view = store.read_view(&live.generation).map_err(internal)?;
-    let mut items = Vec::new();
-    let mut failed = None;
-    let found = view
-        .scan(
-            &query.prefix,
-            query.after.as_deref(),
-            limit,
-            &mut |key, partials| match live.projection.merge_stored(key, partials) {
-                Ok(Some(value)) => {
-                    items.push(json!({ "key": key, "value": value }));
-                    true
-                }
-                Ok(None) => false,
-                Err(e) => {
-                    failed.get_or_insert_with(|| format!("merging the partial states of `{key}`: {e}"));
-                    false
-                }
-            },
-        )
-        .map_err(internal)?;
-    if let Some(error) = failed {
-        return Err(internal(error));
-    }
-    let next = (found.len() == limit)
-        .then(|| found.last().map(|(k, _)| k.clone()))
-        .flatten();
-    Ok(Json(json!({
-        "items": items,
-        "next": next,
-        "as_of": as_of(view.offsets().map_err(internal)?),
-    })))
 }
 
 /// Most bytes read of an admin request's body; they take no options.

@@ -366,7 +366,9 @@ fn start_folds(
     supervisors: &BTreeMap<String, Arc<Supervisor>>,
     sources: &BTreeMap<Vec<String>, Arc<SharedSource>>,
 ) -> Result<(), WorkerError> {
-    let mut members: BTreeMap<Vec<String>, Vec<(Arc<Supervisor>, Arc<Fold>, i64)>> = BTreeMap::new();
+    // Per topic set: each projection's live fold and the events it has applied.
+    type Candidate = (Arc<Supervisor>, Arc<Fold>, i64);
+    let mut members: BTreeMap<Vec<String>, Vec<Candidate>> = BTreeMap::new();
     for supervisor in supervisors.values() {
         let live = supervisor.live();
         let mut topics = live.topics.clone();

@@ -116,6 +116,32 @@ pub fn order_lines(lines: &[Value]) -> BTreeMap<String, Value> {
     out
 }
 
+/// The `[[projections]]` block of the declarative entity `order_lines` over
+/// `topic`; [`order_lines`] is its oracle.
+pub fn order_lines_projection(topic: &str) -> String {
+    format!(
+        r#"
+[[projections]]
+name = "order_lines"
+topics = ["{topic}"]
+[projections.declarative]
+key = "event.orderId"
+[[projections.declarative.on]]
+event = "*"
+count = ["events"]
+[[projections.declarative.on]]
+event = "shop.orders.OrderPlaced"
+set = {{ customer = "event.customerId", total_cents = "event.totalCents" }}
+[[projections.declarative.on]]
+event = "shop.orders.PaymentCharged"
+add = {{ paid_cents = "event.amountCents" }}
+[[projections.declarative.on]]
+event = "shop.orders.OrderShipped"
+set = {{ tracking = "event.trackingId" }}
+"#
+    )
+}
+
 /// The `[[projections]]` block of the declarative aggregate `customer_stats` (the
 /// projections issue's example) over `topic`; [`customer_stats`] is its oracle.
 pub fn customer_stats_projection(topic: &str) -> String {

@@ -14,6 +14,7 @@ use projector_tests::{
 };
 use serde_json::Value;
 
+/// Four built-ins; with [`configured`], also the declarative `order_lines`.
 const BUILT_INS: &str = r#"
 [[projections]]
 name = "order_summary"
@@ -34,25 +35,12 @@ topics = ["orders"]
 name = "account_balance"
 kind = "account_balance"
 topics = ["accounts"]
-
-[[projections]]
-name = "order_lines"
-topics = ["orders"]
-[projections.declarative]
-key = "event.orderId"
-[[projections.declarative.on]]
-event = "*"
-count = ["events"]
-[[projections.declarative.on]]
-event = "shop.orders.OrderPlaced"
-set = { customer = "event.customerId", total_cents = "event.totalCents" }
-[[projections.declarative.on]]
-event = "shop.orders.PaymentCharged"
-add = { paid_cents = "event.amountCents" }
-[[projections.declarative.on]]
-event = "shop.orders.OrderShipped"
-set = { tracking = "event.trackingId" }
 "#;
+
+/// The projections of the first run: the built-ins and `order_lines`.
+fn configured() -> String {
+    format!("{BUILT_INS}{}", read_models::order_lines_projection("orders"))
+}
 
 /// Pages through every key of `projection` two hundred at a time.
 fn scan_all(worker: &Worker, projection: &str) -> Result<BTreeMap<String, Value>> {
@@ -107,7 +95,10 @@ fn built_in_and_declarative_projections_equal_their_oracles_and_new_ones_backfil
     let order_lines: Vec<Value> = lines.iter().filter(|l| l["topic"] == "orders").cloned().collect();
 
     let data = dir.path().join("data");
-    let mut worker = Worker::start(dir.path(), &worker_config(&broker, &registry, &data, BUILT_INS))?;
+    let mut worker = Worker::start(
+        dir.path(),
+        &worker_config(&broker, &registry, &data, &configured()),
+    )?;
     for (name, count) in [
         ("order_summary", order_lines.len()),
         ("customer_orders", order_lines.len()),
@@ -162,7 +153,11 @@ fn built_in_and_declarative_projections_equal_their_oracles_and_new_ones_backfil
         &broker,
         &registry,
         &data,
-        &format!("{BUILT_INS}{}", read_models::customer_stats_projection("orders")),
+        &format!(
+            "{}{}",
+            configured(),
+            read_models::customer_stats_projection("orders")
+        ),
     );
     let mut worker = Worker::start(dir.path(), &config)?;
     wait_applied(

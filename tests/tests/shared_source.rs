@@ -36,30 +36,13 @@ name = "revenue_by_day"
 kind = "revenue_by_day"
 topics = ["orders"]
 on_poison = "skip"
-[[projections]]
-name = "order_lines"
-topics = ["orders"]
-on_poison = "skip"
-[projections.declarative]
-key = "event.orderId"
-[[projections.declarative.on]]
-event = "*"
-count = ["events"]
-[[projections.declarative.on]]
-event = "shop.orders.OrderPlaced"
-set = { customer = "event.customerId", total_cents = "event.totalCents" }
-[[projections.declarative.on]]
-event = "shop.orders.PaymentCharged"
-add = { paid_cents = "event.amountCents" }
-[[projections.declarative.on]]
-event = "shop.orders.OrderShipped"
-set = { tracking = "event.trackingId" }
 "#,
     );
-    text.push_str(&read_models::customer_stats_projection("orders").replace(
-        "[projections.declarative]",
-        "on_poison = \"skip\"\n[projections.declarative]",
-    ));
+    let skip = "on_poison = \"skip\"\n[projections.declarative]";
+    text.push_str(&read_models::order_lines_projection("orders").replace("[projections.declarative]", skip));
+    text.push_str(
+        &read_models::customer_stats_projection("orders").replace("[projections.declarative]", skip),
+    );
     if with_late {
         text.push_str("[[projections]]\nname = \"summary_late\"\nkind = \"order_summary\"\ntopics = [\"orders\"]\non_poison = \"skip\"\n");
     }

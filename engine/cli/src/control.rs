@@ -79,6 +79,32 @@ impl WorkerApi {
     }
 }
 
+impl WorkerApi {
+    /// GET `path` while waiting out a worker that does not answer (a restart):
+    /// `Ok(Err(_))` after a short pause while it has not answered for less than
+    /// [`UNREACHABLE_LIMIT`] since `unreachable_since`, an error after that.
+    async fn get_patiently(
+        &self,
+        path: &str,
+        unreachable_since: &mut Option<Instant>,
+    ) -> Result<Result<Value, anyhow::Error>> {
+        match self.get(path).await {
+            Ok(value) => {
+                *unreachable_since = None;
+                Ok(Ok(value))
+            }
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > UNREACHABLE_LIMIT {
+                    return Err(e.context(format!("the worker did not answer for {UNREACHABLE_LIMIT:?}")));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(Err(e))
+            }
+        }
+    }
+}
+
 /// Sends `request` (described as `what` in errors); its status and JSON body.
 async fn answer(request: reqwest::RequestBuilder, what: &str) -> Result<(reqwest::StatusCode, Value)> {
     let response = request.send().await.with_context(|| what.to_owned())?;
@@ -160,19 +186,11 @@ pub async fn as_of(api: &WorkerApi, name: &str, until: &str, wait: bool) -> Resu
     let mut last_line = Instant::now();
     let mut unreachable_since: Option<Instant> = None;
     loop {
-        let projection = match api.get(&format!("/projections/{name}")).await {
-            Ok(projection) => {
-                unreachable_since = None;
-                projection
-            }
-            Err(e) => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > UNREACHABLE_LIMIT {
-                    return Err(e.context(format!("the worker did not answer for {UNREACHABLE_LIMIT:?}")));
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
+        let Ok(projection) = api
+            .get_patiently(&format!("/projections/{name}"), &mut unreachable_since)
+            .await?
+        else {
+            continue;
         };
         let Some(generation) = projection["as_of_generations"]
             .as_array()
@@ -217,20 +235,18 @@ async fn wait_for_switch(api: &WorkerApi, name: &str, generation: u64) -> Result
     let mut last_line = Instant::now();
     let mut unreachable_since: Option<Instant> = None;
     loop {
-        let projection = match api.get(&format!("/projections/{name}")).await {
-            Ok(projection) => {
-                unreachable_since = None;
-                projection
+        let projection = match api
+            .get_patiently(&format!("/projections/{name}"), &mut unreachable_since)
+            .await
+        {
+            Ok(Ok(projection)) => projection,
+            Ok(Err(e)) => {
+                bar.set_message(format!("(worker unreachable: {e:#})"));
+                continue;
             }
             Err(e) => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > UNREACHABLE_LIMIT {
-                    bar.abandon();
-                    return Err(e.context(format!("the worker did not answer for {UNREACHABLE_LIMIT:?}")));
-                }
-                bar.set_message(format!("(worker unreachable: {e:#})"));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
+                bar.abandon();
+                return Err(e);
             }
         };
         let last = &projection["last_replay"];

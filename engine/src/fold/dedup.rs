@@ -14,6 +14,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use crate::config::DedupConfig;
 use crate::store::{Generation, SeenId, SourcePartition, Store, StoreError, ID_DIGEST_BYTES};
 
+/// Ids to write and ids to delete (by partition and offset) with a batch.
+pub(super) type IdChanges = (Vec<(SourcePartition, SeenId)>, Vec<(SourcePartition, i64)>);
+
 /// An id's digest.
 pub(super) type Digest = [u8; ID_DIGEST_BYTES];
 
@@ -96,7 +99,7 @@ impl Dedup {
     }
 
     /// What the open batch changed: ids to write and ids to delete.
-    pub(super) fn take(&mut self) -> (Vec<(SourcePartition, SeenId)>, Vec<(SourcePartition, i64)>) {
+    pub(super) fn take(&mut self) -> IdChanges {
         (
             std::mem::take(&mut self.seen),
             std::mem::take(&mut self.forgotten),

@@ -202,7 +202,7 @@ impl Folding {
         if let Some(spec) = &self.fold.as_of {
             let time = self
                 .facts
-                .event_time(&events, &meta)
+                .event_time(events, &meta)
                 .map_err(|error| Stop::Poison {
                     reason: PoisonReason::FoldFailed,
                     error: format!("reading the event time: {error}"),

@@ -16,28 +16,20 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::topic_partition_list::Offset;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::commit::commit_all;
 use super::consumer::{self, SourceConsumer};
 use super::member::Folding;
+use super::parallel::PARALLEL_CHUNK;
 use super::partitions::unexplained_offset_error;
-use super::source::{Join, SharedSource};
+use super::source::SharedSource;
 use super::{LoopEnd, LoopError, SourceDeps};
 use crate::decode_ahead::DecodeAhead;
 use crate::fold_state::{Command, Fold, RunState};
 use crate::replay::Replay;
 use crate::store::SourcePartition;
 use crate::supervisor::Supervisor;
-
-/// How often a solo loop of a live generation checks whether it can join its
-/// topics' shared source.
-const JOIN_CHECK_EVERY: Duration = Duration::from_millis(500);
-
-/// Chunks of at least this many messages are folded into a shared source's
-/// members on two threads (fewer: the thread costs more than it saves).
-const PARALLEL_CHUNK: usize = 64;
 
 pub(super) struct FoldLoop {
     consumer: SourceConsumer,
@@ -47,15 +39,15 @@ pub(super) struct FoldLoop {
 /// Everything of the loop but the consumer, so messages borrowed from the
 /// consumer can be folded into it.
 pub(super) struct LoopState {
-    decode_ahead: DecodeAhead,
+    pub(super) decode_ahead: DecodeAhead,
     /// The folds of this loop: one for a solo loop, the members of a shared source.
-    members: Vec<Folding>,
+    pub(super) members: Vec<Folding>,
     /// Set for a shared source: where it takes joins and publishes positions.
-    shared: Option<Arc<SharedSource>>,
+    pub(super) shared: Option<Arc<SharedSource>>,
     /// For a solo loop of a live generation: the shared source it may join.
-    joinable: Option<Arc<SharedSource>>,
-    last_join_check: Instant,
-    deps: SourceDeps,
+    pub(super) joinable: Option<Arc<SharedSource>>,
+    pub(super) last_join_check: Instant,
+    pub(super) deps: SourceDeps,
     topics: HashMap<String, Arc<str>>,
 }
 
@@ -249,14 +241,14 @@ impl Drop for FoldLoop {
 
 impl LoopState {
     /// Commits every member's batch in one write and publishes where they are.
-    fn commit(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
+    pub(super) fn commit(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
         commit_all(&mut self.members, consumer)?;
         self.publish(consumer)
     }
 
     /// A shared source publishes its members' lowest next offset per assigned
     /// partition, for folds that want to join.
-    fn publish(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
+    pub(super) fn publish(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
         let Some(source) = self.shared.clone() else {
             return Ok(());
         };
@@ -276,7 +268,12 @@ impl LoopState {
     /// Member `index` ended its part in the loop. In a solo loop that ends the
     /// loop; a shared source's member leaves (the others fold on) and its end is
     /// handled here as the thread's end handles a solo loop's.
-    fn member_ended(&mut self, consumer: &SourceConsumer, index: usize, end: LoopEnd) -> Option<LoopEnd> {
+    pub(super) fn member_ended(
+        &mut self,
+        consumer: &SourceConsumer,
+        index: usize,
+        end: LoopEnd,
+    ) -> Option<LoopEnd> {
         if self.shared.is_none() {
             return Some(end);
         }
@@ -373,87 +370,7 @@ impl LoopState {
         Ok(None)
     }
 
-    /// [`LoopState::fold_chunk`] for a shared source with a large chunk: the
-    /// members are independent (each its own batch, positions and state), so
-    /// two threads fold the whole chunk, each into half of them, in message
-    /// order; members that stopped at a message leave afterwards, and the
-    /// batches are committed together once the chunk is folded.
-    fn fold_chunk_in_parallel(
-        &mut self,
-        consumer: &SourceConsumer,
-        messages: &[BorrowedMessage<'_>],
-        decoded: &[crate::decode_ahead::Decoded],
-    ) -> Result<Option<LoopEnd>, LoopError> {
-        let partitions: Vec<SourcePartition> = messages
-            .iter()
-            .map(|m| SourcePartition {
-                topic: self.intern(m.topic()),
-                partition: m.partition(),
-            })
-            .collect();
-        let half = self.members.len() / 2;
-        let (first, second) = self.members.split_at_mut(half);
-        // Each thread also encodes and writes its members' batches when one is
-        // due: one WriteBatch per thread, each member's rows and offsets in one of
-        // them (invariant 1 per projection), RocksDB inserting both at once.
-        let fold_all =
-            |members: &mut [Folding]| -> (Vec<Result<Option<LoopEnd>, LoopError>>, Result<(), LoopError>) {
-                let ends: Vec<_> = members
-                    .iter_mut()
-                    .map(|member| {
-                        for ((message, partition), decoded) in messages.iter().zip(&partitions).zip(decoded) {
-                            if let Some(end) = member
-                                .fold_message(consumer, message, partition, decoded)?
-                                .loop_end()
-                            {
-                                return Ok(Some(end));
-                            }
-                        }
-                        Ok(None)
-                    })
-                    .collect();
-                let committed =
-                    if ends.iter().all(|e| matches!(e, Ok(None))) && members.iter().any(Folding::is_due) {
-                        commit_all(members, consumer)
-                    } else {
-                        Ok(())
-                    };
-                (ends, committed)
-            };
-        let ((mut ends, first_committed), seconds) = std::thread::scope(|scope| {
-            let other = scope.spawn(|| fold_all(second));
-            let ends = fold_all(first);
-            (ends, other.join())
-        });
-        let (second_ends, second_committed) =
-            seconds.map_err(|panic| LoopError::Thread(crate::panics::message(panic.as_ref())))?;
-        ends.extend(second_ends);
-        first_committed?;
-        second_committed?;
-        let mut failure = None;
-        for (index, end) in ends.into_iter().enumerate().rev() {
-            match end {
-                Ok(None) => {}
-                Ok(Some(end)) => {
-                    if let Some(end) = self.member_ended(consumer, index, end) {
-                        return Ok(Some(end));
-                    }
-                }
-                Err(error) => failure = Some(error),
-            }
-        }
-        if let Some(error) = failure {
-            return Err(error);
-        }
-        if self.members.iter().any(Folding::is_due) {
-            self.commit(consumer)?;
-        } else {
-            self.publish(consumer)?;
-        }
-        Ok(None)
-    }
-
-    fn intern(&mut self, topic: &str) -> Arc<str> {
+    pub(super) fn intern(&mut self, topic: &str) -> Arc<str> {
         if let Some(interned) = self.topics.get(topic) {
             return interned.clone();
         }
@@ -507,114 +424,5 @@ impl LoopState {
             unexplained_offset_error();
         }
         Ok(None)
-    }
-
-    /// A solo loop of a live generation joins its topics' shared source once it
-    /// is near it (see [`super::source`]): it commits and ends, and the source
-    /// adopts its fold.
-    fn try_join(&mut self, consumer: &SourceConsumer) -> Result<Option<LoopEnd>, LoopError> {
-        let Some(source) = self.joinable.clone() else {
-            return Ok(None);
-        };
-        if self.last_join_check.elapsed() < JOIN_CHECK_EVERY {
-            return Ok(None);
-        }
-        self.last_join_check = Instant::now();
-        let member = &mut self.members[0];
-        let eligible = member.fold.is_live()
-            && member.replay.is_none()
-            && member
-                .supervisor
-                .replay()
-                .is_none_or(|r| !Arc::ptr_eq(&r.fold, &member.fold))
-            && matches!(member.fold.state(), RunState::Running)
-            && member.fold.is_assigned();
-        if !eligible {
-            return Ok(None);
-        }
-        let assignment = consumer.context().assignment.lock().expect("lock").clone();
-        let mut positions = BTreeMap::new();
-        for partition in assignment {
-            let next = member.position(&partition)?;
-            positions.insert(partition, next);
-        }
-        let join = source.try_join(&member.supervisor, &member.fold, &positions);
-        if join == Join::NotYet {
-            return Ok(None);
-        }
-        member.commit(consumer)?;
-        info!(projection = %member.supervisor.name, "joining the shared source of {}", source.topics.join(", "));
-        Ok(Some(match join {
-            Join::Start => LoopEnd::StartSource(source),
-            _ => LoopEnd::Joined,
-        }))
-    }
-
-    /// A shared source adopts the folds waiting to join: each becomes a member
-    /// at its own offsets, and where one is behind the consumer the partition is
-    /// read again from its offset (the others pass over what they applied).
-    fn adopt(&mut self, consumer: &SourceConsumer) -> Result<(), LoopError> {
-        let Some(source) = self.shared.clone() else {
-            return Ok(());
-        };
-        let context = consumer.context();
-        for (supervisor, fold) in source.take_joining() {
-            let commands = fold.listen();
-            let cache = source.cache_share(self.deps.store_config.state_cache_bytes());
-            let mut member = Folding::new(
-                supervisor.clone(),
-                fold.clone(),
-                None,
-                commands,
-                self.deps.clone(),
-                cache,
-            )?;
-            let assignment = context.assignment.lock().expect("lock").clone();
-            let consumed = consumer.position()?;
-            let mut rewound = Ok(());
-            for partition in &assignment {
-                let next = member.position(partition)?;
-                let at = consumed
-                    .find_partition(&partition.topic, partition.partition)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(n) => Some(n),
-                        _ => None,
-                    })
-                    .or_else(|| context.started_at.lock().expect("lock").get(partition).copied())
-                    .unwrap_or(0);
-                if next < at {
-                    rewound = consumer.seek(
-                        &partition.topic,
-                        partition.partition,
-                        Offset::Offset(next),
-                        Duration::from_secs(5),
-                    );
-                    if rewound.is_err() {
-                        break;
-                    }
-                    context
-                        .started_at
-                        .lock()
-                        .expect("lock")
-                        .insert(partition.clone(), next);
-                }
-            }
-            if let Err(error) = rewound {
-                warn!(projection = %supervisor.name, %error, "could not rewind the shared source for a newcomer; it folds on its own");
-                fold.hand_on(member.into_commands());
-                supervisor.spawn(fold);
-                continue;
-            }
-            context.folds.lock().expect("lock").push(fold.clone());
-            fold.own(assignment.iter().cloned());
-            if !assignment.is_empty() {
-                fold.set_assigned();
-            }
-            fold.set_state(RunState::Running);
-            fold.set_shared(true);
-            info!(projection = %supervisor.name, "joined the shared source of {}", source.topics.join(", "));
-            self.members.push(member);
-        }
-        self.publish(consumer)
     }
 }
