@@ -171,7 +171,8 @@ pub struct StoreConfig {
     /// Megabytes of committed states each fold loop keeps in memory across
     /// batches (an estimate of their heap), so a key folded again soon is not read
     /// from RocksDB and parsed again. Each live generation, and a replay's beside
-    /// it, has one. 0 turns the cache off.
+    /// it, has one; projections that share a source split it among them. 0 turns
+    /// the cache off.
     #[serde(default = "default_state_cache_mb")]
     pub state_cache_mb: usize,
     /// Files RocksDB keeps open at most (its `max_open_files`): part of the
