@@ -133,10 +133,15 @@ fn projections_share_a_source_through_poison_replay_new_projections_and_sigkills
     );
     let (status, body) = worker.post("/projections/order_summary/skip", Some(TOKEN))?;
     ensure!(status == 202, "skip: {status} {body}");
+    // Past the poison event (an operator's skip lives in memory until applied)
+    // and back in the shared source.
     wait_until(
-        "order_summary to catch up and join again",
+        "order_summary to skip, catch up and join again",
         Duration::from_secs(120),
-        || shared(&worker, "order_summary"),
+        || {
+            worker.applied_offsets("order_summary").unwrap_or(0) > stopped_at
+                && shared(&worker, "order_summary")
+        },
     )
     .with_context(|| worker.service.log())?;
 

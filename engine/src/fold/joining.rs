@@ -51,11 +51,13 @@ impl LoopState {
             let next = member.position(&partition)?;
             positions.insert(partition, next);
         }
+        // Committed before asking: once queued, the source may adopt the fold
+        // (from its stored offsets) at any moment.
+        member.commit(consumer)?;
         let join = source.try_join(&member.supervisor, &member.fold, &positions);
         if join == Join::NotYet {
             return Ok(None);
         }
-        member.commit(consumer)?;
         info!(projection = %member.supervisor.name, "joining the shared source of {}", source.topics.join(", "));
         Ok(Some(match join {
             Join::Start => LoopEnd::StartSource(source),
