@@ -15,9 +15,11 @@ use serde::Deserialize;
 /// so `PROJECTOR__KAFKA__BROKERS` sets `kafka.brokers`.
 pub const ENV_PREFIX: &str = "PROJECTOR__";
 
+mod cluster;
 mod dedup;
 mod http;
 
+pub use cluster::{ClusterConfig, Partitioner};
 pub use dedup::DedupConfig;
 pub use http::{HttpConfig, ReadTokens, TlsConfig};
 
@@ -43,6 +45,9 @@ pub struct Config {
     /// The projections this worker maintains.
     #[serde(default)]
     pub projections: Vec<ProjectionConfig>,
+    /// Multi-worker mode; a worker runs alone without it.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[replay]`
@@ -85,6 +90,16 @@ pub struct KafkaConfig {
     /// They are applied after Projector's own settings, so they win.
     #[serde(default)]
     pub librdkafka_options: BTreeMap<String, String>,
+    /// How the producers chose partitions from keys: `murmur2` (Java clients),
+    /// `crc32` (librdkafka clients) or `any` (unknown). In multi-worker mode a
+    /// read of a projection with `keyed_like_topic` goes to the owner of the
+    /// key's partition; with `any` it asks every owner.
+    #[serde(default)]
+    pub partitioner: Partitioner,
+    /// Fold consumers join with this `group.instance.id` (static membership);
+    /// set from `cluster.static_membership`, never from the file.
+    #[serde(skip)]
+    pub group_instance_id: Option<String>,
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -101,6 +116,8 @@ impl std::fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("group_prefix", &self.group_prefix)
             .field("librdkafka_options", &options)
+            .field("partitioner", &self.partitioner)
+            .field("group_instance_id", &self.group_instance_id)
             .finish()
     }
 }
@@ -260,6 +277,12 @@ pub struct ProjectionConfig {
     /// timestamp field gives its instant). The record timestamp when absent.
     #[serde(default)]
     pub event_time: Option<String>,
+    /// Its state keys are the source records' message keys (as the producers
+    /// wrote them), so a key lives in the partition `kafka.partitioner` gives it:
+    /// in multi-worker mode a read of a key goes to that partition's owner only.
+    /// Off: a read asks the owners of every partition and merges.
+    #[serde(default)]
+    pub keyed_like_topic: bool,
 }
 
 /// What decides a projection's state: the parts of its config a generation is
@@ -368,6 +391,9 @@ impl Config {
             ));
         }
         self.http.validate(file)?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(file)?;
+        }
         if self.store.max_open_files < 16 {
             return Err(ConfigError::at(
                 file,

@@ -2,7 +2,7 @@
 //! is ([`RunState`]), the partitions it owns, and what the HTTP API and the lag
 //! monitor have asked of it (stop, skip, a log found behind its offsets).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -90,6 +90,24 @@ pub struct Fold {
     /// The partitions the group assigned to this fold's loop (kept when the loop
     /// stops, so a stopped projection's lag keeps being reported).
     owned: Mutex<BTreeSet<SourcePartition>>,
+    /// The partitions the loop has assigned right now (unlike `owned`, dropped on
+    /// every revocation and when the loop exits), with how far each must fold
+    /// before a worker of a cluster serves it.
+    serving: Mutex<BTreeMap<SourcePartition, Restore>>,
+}
+
+/// How far a partition a worker gained has come (multi-worker mode): its reads
+/// are served only once it has folded up to the high watermark seen after the
+/// gain, so no reader sees a value older than the previous owner served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "until")]
+pub enum Restore {
+    /// Gained; the high watermark to reach is not known yet.
+    Unknown,
+    /// Restoring up to this next offset (the high watermark seen after the gain).
+    Until(i64),
+    /// Restored: served.
+    Done,
 }
 
 /// What a supervisor or the lag monitor tells a running fold loop.
@@ -148,6 +166,7 @@ impl Fold {
             commands: Mutex::new(Commands::default()),
             known_panic: Mutex::new(None),
             owned: Mutex::new(BTreeSet::new()),
+            serving: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -289,6 +308,46 @@ impl Fold {
         for partition in partitions {
             owned.remove(partition);
         }
+    }
+
+    /// Records partitions the loop was assigned: restoring until they reach the
+    /// high watermark (see [`Restore`]).
+    pub(crate) fn start_serving(&self, partitions: impl IntoIterator<Item = SourcePartition>) {
+        let mut serving = self.serving.lock().expect("serving lock");
+        for partition in partitions {
+            serving.entry(partition).or_insert(Restore::Unknown);
+        }
+    }
+
+    /// Records partitions the loop no longer has.
+    pub(crate) fn stop_serving<'a>(&self, partitions: impl IntoIterator<Item = &'a SourcePartition>) {
+        let mut serving = self.serving.lock().expect("serving lock");
+        for partition in partitions {
+            serving.remove(partition);
+        }
+    }
+
+    /// Forgets every partition: the loop exited.
+    pub(crate) fn stop_serving_all(&self) {
+        self.serving.lock().expect("serving lock").clear();
+    }
+
+    /// The partitions assigned to the loop now and how far each has come.
+    pub fn serving(&self) -> BTreeMap<SourcePartition, Restore> {
+        self.serving.lock().expect("serving lock").clone()
+    }
+
+    /// Moves a partition on (only while it is still assigned).
+    pub fn set_restore(&self, partition: &SourcePartition, restore: Restore) {
+        if let Some(entry) = self.serving.lock().expect("serving lock").get_mut(partition) {
+            *entry = restore;
+        }
+    }
+
+    /// Whether the loop's state lets its restored partitions be served: folding,
+    /// or waiting for the store (what it committed stays right).
+    pub fn serves(&self) -> bool {
+        matches!(self.state(), RunState::Running | RunState::StoreUnavailable { .. })
     }
 
     /// The partitions this worker folds for this generation: lag is reported for

@@ -58,6 +58,9 @@ pub fn config(kafka: &KafkaConfig, role: Role<'_>) -> ClientConfig {
                 // freshness p50 133 ms at 10 events/s, 20 ms made it 10 ms. 50 ms
                 // costs an idle worker 20 fetches a second per broker.
                 .set("fetch.wait.max.ms", "50");
+            if let Some(instance) = &kafka.group_instance_id {
+                config.set("group.instance.id", instance);
+            }
         }
         Role::Metadata => {}
         Role::Probe {

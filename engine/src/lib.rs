@@ -14,6 +14,7 @@
 mod as_of;
 mod avro_json;
 mod backoff;
+mod cluster;
 pub mod config;
 mod dead_letter;
 pub mod declarative;

@@ -21,6 +21,7 @@ use crate::store::Store;
 mod access;
 mod as_of;
 mod checkpoint;
+mod cluster;
 mod scan;
 use crate::supervisor::{StartError, Supervisor};
 
@@ -42,6 +43,8 @@ pub struct ApiState {
     /// Kafka, for the high watermarks of a new as-of generation (`None`: they
     /// are refused).
     pub kafka: Option<crate::config::KafkaConfig>,
+    /// Multi-worker mode: reads are routed to the owners of the partitions.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The API's routes.
@@ -76,7 +79,16 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::delete(as_of::remove),
         )
         .route("/checkpoint", post(checkpoint::take));
-    reads.merge(probes).merge(admin).with_state(state)
+    // Requests between workers carry the cluster secret instead of a token.
+    let between_workers = Router::new().route(
+        "/cluster/projections/{name}/partials/{*key}",
+        get(cluster::partials),
+    );
+    reads
+        .merge(probes)
+        .merge(admin)
+        .merge(between_workers)
+        .with_state(state)
 }
 
 /// A JSON error response: `{"error": "..."}` with a status.
@@ -193,7 +205,11 @@ async fn list_projections(State(state): State<ApiState>) -> Result<Json<Value>, 
         .values()
         .map(|projection| state.describe(projection))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({ "projections": list })))
+    let mut answer = json!({ "projections": list });
+    if let Some(cluster) = &state.cluster {
+        answer["cluster"] = cluster::view(cluster);
+    }
+    Ok(Json(answer))
 }
 
 async fn show_projection(
@@ -214,10 +230,47 @@ fn as_of_offsets(offsets: BTreeMap<crate::store::SourcePartition, i64>) -> Value
     )
 }
 
-/// Query of a key read: `at` names an as-of generation by its time.
+/// Query of a key read: `at` names an as-of generation by its time;
+/// `min_as_of` (`topic/partition:offset,...`) waits, within
+/// [`MIN_AS_OF_WAIT`], until the answer reflects the records at those offsets
+/// (a client that knows where its own writes went reads them).
 #[derive(serde::Deserialize)]
 struct ReadQuery {
     at: Option<String>,
+    min_as_of: Option<String>,
+}
+
+/// How long a read waits for its `min_as_of` on a worker alone.
+const MIN_AS_OF_WAIT: std::time::Duration = std::time::Duration::from_millis(2_500);
+
+/// Waits until `generation` has folded the records at the offsets of `min`;
+/// 503 naming the partitions behind when the wait is over.
+async fn wait_for_offsets(
+    store: &Store,
+    generation: &crate::store::Generation,
+    min: &BTreeMap<crate::store::SourcePartition, i64>,
+) -> Result<(), as_of::Refusal> {
+    let deadline = std::time::Instant::now() + MIN_AS_OF_WAIT;
+    loop {
+        let offsets = store.offsets(generation).map_err(internal)?;
+        let behind: Vec<String> = min
+            .iter()
+            .filter_map(|(p, want)| {
+                let at = offsets.get(p).copied().unwrap_or(0);
+                (at <= *want).then(|| format!("{p}: next offset {at}, offset {want} not folded yet"))
+            })
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(as_of::Refusal::unavailable(json!({
+                "error": "the state does not reflect min_as_of yet",
+                "unavailable": behind,
+            })));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
 }
 
 async fn read_key(
@@ -226,8 +279,13 @@ async fn read_key(
     ApiQuery(query): ApiQuery<ReadQuery>,
 ) -> Result<Json<Value>, as_of::Refusal> {
     let projection = state.projection(&name)?;
+    let min = cluster::parse_positions(query.min_as_of.as_deref().unwrap_or_default())?;
+    if let (Some(cluster), None) = (&state.cluster, &query.at) {
+        return cluster::routed_read(&state, cluster, projection, &key, &min).await;
+    }
     // One fold for the whole request: its generation and the merge that goes with it.
     let (live, until) = as_of::resolve(&state.store, &name, projection, query.at.as_deref())?;
+    wait_for_offsets(&state.store, &live.generation, &min).await?;
     let view = state.store.read_view(&live.generation).map_err(internal)?;
     let partials = view.partials(&key).map_err(internal)?;
     let not_found = || {

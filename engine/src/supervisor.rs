@@ -124,6 +124,9 @@ pub struct Supervisor {
     pub dedup: Option<crate::config::DedupConfig>,
     /// Where an event's time is, for as-of generations (record timestamp when absent).
     pub event_time: Option<String>,
+    /// State keys are the records' message keys (see
+    /// [`ProjectionConfig::keyed_like_topic`]).
+    pub keyed_like_topic: bool,
     /// The definition in the config, which a replay folds with.
     pub configured_definition: Json,
     /// The fold built from the configured definition.
@@ -160,6 +163,7 @@ impl Supervisor {
             max_event_bytes: config.max_event_bytes,
             dedup: config.dedup.clone(),
             event_time: config.event_time.clone(),
+            keyed_like_topic: config.keyed_like_topic,
             configured_definition: config.definition(),
             configured_projection,
             lifecycle: Mutex::new(lifecycle),
@@ -245,6 +249,7 @@ impl Supervisor {
     /// nothing changes: the next start resumes from what the store says.
     pub(crate) fn loop_exited(&self, fold: &Arc<Fold>, store: &Store, shutting_down: bool) {
         fold.stop_listening();
+        fold.stop_serving_all();
         {
             let mut lifecycle = self.lifecycle();
             fold.set_loop_running(false);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError, ProjectionConfig, ProjectionDefinition};
 use crate::declarative::Declarative;
 use crate::decode::Decoder;
@@ -174,7 +175,7 @@ fn stored_fold(
 }
 
 /// Runs the worker until SIGINT or SIGTERM, after the same checks as [`check`].
-pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Result<(), WorkerError> {
+pub async fn run(mut config: Config, config_path: &Path, builtins: &Builtins) -> Result<(), WorkerError> {
     apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION_BYTES);
     crate::metrics::init();
     let CheckSummary { projections, schemas } = check(&config, config_path, builtins)?;
@@ -204,6 +205,7 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
             .map_err(|e| WorkerError::Startup(e.to_string()))?,
     );
     let shutdown = Arc::new(AtomicBool::new(false));
+    let cluster = join_cluster(&mut config).await?;
     let sources = shared_sources(&config);
     let deps = SourceDeps {
         sources: Arc::new(sources.clone()),
@@ -303,6 +305,21 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
         shutdown.clone(),
     )
     .map_err(|e| WorkerError::Startup(format!("lag monitor: {e}")))?;
+    let cluster_threads = match &cluster {
+        Some(cluster) => {
+            let projections = supervisors.values().cloned().collect();
+            let view = crate::cluster::topic::spawn_view(cluster.clone(), &config.kafka, shutdown.clone());
+            let publisher = crate::cluster::topic::spawn_publisher(
+                cluster.clone(),
+                &config.kafka,
+                store.clone(),
+                projections,
+                shutdown.clone(),
+            );
+            vec![view.map_err(WorkerError::Startup)?, publisher.map_err(WorkerError::Startup)?]
+        }
+        None => Vec::new(),
+    };
     let api = serve::router(ApiState {
         projections: Arc::new(supervisors),
         store,
@@ -311,6 +328,7 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
         protect_probes: config.http.protect_probes,
         scans: Arc::new(tokio::sync::Semaphore::new(config.http.max_concurrent_scans)),
         kafka: Some(config.kafka.clone()),
+        cluster,
     });
     let limits = listener::Limits {
         header_timeout: Duration::from_millis(config.http.header_timeout_ms),
@@ -332,11 +350,34 @@ pub async fn run(config: Config, config_path: &Path, builtins: &Builtins) -> Res
             let _ = thread.join();
         }
         let _ = lag_monitor.join();
+        // After the fold loops: the tombstone goes out once nothing is folded here.
+        for thread in cluster_threads {
+            let _ = thread.join();
+        }
     })
     .await
     .map_err(|e| WorkerError::Startup(format!("joining fold loops: {e}")))?;
     info!("worker stopped");
     Ok(())
+}
+
+/// Multi-worker mode: this worker's cluster membership, with its cluster topic
+/// created when missing; static membership set on the fold consumers when
+/// configured. `None` without `[cluster]`.
+async fn join_cluster(config: &mut Config) -> Result<Option<Arc<Cluster>>, WorkerError> {
+    let Some(cluster_config) = &config.cluster else {
+        return Ok(None);
+    };
+    let cluster = Cluster::new(cluster_config, &config.kafka, config.http.listen.port())
+        .map_err(WorkerError::Startup)?;
+    if cluster_config.static_membership {
+        config.kafka.group_instance_id = Some(cluster.worker_id.clone());
+    }
+    crate::cluster::topic::ensure(&config.kafka, &cluster.topic)
+        .await
+        .map_err(WorkerError::Startup)?;
+    info!(worker = %cluster.worker_id, topic = %cluster.topic, url = %cluster.url, "joining the cluster");
+    Ok(Some(Arc::new(cluster)))
 }
 
 /// One shared source per set of topics that two or more projections read.

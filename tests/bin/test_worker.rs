@@ -1,8 +1,13 @@
-//! `projector run` with one extra, test-only projection kind, `panic_on_marker`:
-//! `order_summary`, except that its fold panics on an `OrderPlaced` whose order id
-//! starts with `panic-`. The end-to-end tests run it to prove that a panic in
-//! projection code is contained (DESIGN.md invariant 6); it is not part of the
-//! product and never ships in the `projector` binary.
+//! `projector run` with two extra, test-only projection kinds:
+//! - `panic_on_marker`: `order_summary`, except that its fold panics on an
+//!   `OrderPlaced` whose order id starts with `panic-`. The end-to-end tests run
+//!   it to prove that a panic in projection code is contained (DESIGN.md
+//!   invariant 6);
+//! - `slow_order_summary`: `order_summary` taking `options.fold_micros` (default
+//!   2000) per event, so that restoring a partition takes long enough for a
+//!   reader to notice a worker that served it too early (`tests/cluster.rs`).
+//!
+//! Neither is part of the product; they never ship in the `projector` binary.
 //!
 //! Usage: `projector-test-worker --config FILE`.
 
@@ -49,6 +54,38 @@ impl Projection for PanicOnMarker {
     }
 }
 
+/// `order_summary`, slowly.
+struct Slow(std::time::Duration);
+
+impl Projection for Slow {
+    fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
+        std::thread::sleep(self.0);
+        Projection::apply(&OrderSummary, event, state)
+    }
+
+    fn merge(&self, key: &str, partials: Vec<State>) -> Result<Option<Json>, FoldError> {
+        Projection::merge(&OrderSummary, key, partials)
+    }
+
+    fn encode(&self, state: &State) -> Result<Vec<u8>, FoldError> {
+        Projection::encode(&OrderSummary, state)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<State, FoldError> {
+        Projection::decode(&OrderSummary, bytes)
+    }
+}
+
+fn build_slow(options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
+    let micros = match options.get("fold_micros") {
+        None => 2_000,
+        Some(value) => value
+            .as_u64()
+            .ok_or_else(|| OptionsError("fold_micros: a number of microseconds".into()))?,
+    };
+    Ok(Box::new(Slow(std::time::Duration::from_micros(micros))))
+}
+
 fn build_panic_on_marker(_options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
     Ok(Box::new(PanicOnMarker))
 }
@@ -74,6 +111,7 @@ fn main() -> ExitCode {
     builtins
         .projections
         .insert("panic_on_marker", build_panic_on_marker);
+    builtins.projections.insert("slow_order_summary", build_slow);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

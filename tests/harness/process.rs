@@ -245,8 +245,9 @@ impl Worker {
         Self::start_program(dir, config_text, (projector_bin(), Some("run")))
     }
 
-    /// Like [`Worker::start`], with the test-only worker binary, which knows one
-    /// more projection kind, `panic_on_marker` (see `tests/bin/test_worker.rs`).
+    /// Like [`Worker::start`], with the test-only worker binary, which knows two
+    /// more projection kinds, `panic_on_marker` and `slow_order_summary` (see
+    /// `tests/bin/test_worker.rs`).
     pub fn start_test_worker(dir: &Path, config_text: &str) -> Result<Worker> {
         Self::start_program(dir, config_text, (test_worker_bin(), None))
     }

@@ -308,7 +308,73 @@ async fn wait_for_switch(api: &WorkerApi, name: &str, generation: u64) -> Result
     }
 }
 
-/// `projector status`: a table of the worker's projections.
+/// One row per worker and projection: the partitions it serves and restores.
+fn cluster_rows(cluster: &serde_json::Value) -> Vec<[String; 6]> {
+    let mut rows = Vec::new();
+    for worker in cluster["workers"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let id = worker["worker_id"].as_str().unwrap_or("?");
+        let url = worker["url"].as_str().unwrap_or("?");
+        let Some(projections) = worker["projections"].as_object() else {
+            continue;
+        };
+        for (name, claims) in projections {
+            let partitions = |state: &str| {
+                let list: Vec<String> = claims["partitions"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|c| c["state"] == state)
+                    .map(|c| format!("{}/{}", c["topic"].as_str().unwrap_or("?"), c["partition"]))
+                    .collect();
+                if list.is_empty() {
+                    "-".to_owned()
+                } else {
+                    list.join(",")
+                }
+            };
+            rows.push([
+                id.to_owned(),
+                url.to_owned(),
+                name.clone(),
+                format!("g{} {}", claims["generation"], claims["status"].as_str().unwrap_or("?")),
+                partitions("live"),
+                partitions("restoring"),
+            ]);
+        }
+    }
+    rows
+}
+
+/// Prints `rows` under `header`, in columns.
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[&str]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!("{}", line(header));
+    for row in rows {
+        println!("{}", line(&row.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+}
+
+/// `projector status`: a table of the worker's projections (and, in a cluster,
+/// of every worker and the partitions it owns).
 pub async fn status(api: &WorkerApi) -> Result<()> {
     let list = api.get("/projections").await?;
     let rows: Vec<[String; 6]> = list["projections"]
@@ -348,28 +414,15 @@ pub async fn status(api: &WorkerApi) -> Result<()> {
         "LAG EVENTS",
         "LAG SECONDS",
     ];
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[&str]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    println!("{}", line(&header));
-    for row in &rows {
-        println!("{}", line(&row.iter().map(String::as_str).collect::<Vec<_>>()));
+    print_table(&header, &rows);
+    if let Some(cluster) = list["cluster"].as_object() {
+        println!();
+        println!(
+            "cluster: seen from worker {}, topic {}",
+            cluster["worker_id"].as_str().unwrap_or("?"),
+            cluster["topic"].as_str().unwrap_or("?")
+        );
+        print_table(&["WORKER", "URL", "PROJECTION", "GENERATION", "LIVE", "RESTORING"], &cluster_rows(&list["cluster"]));
     }
     Ok(())
 }

@@ -64,6 +64,7 @@ impl ConsumerContext for SourceContext {
                         let partitions = partitions_of(tpl);
                         for fold in self.folds.lock().expect("lock").iter() {
                             fold.own(partitions.iter().cloned());
+                            fold.start_serving(partitions.iter().cloned());
                             fold.set_assigned();
                         }
                         self.assignment.lock().expect("lock").extend(partitions);
@@ -73,6 +74,9 @@ impl ConsumerContext for SourceContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = partitions_of(tpl);
+                for fold in self.folds.lock().expect("lock").iter() {
+                    fold.stop_serving(&partitions);
+                }
                 info!(partitions = ?partitions.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "partitions revoked");
                 // In callback order, so a revocation and the assignment after it
                 // leave the partition owned. Partitions lost with the session

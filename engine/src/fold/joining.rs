@@ -126,6 +126,8 @@ impl LoopState {
                 fold.set_assigned();
             }
             fold.set_state(RunState::Running);
+            fold.stop_serving_all();
+            fold.start_serving(assignment.iter().cloned());
             fold.set_shared(true);
             info!(projection = %supervisor.name, "joined the shared source of {}", source.topics.join(", "));
             self.members.push(member);

@@ -25,6 +25,17 @@ pub(super) struct Refusal {
     retry_after: Option<u64>,
 }
 
+impl Refusal {
+    /// 503 with `body` and `Retry-After: 1`: what is asked for will be served soon.
+    pub(super) fn unavailable(body: Value) -> Self {
+        Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body,
+            retry_after: Some(1),
+        }
+    }
+}
+
 impl From<ApiError> for Refusal {
     fn from(ApiError(status, error): ApiError) -> Self {
         Refusal {

@@ -12,6 +12,7 @@ fn state_with_token(dir: &std::path::Path, token: Option<&str>) -> ApiState {
         protect_probes: false,
         scans: Arc::new(tokio::sync::Semaphore::new(1)),
         kafka: None,
+        cluster: None,
     }
 }
 

@@ -79,6 +79,36 @@ impl ReadView<'_> {
         Ok(partials)
     }
 
+    /// The partial states of `key` with the source partition of each.
+    pub fn partials_by_partition(&self, key: &str) -> Result<Vec<(SourcePartition, Vec<u8>)>, StoreError> {
+        let prefix = state_prefix(key);
+        let mut partials = Vec::new();
+        let rows = self
+            .snapshot
+            .iterator_cf(&self.cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in rows {
+            let (row, value) = item.map_err(failed(format!("reading `{key}`")))?;
+            if !row.starts_with(&prefix) {
+                break;
+            }
+            let mut rest = &row[prefix.len()..];
+            let topic = unescape_next(&mut rest);
+            let partition = <[u8; 4]>::try_from(rest).ok().map(i32::from_be_bytes);
+            let (Some(topic), Some(partition)) = (topic, partition) else {
+                return Err(StoreError {
+                    context: format!("state row {} of {}", hex(&row), self.column_family),
+                    source: "the row's key names no topic and partition".into(),
+                });
+            };
+            let partition = SourcePartition {
+                topic: String::from_utf8_lossy(&topic).into_owned().into(),
+                partition,
+            };
+            partials.push((partition, value.into_vec()));
+        }
+        Ok(partials)
+    }
+
     /// Keys starting with `prefix`, in key order, strictly after `after` when given;
     /// at most `limit` keys, each with its partials. `accept` filters keys (hidden
     /// bookkeeping keys do not count toward the limit).

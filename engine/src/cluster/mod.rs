@@ -1,0 +1,216 @@
+//! Multi-worker mode (`[cluster]`): Kafka's consumer groups decide which worker
+//! folds which partitions; each worker publishes itself and what it owns to a
+//! compacted single-partition topic ([`topic`]) and reads every worker's record
+//! back into memory, so any worker can route a read to the owners of the
+//! partitions it needs (`serve::cluster`).
+//!
+//! The topic is a hint: a worker that receives a forwarded read checks it against
+//! its own assignment and answers "unavailable" for what it does not serve. A
+//! partition a worker gained is served only once it has folded up to the high
+//! watermark seen after the gain ([`crate::fold_state::Restore`]), so a reader
+//! never sees a value older than the previous owner served.
+
+mod partitioner;
+mod record;
+pub mod topic;
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+pub use record::{ClaimState, PartitionClaim, ProjectionClaims, WorkerRecord};
+
+use crate::config::{ClusterConfig, KafkaConfig, Partitioner};
+use crate::store::SourcePartition;
+
+/// The header that carries the cluster secret on requests between workers.
+pub const SECRET_HEADER: &str = "x-projector-cluster-secret";
+
+/// This worker's place in the cluster and its view of the others.
+pub struct Cluster {
+    /// This worker's id.
+    pub worker_id: String,
+    /// This worker's advertised URL.
+    pub url: String,
+    /// The cluster topic.
+    pub topic: String,
+    /// How producers partition keys.
+    pub partitioner: Partitioner,
+    /// How long a forwarded read may take.
+    pub forward_timeout: Duration,
+    /// Between two publications of this worker's record.
+    pub publish_interval: Duration,
+    secret: String,
+    /// Every worker's last record and when it arrived.
+    members: RwLock<BTreeMap<String, (WorkerRecord, Instant)>>,
+    /// Partitions per source topic, from the brokers' metadata.
+    partition_counts: RwLock<BTreeMap<String, i32>>,
+    /// The client of forwarded reads.
+    pub http: reqwest::Client,
+}
+
+/// A worker that owns a partition, as the cluster topic says.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Owner {
+    /// Its id.
+    pub worker_id: String,
+    /// Its HTTP API.
+    pub url: String,
+}
+
+impl Cluster {
+    /// This worker's cluster membership, before it has read the topic.
+    pub fn new(config: &ClusterConfig, kafka: &KafkaConfig, listen_port: u16) -> Result<Cluster, String> {
+        let forward_timeout = Duration::from_millis(config.forward_timeout_ms);
+        let http = reqwest::Client::builder()
+            .timeout(forward_timeout)
+            .connect_timeout(forward_timeout.min(Duration::from_secs(2)))
+            .build()
+            .map_err(|e| format!("the client of forwarded reads: {e}"))?;
+        Ok(Cluster {
+            worker_id: config.worker_id(listen_port),
+            url: config.advertised_url.trim_end_matches('/').to_owned(),
+            topic: config.topic(&kafka.group_prefix),
+            partitioner: kafka.partitioner,
+            forward_timeout,
+            publish_interval: Duration::from_millis(config.publish_interval_ms),
+            secret: config.secret.clone(),
+            members: RwLock::default(),
+            partition_counts: RwLock::default(),
+            http,
+        })
+    }
+
+    /// The secret that requests between workers carry.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// A record older than this is from a worker gone without a tombstone
+    /// (killed): its claims are ignored.
+    fn stale_after(&self) -> Duration {
+        self.publish_interval * 3 + Duration::from_secs(3)
+    }
+
+    /// Remembers a worker's record, or forgets the worker (a tombstone).
+    pub(crate) fn remember(&self, worker_id: &str, record: Option<WorkerRecord>) {
+        let mut members = self.members.write().expect("members lock");
+        match record {
+            Some(record) => {
+                members.insert(worker_id.to_owned(), (record, Instant::now()));
+            }
+            None => {
+                members.remove(worker_id);
+            }
+        }
+    }
+
+    /// Every worker heard from recently, with how long ago.
+    pub fn workers(&self) -> Vec<(WorkerRecord, Duration)> {
+        let stale_after = self.stale_after();
+        self.members
+            .read()
+            .expect("members lock")
+            .values()
+            .filter(|(_, at)| at.elapsed() < stale_after)
+            .map(|(record, at)| (record.clone(), at.elapsed()))
+            .collect()
+    }
+
+    /// The other worker that serves `partition` of `projection`'s live
+    /// generation, as the cluster topic says; the one furthest ahead when two
+    /// claim it (a move not yet published by both).
+    pub fn owner_of(&self, projection: &str, partition: &SourcePartition) -> Option<Owner> {
+        self.workers()
+            .into_iter()
+            .filter(|(record, _)| record.worker_id != self.worker_id)
+            .filter_map(|(record, _)| {
+                let claims = record.projections.get(projection)?;
+                let claim = claims.partitions.iter().find(|c| {
+                    c.state == ClaimState::Live
+                        && c.partition == partition.partition
+                        && *c.topic == *partition.topic
+                })?;
+                Some((
+                    claim.next_offset,
+                    Owner {
+                        worker_id: record.worker_id.clone(),
+                        url: record.url.clone(),
+                    },
+                ))
+            })
+            .max()
+            .map(|(_, owner)| owner)
+    }
+
+    /// Partitions of `topic`, once the brokers said.
+    pub fn partition_count(&self, topic: &str) -> Option<i32> {
+        self.partition_counts.read().expect("counts lock").get(topic).copied()
+    }
+
+    pub(crate) fn set_partition_count(&self, topic: &str, count: i32) {
+        self.partition_counts
+            .write()
+            .expect("counts lock")
+            .insert(topic.to_owned(), count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Cluster {
+        let config: ClusterConfig = serde_json::from_value(serde_json::json!({
+            "worker_id": "w1",
+            "advertised_url": "http://127.0.0.1:1/",
+            "secret": "0123456789abcdef",
+        }))
+        .unwrap();
+        let kafka: KafkaConfig = serde_json::from_value(serde_json::json!({"brokers": "b:9092"})).unwrap();
+        Cluster::new(&config, &kafka, 1).unwrap()
+    }
+
+    fn record(worker: &str, offset: i64, state: ClaimState) -> WorkerRecord {
+        WorkerRecord {
+            worker_id: worker.into(),
+            url: format!("http://{worker}"),
+            published_at_ms: 0,
+            projections: BTreeMap::from([(
+                "p".to_owned(),
+                ProjectionClaims {
+                    generation: 1,
+                    status: "running".into(),
+                    partitions: vec![PartitionClaim {
+                        topic: "orders".into(),
+                        partition: 3,
+                        state,
+                        next_offset: offset,
+                        restore_until: None,
+                    }],
+                },
+            )]),
+        }
+    }
+
+    #[test]
+    fn the_owner_is_a_live_claim_of_another_worker_furthest_ahead() {
+        let cluster = cluster();
+        let p3 = SourcePartition {
+            topic: "orders".into(),
+            partition: 3,
+        };
+        assert_eq!(cluster.owner_of("p", &p3), None);
+        cluster.remember("w1", Some(record("w1", 90, ClaimState::Live)));
+        assert_eq!(cluster.owner_of("p", &p3), None, "not itself");
+        cluster.remember("w2", Some(record("w2", 10, ClaimState::Restoring)));
+        assert_eq!(cluster.owner_of("p", &p3), None, "restoring is not served");
+        cluster.remember("w3", Some(record("w3", 50, ClaimState::Live)));
+        cluster.remember("w4", Some(record("w4", 70, ClaimState::Live)));
+        assert_eq!(cluster.owner_of("p", &p3).unwrap().worker_id, "w4");
+        cluster.remember("w4", None);
+        assert_eq!(cluster.owner_of("p", &p3).unwrap().worker_id, "w3");
+        assert_eq!(cluster.owner_of("other", &p3), None);
+        assert_eq!(cluster.workers().len(), 3);
+    }
+}

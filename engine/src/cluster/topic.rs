@@ -1,0 +1,254 @@
+//! The cluster topic: created when missing, written by this worker's publisher
+//! thread and read back by its view thread.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::{ClaimState, Cluster, PartitionClaim, ProjectionClaims, WorkerRecord};
+use crate::config::KafkaConfig;
+use crate::fold_state::{Fold, Restore};
+use crate::kafka_client::{self, Role};
+use crate::store::Store;
+use crate::supervisor::Supervisor;
+
+/// How long a metadata or watermark query may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Creates the cluster topic (compacted, one partition, the brokers' default
+/// replication) unless it exists.
+pub async fn ensure(kafka: &KafkaConfig, topic: &str) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = kafka_client::config(kafka, Role::Metadata)
+        .create()
+        .map_err(|e| format!("cluster topic `{topic}`: {e}"))?;
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&new], &options)
+        .await
+        .map_err(|e| format!("creating the cluster topic `{topic}`: {e}"))?;
+    for result in results {
+        match result {
+            Ok(_) => info!(topic, "created the cluster topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(format!("creating the cluster topic `{topic}`: {code}")),
+        }
+    }
+    Ok(())
+}
+
+/// Starts the thread that publishes this worker's record every
+/// `publish_interval` (moving gained partitions through restoring on the way)
+/// and tombstones it once `shutdown` is set and `folds_done` says the fold loops
+/// have stopped.
+pub fn spawn_publisher(
+    cluster: Arc<Cluster>,
+    kafka: &KafkaConfig,
+    store: Arc<Store>,
+    projections: Vec<Arc<Supervisor>>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let producer: BaseProducer = kafka_client::config(kafka, Role::Producer)
+        .create()
+        .map_err(|e| format!("the cluster topic's producer: {e}"))?;
+    let metadata: BaseConsumer = kafka_client::config(kafka, Role::Metadata)
+        .create()
+        .map_err(|e| format!("the cluster topic's metadata client: {e}"))?;
+    let thread = std::thread::Builder::new()
+        .name("cluster-publisher".into())
+        .spawn(move || {
+            while !shutdown.load(Ordering::Relaxed) {
+                let published = crate::panics::contained(|| {
+                    count_partitions(&cluster, &metadata, &projections);
+                    let record = own_record(&cluster, &metadata, &store, &projections);
+                    publish(&cluster, &producer, Some(&record));
+                });
+                if let Err(panic) = published {
+                    warn!(error = %panic, "publishing to the cluster topic {panic}");
+                }
+                let deadline = Instant::now() + cluster.publish_interval;
+                while Instant::now() < deadline && !shutdown.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            // Gone on purpose: the others stop routing here at once.
+            publish(&cluster, &producer, None);
+            if let Err(e) = producer.flush(Duration::from_secs(5)) {
+                warn!(error = %e, "the cluster topic's tombstone was not acknowledged");
+            }
+        })
+        .map_err(|e| format!("spawning the cluster publisher: {e}"))?;
+    Ok(thread)
+}
+
+fn publish(cluster: &Cluster, producer: &BaseProducer, record: Option<&WorkerRecord>) {
+    let payload = record.map(|r| serde_json::to_vec(r).expect("a worker record serializes"));
+    let mut message = BaseRecord::<str, Vec<u8>>::to(&cluster.topic).key(&cluster.worker_id);
+    if let Some(payload) = &payload {
+        message = message.payload(payload);
+    }
+    if let Err((e, _)) = producer.send(message) {
+        warn!(error = %e, topic = %cluster.topic, "publishing this worker's record");
+    }
+    producer.poll(Duration::ZERO);
+}
+
+/// Learns the partition count of every source topic.
+fn count_partitions(cluster: &Cluster, metadata: &BaseConsumer, projections: &[Arc<Supervisor>]) {
+    let mut topics: Vec<String> = projections.iter().flat_map(|p| p.live().topics.clone()).collect();
+    topics.sort();
+    topics.dedup();
+    for topic in topics {
+        if let Ok(found) = metadata.fetch_metadata(Some(&topic), QUERY_TIMEOUT) {
+            if let Some(described) = found.topics().iter().find(|t| t.name() == topic) {
+                let count = described.partitions().len();
+                if described.error().is_none() && count > 0 {
+                    cluster.set_partition_count(&topic, i32::try_from(count).unwrap_or(i32::MAX));
+                }
+            }
+        }
+    }
+}
+
+/// This worker's record: per projection, the partitions its live generation
+/// has assigned, each restoring or live.
+fn own_record(
+    cluster: &Cluster,
+    metadata: &BaseConsumer,
+    store: &Store,
+    projections: &[Arc<Supervisor>],
+) -> WorkerRecord {
+    let mut claims = BTreeMap::new();
+    for projection in projections {
+        let live = projection.live();
+        let partitions = advance_restores(&live, metadata, store);
+        let status = serde_json::to_value(live.state())
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        claims.insert(
+            projection.name.clone(),
+            ProjectionClaims {
+                generation: live.generation.number,
+                status,
+                partitions,
+            },
+        );
+    }
+    WorkerRecord {
+        worker_id: cluster.worker_id.clone(),
+        url: cluster.url.clone(),
+        published_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0),
+        projections: claims,
+    }
+}
+
+/// Moves each gained partition of `fold` on: learns the high watermark it must
+/// reach, and marks it restored once its stored offset reaches it. A fold that
+/// does not serve (poisoned, failed, stopped) claims nothing.
+fn advance_restores(fold: &Fold, metadata: &BaseConsumer, store: &Store) -> Vec<PartitionClaim> {
+    if !fold.serves() {
+        return Vec::new();
+    }
+    let Ok(offsets) = store.offsets(&fold.generation) else {
+        return Vec::new();
+    };
+    let mut claims = Vec::new();
+    for (partition, mut restore) in fold.serving() {
+        let next = offsets.get(&partition).copied().unwrap_or(0);
+        if restore == Restore::Unknown {
+            if let Ok((_, high)) = metadata.fetch_watermarks(&partition.topic, partition.partition, QUERY_TIMEOUT) {
+                restore = Restore::Until(high);
+            }
+        }
+        if matches!(restore, Restore::Until(target) if next >= target) {
+            restore = Restore::Done;
+        }
+        fold.set_restore(&partition, restore);
+        let (state, restore_until) = match restore {
+            Restore::Done => (ClaimState::Live, None),
+            Restore::Until(target) => (ClaimState::Restoring, Some(target)),
+            Restore::Unknown => (ClaimState::Restoring, None),
+        };
+        claims.push(PartitionClaim {
+            topic: partition.topic.to_string(),
+            partition: partition.partition,
+            state,
+            next_offset: next,
+            restore_until,
+        });
+    }
+    claims
+}
+
+/// Starts the thread that reads the cluster topic from its beginning into
+/// `cluster`'s view, until `shutdown` is set.
+pub fn spawn_view(
+    cluster: Arc<Cluster>,
+    kafka: &KafkaConfig,
+    shutdown: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let consumer: BaseConsumer = kafka_client::config(
+        kafka,
+        Role::Probe {
+            group_id: &format!("{}.cluster-view", kafka.group_prefix),
+            partition_eof: false,
+        },
+    )
+    .create()
+    .map_err(|e| format!("the cluster topic's reader: {e}"))?;
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&cluster.topic, 0, Offset::Beginning)
+        .map_err(|e| format!("the cluster topic's reader: {e}"))?;
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("reading the cluster topic `{}`: {e}", cluster.topic))?;
+    let thread = std::thread::Builder::new()
+        .name("cluster-view".into())
+        .spawn(move || {
+            while !shutdown.load(Ordering::Relaxed) {
+                let Some(polled) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let message = match polled {
+                    Ok(message) => message,
+                    Err(e) => {
+                        warn!(error = %e, topic = %cluster.topic, "reading the cluster topic");
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                };
+                let Some(worker_id) = message.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+                    continue;
+                };
+                let record = match message.payload() {
+                    None => None,
+                    Some(bytes) => match serde_json::from_slice::<WorkerRecord>(bytes) {
+                        Ok(record) => Some(record),
+                        Err(e) => {
+                            warn!(error = %e, topic = %cluster.topic, partition = message.partition(),
+                                offset = message.offset(), worker = %worker_id,
+                                "a cluster topic record that is not a worker record: ignored");
+                            continue;
+                        }
+                    },
+                };
+                cluster.remember(&worker_id, record);
+            }
+        })
+        .map_err(|e| format!("spawning the cluster view: {e}"))?;
+    Ok(thread)
+}

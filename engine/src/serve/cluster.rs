@@ -1,0 +1,433 @@
+//! Reads in multi-worker mode: a key read on any worker is answered from the
+//! partial states of every partition it needs, read here for the partitions
+//! this worker serves and asked of their owners for the others
+//! (`GET /cluster/projections/{name}/partials/{key}`, which carries the cluster
+//! secret and is answered only from the receiving worker's own partitions, so a
+//! forwarded read is never forwarded again). A partition that no worker serves
+//! (moving, restoring) makes the answer a 503 naming it: never a partial sum.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::as_of::Refusal;
+use super::{as_of_offsets, internal, ApiError, ApiPath, ApiQuery, ApiState};
+use crate::cluster::{Cluster, Owner, SECRET_HEADER};
+use crate::fold_state::{Fold, Restore};
+use crate::store::SourcePartition;
+use crate::supervisor::Supervisor;
+
+/// What one worker answers for some partitions of one key.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct PartialsAnswer {
+    /// Its live generation.
+    generation: u64,
+    /// Each partition asked for that it serves: its next offset and the key's
+    /// partial state there (base64 of the stored bytes), if any.
+    partitions: Vec<PartitionPartial>,
+    /// Partitions asked for that it cannot answer for, each with the reason.
+    unavailable: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PartitionPartial {
+    topic: String,
+    partition: i32,
+    next_offset: i64,
+    #[serde(default)]
+    state: Option<String>,
+}
+
+/// `topic/partition:offset,...` (as `min_as_of`) or `topic/partition,...` (as the
+/// partitions a forwarded read asks for, with offset 0).
+pub(super) fn parse_positions(text: &str) -> Result<BTreeMap<SourcePartition, i64>, ApiError> {
+    let bad = |item: &str| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("`{item}` is not `topic/partition` or `topic/partition:offset`"),
+        )
+    };
+    let mut positions = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (partition, offset) = match item.rsplit_once(':') {
+            Some((partition, offset)) => (partition, offset.parse::<i64>().map_err(|_| bad(item))?),
+            None => (item, 0),
+        };
+        let (topic, number) = partition.rsplit_once('/').ok_or_else(|| bad(item))?;
+        let number = number.parse::<i32>().map_err(|_| bad(item))?;
+        if topic.is_empty() || number < 0 || offset < 0 {
+            return Err(bad(item));
+        }
+        positions.insert(
+            SourcePartition {
+                topic: topic.into(),
+                partition: number,
+            },
+            offset,
+        );
+    }
+    Ok(positions)
+}
+
+fn format_positions<'a>(positions: impl Iterator<Item = (&'a SourcePartition, i64)>, with_offsets: bool) -> String {
+    positions
+        .map(|(p, offset)| {
+            if with_offsets {
+                format!("{p}:{offset}")
+            } else {
+                p.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Why this worker does not serve `partition` of `fold`, or `None` when it does.
+fn not_served(cluster: &Cluster, fold: &Fold, partition: &SourcePartition) -> Option<String> {
+    let worker = &cluster.worker_id;
+    if !fold.serves() {
+        let state = serde_json::to_value(fold.state()).unwrap_or_default();
+        return Some(format!("{partition}: the projection is {} on worker {worker}", state["state"]));
+    }
+    match fold.serving().get(partition) {
+        Some(Restore::Done) => None,
+        Some(Restore::Until(target)) => Some(format!(
+            "{partition}: restoring on worker {worker} (up to offset {target})"
+        )),
+        Some(Restore::Unknown) => Some(format!("{partition}: restoring on worker {worker}")),
+        None => Some(format!("{partition}: not assigned to worker {worker}")),
+    }
+}
+
+/// One attempt at answering locally: the answer, or the partitions still
+/// behind their `min_as_of`.
+enum Attempt {
+    Answer(PartialsAnswer),
+    Behind(Vec<String>),
+}
+
+/// This worker's answer for `partitions` of `key`, waiting up to `wait` until
+/// each has folded the record at its `min` offset.
+async fn local_partials(
+    state: &ApiState,
+    cluster: &Cluster,
+    fold: &Fold,
+    key: &str,
+    partitions: &[SourcePartition],
+    min: &BTreeMap<SourcePartition, i64>,
+    wait: Duration,
+) -> Result<PartialsAnswer, ApiError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let unavailable: Vec<String> = partitions
+            .iter()
+            .filter_map(|p| not_served(cluster, fold, p))
+            .collect();
+        if !unavailable.is_empty() {
+            return Ok(PartialsAnswer {
+                generation: fold.generation.number,
+                partitions: Vec::new(),
+                unavailable,
+            });
+        }
+        let attempt = {
+            let view = state.store.read_view(&fold.generation).map_err(internal)?;
+            let offsets = view.offsets().map_err(internal)?;
+            let next = |p: &SourcePartition| offsets.get(p).copied().unwrap_or(0);
+            let behind: Vec<String> = partitions
+                .iter()
+                .filter_map(|p| {
+                    let want = *min.get(p)?;
+                    (next(p) <= want).then(|| format!("{p}: next offset {}, offset {want} not folded yet", next(p)))
+                })
+                .collect();
+            if behind.is_empty() {
+                let rows = view.partials_by_partition(key).map_err(internal)?;
+                let encoder = base64::engine::general_purpose::STANDARD;
+                Attempt::Answer(PartialsAnswer {
+                    generation: fold.generation.number,
+                    partitions: partitions
+                        .iter()
+                        .map(|p| PartitionPartial {
+                            topic: p.topic.to_string(),
+                            partition: p.partition,
+                            next_offset: next(p),
+                            state: rows
+                                .iter()
+                                .find(|(row, _)| row == p)
+                                .map(|(_, bytes)| encoder.encode(bytes)),
+                        })
+                        .collect(),
+                    unavailable: Vec::new(),
+                })
+            } else {
+                Attempt::Behind(behind)
+            }
+        };
+        match attempt {
+            Attempt::Answer(answer) => return Ok(answer),
+            Attempt::Behind(behind) if Instant::now() >= deadline => {
+                return Ok(PartialsAnswer {
+                    generation: fold.generation.number,
+                    partitions: Vec::new(),
+                    unavailable: behind,
+                })
+            }
+            Attempt::Behind(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+}
+
+/// The partitions a read of `key` needs: the key's own partition of each topic
+/// for a projection keyed like its topics (when the producers' partitioner is
+/// known), else every partition.
+fn wanted_partitions(
+    cluster: &Cluster,
+    projection: &Supervisor,
+    topics: &[String],
+    key: &str,
+) -> Result<Vec<SourcePartition>, Refusal> {
+    let mut wanted = Vec::new();
+    for topic in topics {
+        let Some(count) = cluster.partition_count(topic) else {
+            return Err(Refusal::unavailable(json!({
+                "error": format!("the partitions of `{topic}` are not known yet"),
+            })));
+        };
+        let partition = |partition| SourcePartition {
+            topic: topic.as_str().into(),
+            partition,
+        };
+        match cluster.partitioner.partition(key.as_bytes(), count) {
+            Some(p) if projection.keyed_like_topic => wanted.push(partition(p)),
+            _ => wanted.extend((0..count).map(partition)),
+        }
+    }
+    Ok(wanted)
+}
+
+/// Asks `owner` for `partitions` of `key`; an error says why it did not answer.
+async fn ask(
+    cluster: Arc<Cluster>,
+    owner: Owner,
+    projection: String,
+    key: String,
+    partitions: String,
+    min_as_of: String,
+) -> Result<PartialsAnswer, String> {
+    let failed = |why: String| format!("{partitions}: worker {} {why}", owner.worker_id);
+    let mut url = reqwest::Url::parse(&owner.url).map_err(|e| failed(format!("has a bad URL: {e}")))?;
+    url.path_segments_mut()
+        .map_err(|()| failed("has a URL that cannot take a path".into()))?
+        .pop_if_empty()
+        .extend(["cluster", "projections", &projection, "partials", &key]);
+    let mut query = vec![("partitions", partitions.clone())];
+    if !min_as_of.is_empty() {
+        query.push(("min_as_of", min_as_of));
+    }
+    let response = cluster
+        .http
+        .get(url)
+        .query(&query)
+        .header(SECRET_HEADER, cluster.secret())
+        .send()
+        .await
+        .map_err(|e| failed(format!("did not answer: {e}")))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(failed(format!("answered {status}: {}", body.trim())));
+    }
+    response
+        .json::<PartialsAnswer>()
+        .await
+        .map_err(|e| failed(format!("answered what is not a partials answer: {e}")))
+}
+
+/// `GET /projections/{name}/state/{key}` in multi-worker mode.
+pub(super) async fn routed_read(
+    state: &ApiState,
+    cluster: &Arc<Cluster>,
+    projection: &Arc<Supervisor>,
+    key: &str,
+    min: &BTreeMap<SourcePartition, i64>,
+) -> Result<Json<Value>, Refusal> {
+    let name = &projection.name;
+    let live = projection.live();
+    let wanted = wanted_partitions(cluster, projection, &live.topics, key)?;
+    let mut local = Vec::new();
+    let mut remote: BTreeMap<Owner, Vec<SourcePartition>> = BTreeMap::new();
+    let mut unavailable = Vec::new();
+    for partition in wanted {
+        if not_served(cluster, &live, &partition).is_none() {
+            local.push(partition);
+        } else if let Some(owner) = cluster.owner_of(name, &partition) {
+            remote.entry(owner).or_default().push(partition);
+        } else {
+            unavailable.push(format!("{partition}: no worker serves it now (moving or restoring)"));
+        }
+    }
+    if !unavailable.is_empty() {
+        return Err(unavailable_answer(name, unavailable));
+    }
+    let mut asks = tokio::task::JoinSet::new();
+    for (owner, partitions) in remote {
+        let min_as_of = format_positions(
+            min.iter()
+                .filter(|(p, _)| partitions.contains(p))
+                .map(|(p, offset)| (p, *offset)),
+            true,
+        );
+        let partitions = format_positions(partitions.iter().map(|p| (p, 0)), false);
+        asks.spawn(ask(
+            cluster.clone(),
+            owner,
+            name.clone(),
+            key.to_owned(),
+            partitions,
+            min_as_of,
+        ));
+    }
+    let mut answers = Vec::new();
+    if !local.is_empty() {
+        let wait = cluster.forward_timeout / 2;
+        answers.push(local_partials(state, cluster, &live, key, &local, min, wait).await?);
+    }
+    while let Some(asked) = asks.join_next().await {
+        match asked {
+            Ok(Ok(answer)) => answers.push(answer),
+            Ok(Err(why)) => unavailable.push(why),
+            Err(e) => unavailable.push(format!("asking another worker: {e}")),
+        }
+    }
+    let mut rows = Vec::new();
+    let mut offsets = BTreeMap::new();
+    let decoder = base64::engine::general_purpose::STANDARD;
+    for answer in answers {
+        unavailable.extend(answer.unavailable);
+        if answer.generation != live.generation.number {
+            // Generations of one projection differ in definition or progress: a
+            // read never mixes them.
+            let partitions: Vec<String> = answer
+                .partitions
+                .iter()
+                .map(|p| format!("{}/{}", p.topic, p.partition))
+                .collect();
+            unavailable.push(format!(
+                "{}: generation {} there, {} here",
+                partitions.join(","),
+                answer.generation,
+                live.generation.number
+            ));
+            continue;
+        }
+        for partial in answer.partitions {
+            let partition = SourcePartition {
+                topic: partial.topic.as_str().into(),
+                partition: partial.partition,
+            };
+            if let Some(state) = partial.state {
+                let bytes = decoder
+                    .decode(state)
+                    .map_err(|e| internal(format!("a partial state of `{key}` from {partition}: {e}")))?;
+                rows.push(bytes);
+            }
+            offsets.insert(partition, partial.next_offset);
+        }
+    }
+    if !unavailable.is_empty() {
+        return Err(unavailable_answer(name, unavailable));
+    }
+    let not_found = || {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("projection `{name}` has no state for key `{key}`"),
+        )
+    };
+    if rows.is_empty() {
+        return Err(not_found().into());
+    }
+    let mut value = live
+        .projection
+        .merge_stored(key, &rows)
+        .map_err(|e| internal(format!("merging the partial states of `{key}`: {e}")))?
+        .ok_or_else(not_found)?;
+    if let Value::Object(fields) = &mut value {
+        fields.insert("as_of".into(), as_of_offsets(offsets));
+    }
+    Ok(Json(value))
+}
+
+fn unavailable_answer(name: &str, unavailable: Vec<String>) -> Refusal {
+    Refusal::unavailable(json!({
+        "error": format!("projection `{name}` cannot answer for every partition the read needs yet"),
+        "unavailable": unavailable,
+    }))
+}
+
+/// Query of a forwarded read.
+#[derive(Deserialize)]
+pub(super) struct PartialsQuery {
+    partitions: String,
+    #[serde(default)]
+    min_as_of: Option<String>,
+}
+
+/// `GET /cluster/projections/{name}/partials/{key}`: this worker's partial
+/// states of `key` in the partitions asked for (another worker forwards a read).
+pub(super) async fn partials(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    ApiPath((name, key)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<PartialsQuery>,
+) -> Result<Json<PartialsAnswer>, ApiError> {
+    let Some(cluster) = state.cluster.clone() else {
+        return Err(ApiError(StatusCode::NOT_FOUND, "this worker is not in a cluster".into()));
+    };
+    let offered = headers.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if !super::access::constant_time_eq(offered, cluster.secret().as_bytes()) {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster secret".into(),
+        ));
+    }
+    let projection = state.projection(&name)?;
+    let partitions: Vec<SourcePartition> = parse_positions(&query.partitions)?.into_keys().collect();
+    let min = parse_positions(query.min_as_of.as_deref().unwrap_or_default())?;
+    let live = projection.live();
+    // Within the asking worker's timeout, with room for the answer to travel.
+    let wait = cluster.forward_timeout / 2;
+    Ok(Json(
+        local_partials(&state, &cluster, &live, &key, &partitions, &min, wait).await?,
+    ))
+}
+
+/// The cluster as this worker sees it, for `GET /projections`.
+pub(super) fn view(cluster: &Cluster) -> Value {
+    let mut workers: Vec<Value> = cluster
+        .workers()
+        .into_iter()
+        .map(|(record, age)| {
+            json!({
+                "worker_id": record.worker_id,
+                "url": record.url,
+                "heard_ms_ago": u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                "projections": record.projections,
+            })
+        })
+        .collect();
+    workers.sort_by(|a, b| a["worker_id"].as_str().cmp(&b["worker_id"].as_str()));
+    json!({
+        "worker_id": cluster.worker_id,
+        "topic": cluster.topic,
+        "partitioner": cluster.partitioner,
+        "workers": workers,
+    })
+}

@@ -1,0 +1,295 @@
+//! Multi-worker mode on real parts: three workers in one group (`[cluster]`) fold
+//! `orders` (8 partitions) while a producer writes (`order_summary` folds slowly,
+//! 2.5 ms an event, so a partition that moves takes seconds to restore); one is SIGKILLed and
+//! restarted, a fourth joins and leaves with SIGTERM. A reader polls every
+//! worker throughout: a key once seen never goes missing and never goes back to
+//! an older value (each answer is the value or a 503). Once caught up, every key
+//! read from every worker equals the oracle, for the entity projection
+//! `order_summary` (routed to its key's partition with the producers' crc32
+//! partitioner) and the cross-partition aggregate `customer_stats` (declarative,
+//! merged over every partition). The cluster view and `projector status` on any
+//! worker show every worker and its partitions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use projector_tests::read_models::{self, stamp};
+use projector_tests::{
+    assert_matches, http, orders, produce_command, projector_bin, wait_until, worker_config, write_events,
+    Broker, Registry, Worker,
+};
+use serde_json::Value;
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+
+fn config(broker: &Broker, registry: &Registry, data: &Path, worker_id: &str) -> String {
+    let mut projections = String::from(
+        "
+[[projections]]
+name = \"order_summary\"
+kind = \"slow_order_summary\"
+topics = [\"orders\"]
+keyed_like_topic = true
+options = { fold_micros = 2500 }
+",
+    );
+    projections.push_str(&read_models::customer_stats_projection("orders"));
+    projections.push_str(&format!(
+        "
+[cluster]
+worker_id = \"{worker_id}\"
+advertised_url = \"http://{{HTTP_LISTEN}}\"
+secret = \"{SECRET}\"
+publish_interval_ms = 500
+"
+    ));
+    worker_config(broker, registry, data, &projections).replace(
+        "group_prefix = \"projector-test\"",
+        "group_prefix = \"projector-test\"\npartitioner = \"crc32\"",
+    )
+}
+
+fn start(dir: &Path, broker: &Broker, registry: &Registry, worker_id: &str) -> Result<(Worker, PathBuf)> {
+    let home = dir.join(worker_id);
+    std::fs::create_dir_all(&home)?;
+    let text = config(broker, registry, &home.join("data"), worker_id);
+    Ok((Worker::start_test_worker(&home, &text)?, home))
+}
+
+/// Per worker id, per projection: the partitions it serves (`live`), from
+/// `GET /projections` on `worker`.
+fn live_claims(worker: &Worker) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+    let mut claims: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    let Ok((200, list)) = worker.get("/projections") else {
+        return claims;
+    };
+    for w in list["cluster"]["workers"].as_array().into_iter().flatten() {
+        let id = w["worker_id"].as_str().unwrap_or_default().to_owned();
+        let entry = claims.entry(id).or_default();
+        for (name, c) in w["projections"].as_object().into_iter().flatten() {
+            let live = c["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["state"] == "live")
+                .map(|p| format!("{}/{}", p["topic"].as_str().unwrap_or_default(), p["partition"]))
+                .collect();
+            entry.insert(name.clone(), live);
+        }
+    }
+    claims
+}
+
+/// Whether `worker` sees exactly `workers`, which together serve all 8
+/// partitions of both projections.
+fn sees_settled(worker: &Worker, workers: &[&str]) -> bool {
+    let claims = live_claims(worker);
+    let ids: Vec<&str> = claims.keys().map(String::as_str).collect();
+    ids == workers
+        && ["order_summary", "customer_stats"].iter().all(|name| {
+            let served: BTreeSet<&String> = claims.values().filter_map(|c| c.get(*name)).flatten().collect();
+            served.len() == 8
+        })
+}
+
+/// What the reader saw: violations, and answers by status.
+#[derive(Default)]
+struct Seen {
+    violations: Vec<String>,
+    statuses: BTreeMap<u16, u64>,
+    /// Per (projection, key): the last value's progress (order version or order
+    /// count), once answered.
+    progress: BTreeMap<(String, String), i64>,
+}
+
+/// Polls every worker for `keys` until `stop`: a key once answered never 404s
+/// again and its progress never goes down; anything but 200, 404 (before the
+/// first answer) and 503 is a violation.
+fn poll(urls: Arc<Mutex<Vec<String>>>, keys: Vec<(String, String)>, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
+    let client = http();
+    while !stop.load(Ordering::Relaxed) {
+        let urls = urls.lock().unwrap().clone();
+        for url in &urls {
+            for (projection, key) in &keys {
+                let Ok(response) = client.get(format!("{url}/projections/{projection}/state/{key}")).send() else {
+                    continue; // a worker being killed or restarted
+                };
+                let status = response.status().as_u16();
+                let body: Value = response.json().unwrap_or(Value::Null);
+                let mut seen = seen.lock().unwrap();
+                *seen.statuses.entry(status).or_default() += 1;
+                let id = (projection.clone(), key.clone());
+                let before = seen.progress.get(&id).copied();
+                match status {
+                    200 => {
+                        let field = if projection == "order_summary" { "version" } else { "orders" };
+                        let progress = body[field].as_i64().unwrap_or(-1);
+                        if before.is_some_and(|b| progress < b) {
+                            seen.violations
+                                .push(format!("{url} {projection}/{key}: {field} went back from {before:?} to {progress}"));
+                        }
+                        seen.progress.insert(id, progress.max(before.unwrap_or(progress)));
+                    }
+                    404 if before.is_none() => {}
+                    503 => {
+                        if body["error"].as_str().is_none() {
+                            seen.violations.push(format!("{url} {projection}/{key}: 503 without an error: {body}"));
+                        }
+                    }
+                    other => seen
+                        .violations
+                        .push(format!("{url} {projection}/{key}: {other} {body} (before: {before:?})")),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    broker.create_topic("orders", 8)?;
+    let registry = Registry::start(dir.path())?;
+    let mut stream = orders::generate("orders", 700, 19);
+    stamp(&mut stream.lines);
+    let summary_oracle = orders::oracle(&stream.lines);
+    let stats_oracle = read_models::customer_stats(&stream.lines);
+    // A backlog before the workers start, the rest while they come and go.
+    let (backlog, rest) = stream.lines.split_at(stream.lines.len() / 2);
+    let backlog = write_events(dir.path(), "backlog.jsonl", backlog)?;
+    let events = write_events(dir.path(), "orders.jsonl", rest)?;
+    projector_tests::produce(&broker, &registry, &backlog)?;
+
+    let (w1, _) = start(dir.path(), &broker, &registry, "w1")?;
+    let (mut w2, home2) = start(dir.path(), &broker, &registry, "w2")?;
+    let (w3, home3) = start(dir.path(), &broker, &registry, "w3")?;
+    wait_until("three workers to share the partitions", Duration::from_secs(90), || {
+        [&w1, &w2, &w3].iter().all(|w| sees_settled(w, &["w1", "w2", "w3"]))
+    })
+    .with_context(|| format!("claims seen by w1: {:?}", live_claims(&w1)))?;
+
+    // Requests between workers need the secret.
+    let internal = format!("{}/cluster/projections/order_summary/partials/k?partitions=orders/0", w1.url());
+    let refused = http().get(&internal).send()?.status().as_u16();
+    ensure!(refused == 401, "a forwarded read without the secret: {refused}");
+    let wrong = http().get(&internal).header("x-projector-cluster-secret", "nope").send()?;
+    ensure!(wrong.status().as_u16() == 401, "with a wrong secret: {}", wrong.status());
+
+    let mut producer = produce_command(&broker, &registry, &events, 60).spawn()?;
+    let keys: Vec<(String, String)> = summary_oracle
+        .keys()
+        .step_by(25)
+        .map(|k| ("order_summary".to_owned(), k.clone()))
+        .chain(stats_oracle.keys().take(12).map(|k| ("customer_stats".to_owned(), k.clone())))
+        .collect();
+    let urls = Arc::new(Mutex::new(vec![w1.url(), w2.url(), w3.url()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let reader = {
+        let (urls, stop, seen, keys) = (urls.clone(), stop.clone(), seen.clone(), keys.clone());
+        std::thread::spawn(move || poll(urls, keys, stop, seen))
+    };
+
+    // Readers see values once the first events are folded.
+    wait_until("a first answer", Duration::from_secs(60), || {
+        seen.lock().unwrap().statuses.contains_key(&200)
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    w2.service.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    w2.restart(&home2)?;
+    let (mut w4, _) = start(dir.path(), &broker, &registry, "w4")?;
+    urls.lock().unwrap().push(w4.url());
+    wait_until("w4 to serve partitions", Duration::from_secs(90), || {
+        live_claims(&w1)
+            .get("w4")
+            .is_some_and(|c| c.values().any(|served| !served.is_empty()))
+    })
+    .with_context(|| format!("claims seen by w1: {:?}", live_claims(&w1)))?;
+    w4.service.signal("TERM")?;
+    let status = w4.service.wait_exit(Duration::from_secs(60))?;
+    ensure!(status.success(), "w4 stops cleanly on SIGTERM: {status}");
+    urls.lock().unwrap().retain(|u| *u != w4.url());
+
+    let produced = producer.wait()?;
+    ensure!(produced.success(), "the producer: {produced}");
+    let workers = [&w1, &w2, &w3];
+    let mut last = Ok(());
+    wait_until("every worker to answer every key as the oracle", Duration::from_secs(180), || {
+        last = workers.iter().try_for_each(|w| {
+            assert_matches(w, "order_summary", &summary_oracle)?;
+            assert_matches(w, "customer_stats", &stats_oracle)
+        });
+        last.is_ok()
+    })
+    .with_context(|| format!("{last:?}"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("the reader thread");
+    let seen = seen.lock().unwrap();
+    println!("reader answers by status: {:?}", seen.statuses);
+    ensure!(
+        seen.violations.is_empty(),
+        "{} violations, e.g.\n{}",
+        seen.violations.len(),
+        seen.violations.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
+    ensure!(
+        seen.progress.len() == keys.len(),
+        "every polled key was answered at some point"
+    );
+
+    // w4 left with a tombstone: every worker sees the three, serving everything.
+    wait_until("every worker to see w1, w2 and w3 only", Duration::from_secs(30), || {
+        workers.iter().all(|w| sees_settled(w, &["w1", "w2", "w3"]))
+    })
+    .with_context(|| format!("claims seen by w3: {:?}", live_claims(&w3)))?;
+
+    // Read-your-writes: an offset folded answers at once; one not yet written
+    // waits and gets 503 naming the partition.
+    let key = summary_oracle.keys().next().expect("orders");
+    let (status, value) = w3.get(&format!("/projections/order_summary/state/{key}"))?;
+    ensure!(status == 200, "{status} {value}");
+    let (partition, next) = value["as_of"]
+        .as_object()
+        .and_then(|o| o.iter().next())
+        .map(|(p, n)| (p.clone(), n.as_i64().unwrap_or(0)))
+        .context("as_of names the key's partition")?;
+    ensure!(
+        value["as_of"].as_object().map(|o| o.len()) == Some(1),
+        "a keyed read needs only the key's partition: {value}"
+    );
+    let (status, _) = w1.get(&format!(
+        "/projections/order_summary/state/{key}?min_as_of={partition}:{}",
+        next - 1
+    ))?;
+    ensure!(status == 200, "min_as_of of a folded offset: {status}");
+    let (status, body) = w2.get(&format!(
+        "/projections/order_summary/state/{key}?min_as_of={partition}:{}",
+        next + 1_000
+    ))?;
+    ensure!(
+        status == 503 && body.to_string().contains(&partition),
+        "min_as_of past the log: {status} {body}"
+    );
+
+    // `projector status` on any worker shows every worker and its partitions.
+    let output = std::process::Command::new(projector_bin())
+        .args(["status", "--config"])
+        .arg(home3.join("projector.toml"))
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    ensure!(output.status.success(), "projector status: {text}{}", String::from_utf8_lossy(&output.stderr));
+    for id in ["w1", "w2", "w3"] {
+        ensure!(
+            text.lines().any(|l| l.starts_with(id) && l.contains("orders/")),
+            "status lists {id} with its partitions:\n{text}"
+        );
+    }
+    Ok(())
+}
