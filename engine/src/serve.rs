@@ -80,10 +80,12 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/checkpoint", post(checkpoint::take));
     // Requests between workers carry the cluster secret instead of a token.
-    let between_workers = Router::new().route(
-        "/cluster/projections/{name}/partials/{*key}",
-        get(cluster::partials),
-    );
+    let between_workers = Router::new()
+        .route(
+            "/cluster/projections/{name}/partials/{*key}",
+            get(cluster::partials),
+        )
+        .route("/cluster/projections/{name}/scan", get(cluster::scan_parts));
     reads
         .merge(probes)
         .merge(admin)
@@ -130,6 +132,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 }
 
 impl ApiState {
+    /// Refuses `what` in multi-worker mode, where it would run on this worker's
+    /// partitions alone (or all of them, in a group of its own) and reads would
+    /// mix its generation with the other workers'.
+    fn alone(&self, what: &str) -> Result<(), ApiError> {
+        match &self.cluster {
+            None => Ok(()),
+            Some(_) => Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "{what} are not available in multi-worker mode yet: they would run on one \
+                     worker and leave the others on the old generation; run them on a worker \
+                     alone (without [cluster]) until replays across workers are built"
+                ),
+            )),
+        }
+    }
+
     fn projection(&self, name: &str) -> Result<&Arc<Supervisor>, ApiError> {
         self.projections
             .get(name)
@@ -433,6 +452,7 @@ async fn start_replay(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
     expect_no_options(&headers, body).await?;
+    state.alone("replays")?;
     let projection = state.projection(&name)?.clone();
     let store = state.store.clone();
     let started = tokio::task::spawn_blocking(move || {

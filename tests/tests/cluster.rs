@@ -7,8 +7,10 @@
 //! read from every worker equals the oracle, for the entity projection
 //! `order_summary` (routed to its key's partition with the producers' crc32
 //! partitioner) and the cross-partition aggregate `customer_stats` (declarative,
-//! merged over every partition). The cluster view and `projector status` on any
-//! worker show every worker and its partitions.
+//! merged over every partition); scans on any worker merge every worker's
+//! partitions page by page; `min_as_of` waits for an offset or says 503. The
+//! cluster view and `projector status` on any worker show every worker and its
+//! partitions.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -25,6 +27,35 @@ use projector_tests::{
 use serde_json::Value;
 
 const SECRET: &str = "cluster-test-secret-0123456789";
+const TOKEN: &str = "cluster-admin";
+
+/// Every item of a scan of `projection` on `worker`, `limit` keys a page,
+/// following the `next` cursor; values without their `as_of`.
+fn scan_all(worker: &Worker, projection: &str, prefix: &str, limit: usize) -> Result<BTreeMap<String, Value>> {
+    let mut items = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/projections/{projection}/state?prefix={prefix}&limit={limit}");
+        if let Some(after) = &after {
+            path.push_str(&format!("&after={after}"));
+        }
+        let (status, page) = worker.get(&path)?;
+        ensure!(status == 200, "scan {path}: {status} {page}");
+        ensure!(page["as_of"].as_object().is_some_and(|o| o.len() == 8), "a scan's as_of covers every partition: {page}");
+        for item in page["items"].as_array().context("items")? {
+            let key = item["key"].as_str().context("key")?.to_owned();
+            ensure!(
+                after.as_ref().is_none_or(|a| key > *a) && !items.contains_key(&key),
+                "keys in order, each once: {key} after {after:?}"
+            );
+            items.insert(key, item["value"].clone());
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return Ok(items),
+        }
+    }
+}
 
 fn config(broker: &Broker, registry: &Registry, data: &Path, worker_id: &str) -> String {
     let mut projections = String::from(
@@ -47,10 +78,15 @@ secret = \"{SECRET}\"
 publish_interval_ms = 500
 "
     ));
-    worker_config(broker, registry, data, &projections).replace(
-        "group_prefix = \"projector-test\"",
-        "group_prefix = \"projector-test\"\npartitioner = \"crc32\"",
-    )
+    worker_config(broker, registry, data, &projections)
+        .replace(
+            "group_prefix = \"projector-test\"",
+            "group_prefix = \"projector-test\"\npartitioner = \"crc32\"",
+        )
+        .replace(
+            "listen = \"{HTTP_LISTEN}\"",
+            &format!("listen = \"{{HTTP_LISTEN}}\"\nadmin_token = \"{TOKEN}\""),
+        )
 }
 
 fn start(dir: &Path, broker: &Broker, registry: &Registry, worker_id: &str) -> Result<(Worker, PathBuf)> {
@@ -276,6 +312,24 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     ensure!(
         status == 503 && body.to_string().contains(&partition),
         "min_as_of past the log: {status} {body}"
+    );
+
+    // Scans merge every worker's partitions in key order, page by page.
+    ensure!(scan_all(&w2, "customer_stats", "", 7)? == stats_oracle, "customer_stats scanned on w2 equals the oracle");
+    let prefix = "order-19-0001";
+    let want: BTreeMap<String, Value> = summary_oracle
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    ensure!(want.len() == 100, "the prefix picks 100 orders");
+    ensure!(scan_all(&w1, "order_summary", prefix, 30)? == want, "order_summary scanned on w1 equals the oracle");
+
+    // A replay would run on one worker only: refused, saying so.
+    let (status, body) = w1.post("/projections/order_summary/replay", Some(TOKEN))?;
+    ensure!(
+        status == 409 && body["error"].as_str().is_some_and(|e| e.contains("multi-worker")),
+        "replay in a cluster: {status} {body}"
     );
 
     // `projector status` on any worker shows every worker and its partitions.

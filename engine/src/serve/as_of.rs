@@ -155,6 +155,7 @@ pub(super) async fn request(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.authorize(&headers)?;
+    state.alone("as-of generations")?;
     let request: AsOfRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,

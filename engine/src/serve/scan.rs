@@ -20,7 +20,7 @@ pub(super) struct ScanQuery {
 }
 
 /// Most keys one scan returns.
-const MAX_SCAN_LIMIT: usize = 1000;
+pub(super) const MAX_SCAN_LIMIT: usize = 1000;
 
 pub(super) async fn scan_keys(
     State(state): State<ApiState>,
@@ -28,8 +28,12 @@ pub(super) async fn scan_keys(
     ApiQuery(query): ApiQuery<ScanQuery>,
 ) -> Result<Json<Value>, as_of::Refusal> {
     let projection = state.projection(&name)?;
-    let (live, until) = as_of::resolve(&state.store, &name, projection, query.at.as_deref())?;
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_SCAN_LIMIT);
+    if let (Some(cluster), None) = (&state.cluster, &query.at) {
+        let after = query.after.as_deref();
+        return super::cluster::routed_scan(&state, cluster, projection, &query.prefix, after, limit).await;
+    }
+    let (live, until) = as_of::resolve(&state.store, &name, projection, query.at.as_deref())?;
     // A scan reads and merges up to `limit` keys: a bounded number run at once,
     // off the async threads; the others wait within the request timeout.
     let _permit = state.scans.clone().acquire_owned().await.map_err(internal)?;
@@ -57,6 +61,7 @@ fn scan(
             &query.prefix,
             query.after.as_deref(),
             limit,
+            None,
             &mut |key, partials| match live.projection.merge_stored(key, partials) {
                 Ok(Some(value)) => {
                     items.push(json!({ "key": key, "value": value }));
@@ -74,7 +79,7 @@ fn scan(
         return Err(internal(error));
     }
     let next = (found.len() == limit)
-        .then(|| found.last().map(|(k, _)| k.clone()))
+        .then(|| found.last().map(|(k, _, _)| k.clone()))
         .flatten();
     Ok(Json(json!({
         "items": items,

@@ -17,8 +17,9 @@ pub struct ReadView<'a> {
     column_family: String,
 }
 
-/// The partial states of one key, as stored (the projection decodes them).
-pub type KeyPartials = (String, Vec<Vec<u8>>);
+/// The partial states of one key, as stored (the projection decodes them), and
+/// the source partition of each.
+pub type KeyPartials = (String, Vec<Vec<u8>>, Vec<SourcePartition>);
 
 impl Store {
     /// A snapshot of `generation` for reads.
@@ -91,32 +92,38 @@ impl ReadView<'_> {
             if !row.starts_with(&prefix) {
                 break;
             }
-            let mut rest = &row[prefix.len()..];
-            let topic = unescape_next(&mut rest);
-            let partition = <[u8; 4]>::try_from(rest).ok().map(i32::from_be_bytes);
-            let (Some(topic), Some(partition)) = (topic, partition) else {
-                return Err(StoreError {
-                    context: format!("state row {} of {}", hex(&row), self.column_family),
-                    source: "the row's key names no topic and partition".into(),
-                });
-            };
-            let partition = SourcePartition {
-                topic: String::from_utf8_lossy(&topic).into_owned().into(),
-                partition,
-            };
+            let partition = self.row_partition(&row, &row[prefix.len()..])?;
             partials.push((partition, value.into_vec()));
         }
         Ok(partials)
     }
 
+    /// The source partition named by `rest`, the end of the state row `row`.
+    fn row_partition(&self, row: &[u8], mut rest: &[u8]) -> Result<SourcePartition, StoreError> {
+        let topic = unescape_next(&mut rest);
+        let partition = <[u8; 4]>::try_from(rest).ok().map(i32::from_be_bytes);
+        let (Some(topic), Some(partition)) = (topic, partition) else {
+            return Err(StoreError {
+                context: format!("state row {} of {}", hex(row), self.column_family),
+                source: "the row's key names no topic and partition".into(),
+            });
+        };
+        Ok(SourcePartition {
+            topic: String::from_utf8_lossy(&topic).into_owned().into(),
+            partition,
+        })
+    }
+
     /// Keys starting with `prefix`, in key order, strictly after `after` when given;
-    /// at most `limit` keys, each with its partials. `accept` filters keys (hidden
-    /// bookkeeping keys do not count toward the limit).
+    /// at most `limit` keys, each with its partials (only those of `only`'s
+    /// partitions when given; a key without any is passed over). `accept`
+    /// filters keys (hidden bookkeeping keys do not count toward the limit).
     pub fn scan(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
+        only: Option<&std::collections::BTreeSet<SourcePartition>>,
         accept: &mut dyn FnMut(&str, &[Vec<u8>]) -> bool,
     ) -> Result<Vec<KeyPartials>, StoreError> {
         let mut start = vec![b's'];
@@ -148,25 +155,32 @@ impl ReadView<'_> {
             if Some(key.as_str()) == after {
                 continue;
             }
+            let partition = self.row_partition(&row, rest)?;
+            if only.is_some_and(|only| !only.contains(&partition)) {
+                continue;
+            }
             let partial = value.into_vec();
             match &mut current {
-                Some((k, partials)) if *k == key => partials.push(partial),
+                Some((k, partials, partitions)) if *k == key => {
+                    partials.push(partial);
+                    partitions.push(partition);
+                }
                 _ => {
-                    if let Some((k, partials)) = current.take() {
+                    if let Some((k, partials, partitions)) = current.take() {
                         if accept(&k, &partials) {
-                            found.push((k, partials));
+                            found.push((k, partials, partitions));
                             if found.len() == limit {
                                 return Ok(found);
                             }
                         }
                     }
-                    current = Some((key, vec![partial]));
+                    current = Some((key, vec![partial], vec![partition]));
                 }
             }
         }
-        if let Some((k, partials)) = current {
+        if let Some((k, partials, partitions)) = current {
             if found.len() < limit && accept(&k, &partials) {
-                found.push((k, partials));
+                found.push((k, partials, partitions));
             }
         }
         Ok(found)

@@ -72,11 +72,12 @@ fn scans_group_partials_by_key_in_order_with_a_cursor() {
     store.commit(&generation, &batch).unwrap();
     let view = store.read_view(&generation).unwrap();
     let keys = |prefix: &str, after: Option<&str>, limit: usize| -> Vec<String> {
-        view.scan(prefix, after, limit, &mut |_, _| true)
+        view.scan(prefix, after, limit, None, &mut |_, _| true)
             .unwrap()
             .into_iter()
-            .map(|(k, partials)| {
+            .map(|(k, partials, partitions)| {
                 assert_eq!(partials.len(), 2, "every partial of {k}");
+                assert_eq!(partitions, [partition("t", 0), partition("t", 1)]);
                 k
             })
             .collect()
@@ -86,10 +87,21 @@ fn scans_group_partials_by_key_in_order_with_a_cursor() {
     assert_eq!(keys("b", Some("b2"), 10), ["b3"]);
     assert_eq!(keys("", Some("b3"), 10), ["c"]);
     assert_eq!(keys("", None, 100).len(), 5);
-    let hidden = view.scan("", None, 2, &mut |k, _| k != "a").unwrap();
+    let hidden = view.scan("", None, 2, None, &mut |k, _| k != "a").unwrap();
     assert_eq!(
-        hidden.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        hidden.iter().map(|(k, _, _)| k.as_str()).collect::<Vec<_>>(),
         ["b1", "b2"]
+    );
+    let only = std::collections::BTreeSet::from([partition("t", 1)]);
+    let one = view.scan("b", None, 10, Some(&only), &mut |_, _| true).unwrap();
+    assert!(
+        one.iter().all(|(_, partials, partitions)| partials.len() == 1 && partitions == &[partition("t", 1)]),
+        "only the partials of the partitions asked for"
+    );
+    let partials = view.partials_by_partition("b2").unwrap();
+    assert_eq!(
+        partials.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+        [partition("t", 0), partition("t", 1)]
     );
     assert_eq!(view.offsets().unwrap()[&partition("t", 0)], 9);
 }

@@ -24,6 +24,9 @@ use crate::fold_state::{Fold, Restore};
 use crate::store::SourcePartition;
 use crate::supervisor::Supervisor;
 
+mod scan;
+pub(super) use scan::{routed_scan, scan_parts};
+
 /// What one worker answers for some partitions of one key.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct PartialsAnswer {
@@ -194,48 +197,39 @@ fn wanted_partitions(
     topics: &[String],
     key: &str,
 ) -> Result<Vec<SourcePartition>, Refusal> {
-    let mut wanted = Vec::new();
-    for topic in topics {
-        let Some(count) = cluster.partition_count(topic) else {
-            return Err(Refusal::unavailable(json!({
-                "error": format!("the partitions of `{topic}` are not known yet"),
-            })));
-        };
-        let partition = |partition| SourcePartition {
-            topic: topic.as_str().into(),
-            partition,
-        };
-        match cluster.partitioner.partition(key.as_bytes(), count) {
-            Some(p) if projection.keyed_like_topic => wanted.push(partition(p)),
-            _ => wanted.extend((0..count).map(partition)),
-        }
+    let mut wanted = every_partition(cluster, topics)?;
+    if projection.keyed_like_topic {
+        wanted.retain(|p| {
+            let count = cluster.partition_count(&p.topic).unwrap_or(0);
+            cluster
+                .partitioner
+                .partition(key.as_bytes(), count)
+                .is_none_or(|own| own == p.partition)
+        });
     }
     Ok(wanted)
 }
 
-/// Asks `owner` for `partitions` of `key`; an error says why it did not answer.
-async fn ask(
-    cluster: Arc<Cluster>,
-    owner: Owner,
-    projection: String,
-    key: String,
+/// A request to another worker: the path under its URL and the query.
+struct Ask {
+    path: Vec<String>,
+    query: Vec<(&'static str, String)>,
+    /// The partitions asked for, as errors name them.
     partitions: String,
-    min_as_of: String,
-) -> Result<PartialsAnswer, String> {
-    let failed = |why: String| format!("{partitions}: worker {} {why}", owner.worker_id);
+}
+
+/// Asks `owner`; an error says why it did not answer.
+async fn ask<T: serde::de::DeserializeOwned>(cluster: Arc<Cluster>, owner: Owner, request: Ask) -> Result<T, String> {
+    let failed = |why: String| format!("{}: worker {} {why}", request.partitions, owner.worker_id);
     let mut url = reqwest::Url::parse(&owner.url).map_err(|e| failed(format!("has a bad URL: {e}")))?;
     url.path_segments_mut()
         .map_err(|()| failed("has a URL that cannot take a path".into()))?
         .pop_if_empty()
-        .extend(["cluster", "projections", &projection, "partials", &key]);
-    let mut query = vec![("partitions", partitions.clone())];
-    if !min_as_of.is_empty() {
-        query.push(("min_as_of", min_as_of));
-    }
+        .extend(&request.path);
     let response = cluster
         .http
         .get(url)
-        .query(&query)
+        .query(&request.query)
         .header(SECRET_HEADER, cluster.secret())
         .send()
         .await
@@ -246,9 +240,55 @@ async fn ask(
         return Err(failed(format!("answered {status}: {}", body.trim())));
     }
     response
-        .json::<PartialsAnswer>()
+        .json::<T>()
         .await
-        .map_err(|e| failed(format!("answered what is not a partials answer: {e}")))
+        .map_err(|e| failed(format!("answered what this worker cannot read: {e}")))
+}
+
+/// Who answers for which partitions: this worker for those it serves, the
+/// owners the cluster topic names for the others.
+struct Plan {
+    local: Vec<SourcePartition>,
+    remote: BTreeMap<Owner, Vec<SourcePartition>>,
+}
+
+fn plan(cluster: &Cluster, projection: &Supervisor, live: &Fold, wanted: Vec<SourcePartition>) -> Result<Plan, Refusal> {
+    let mut plan = Plan {
+        local: Vec::new(),
+        remote: BTreeMap::new(),
+    };
+    let mut unavailable = Vec::new();
+    for partition in wanted {
+        if not_served(cluster, live, &partition).is_none() {
+            plan.local.push(partition);
+        } else if let Some(owner) = cluster.owner_of(&projection.name, &partition) {
+            plan.remote.entry(owner).or_default().push(partition);
+        } else {
+            unavailable.push(format!("{partition}: no worker serves it now (moving or restoring)"));
+        }
+    }
+    if unavailable.is_empty() {
+        Ok(plan)
+    } else {
+        Err(unavailable_answer(&projection.name, unavailable))
+    }
+}
+
+/// Every partition of `topics`.
+fn every_partition(cluster: &Cluster, topics: &[String]) -> Result<Vec<SourcePartition>, Refusal> {
+    let mut wanted = Vec::new();
+    for topic in topics {
+        let count = cluster.partition_count(topic).ok_or_else(|| {
+            Refusal::unavailable(json!({
+                "error": format!("the partitions of `{topic}` are not known yet"),
+            }))
+        })?;
+        wanted.extend((0..count).map(|partition| SourcePartition {
+            topic: topic.as_str().into(),
+            partition,
+        }));
+    }
+    Ok(wanted)
 }
 
 /// `GET /projections/{name}/state/{key}` in multi-worker mode.
@@ -262,21 +302,8 @@ pub(super) async fn routed_read(
     let name = &projection.name;
     let live = projection.live();
     let wanted = wanted_partitions(cluster, projection, &live.topics, key)?;
-    let mut local = Vec::new();
-    let mut remote: BTreeMap<Owner, Vec<SourcePartition>> = BTreeMap::new();
+    let Plan { local, remote } = plan(cluster, projection, &live, wanted)?;
     let mut unavailable = Vec::new();
-    for partition in wanted {
-        if not_served(cluster, &live, &partition).is_none() {
-            local.push(partition);
-        } else if let Some(owner) = cluster.owner_of(name, &partition) {
-            remote.entry(owner).or_default().push(partition);
-        } else {
-            unavailable.push(format!("{partition}: no worker serves it now (moving or restoring)"));
-        }
-    }
-    if !unavailable.is_empty() {
-        return Err(unavailable_answer(name, unavailable));
-    }
     let mut asks = tokio::task::JoinSet::new();
     for (owner, partitions) in remote {
         let min_as_of = format_positions(
@@ -286,14 +313,12 @@ pub(super) async fn routed_read(
             true,
         );
         let partitions = format_positions(partitions.iter().map(|p| (p, 0)), false);
-        asks.spawn(ask(
-            cluster.clone(),
-            owner,
-            name.clone(),
-            key.to_owned(),
-            partitions,
-            min_as_of,
-        ));
+        let mut query = vec![("partitions", partitions.clone())];
+        if !min_as_of.is_empty() {
+            query.push(("min_as_of", min_as_of));
+        }
+        let path = ["cluster", "projections", name, "partials", key].map(str::to_owned).to_vec();
+        asks.spawn(ask::<PartialsAnswer>(cluster.clone(), owner, Ask { path, query, partitions }));
     }
     let mut answers = Vec::new();
     if !local.is_empty() {
@@ -388,16 +413,7 @@ pub(super) async fn partials(
     ApiPath((name, key)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<PartialsQuery>,
 ) -> Result<Json<PartialsAnswer>, ApiError> {
-    let Some(cluster) = state.cluster.clone() else {
-        return Err(ApiError(StatusCode::NOT_FOUND, "this worker is not in a cluster".into()));
-    };
-    let offered = headers.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
-    if !super::access::constant_time_eq(offered, cluster.secret().as_bytes()) {
-        return Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong cluster secret".into(),
-        ));
-    }
+    let cluster = between_workers(&state, &headers)?;
     let projection = state.projection(&name)?;
     let partitions: Vec<SourcePartition> = parse_positions(&query.partitions)?.into_keys().collect();
     let min = parse_positions(query.min_as_of.as_deref().unwrap_or_default())?;
@@ -407,6 +423,22 @@ pub(super) async fn partials(
     Ok(Json(
         local_partials(&state, &cluster, &live, &key, &partitions, &min, wait).await?,
     ))
+}
+
+/// The cluster of a request from another worker, which must carry the secret.
+fn between_workers(state: &ApiState, headers: &HeaderMap) -> Result<Arc<Cluster>, ApiError> {
+    let Some(cluster) = state.cluster.clone() else {
+        return Err(ApiError(StatusCode::NOT_FOUND, "this worker is not in a cluster".into()));
+    };
+    let offered = headers.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if super::access::constant_time_eq(offered, cluster.secret().as_bytes()) {
+        Ok(cluster)
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster secret".into(),
+        ))
+    }
 }
 
 /// The cluster as this worker sees it, for `GET /projections`.
