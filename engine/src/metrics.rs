@@ -203,6 +203,35 @@ pub static PROJECTION_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+/// `projector_restoring_partitions{projection}`
+pub static RESTORING_PARTITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register(
+        IntGaugeVec::new(
+            Opts::new(
+                "projector_restoring_partitions",
+                "Partitions this worker gained and still folds up to the high watermark seen after the gain \
+                 (multi-worker mode); their reads get 503 until done.",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `projector_restore_remaining_events{projection}`
+pub static RESTORE_REMAINING_EVENTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register(
+        IntGaugeVec::new(
+            Opts::new(
+                "projector_restore_remaining_events",
+                "Events the restoring partitions still have to fold before they are served (multi-worker mode).",
+            ),
+            &["projection"],
+        )
+        .expect("valid metric"),
+    )
+});
+
 /// `projector_last_progress_timestamp_seconds{projection}`
 pub static LAST_PROGRESS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register(
@@ -318,6 +347,8 @@ fn all() -> Vec<&'static dyn prometheus::core::Collector> {
         &*CONSUMER_LAG_EVENTS,
         &*CONSUMER_LAG_SECONDS,
         &*PROJECTION_UP,
+        &*RESTORING_PARTITIONS,
+        &*RESTORE_REMAINING_EVENTS,
         &*LAST_PROGRESS,
         &*BATCH_COMMIT_SECONDS,
         &*BATCH_EVENTS,

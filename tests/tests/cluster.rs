@@ -286,6 +286,30 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     })
     .with_context(|| format!("claims seen by w3: {:?}", live_claims(&w3)))?;
 
+    // Caught up: nothing restoring, no lag, in the view and the metrics.
+    wait_until("no lag and nothing restoring anywhere", Duration::from_secs(30), || {
+        workers.iter().all(|w| {
+            let lag_free = w.get("/projections").is_ok_and(|(_, list)| {
+                list["cluster"]["workers"].as_array().into_iter().flatten().all(|worker| {
+                    worker["projections"].as_object().into_iter().flatten().all(|(_, c)| {
+                        c["partitions"].as_array().into_iter().flatten().all(|p| p["lag_events"] == 0)
+                    })
+                })
+            });
+            let metrics = w.metrics().unwrap_or_default();
+            lag_free
+                && ["order_summary", "customer_stats"].iter().all(|name| {
+                    projector_tests::metric_value(&metrics, "projector_restoring_partitions", &[("projection", name)])
+                        == Some(0.0)
+                        && projector_tests::metric_value(
+                            &metrics,
+                            "projector_restore_remaining_events",
+                            &[("projection", name)],
+                        ) == Some(0.0)
+                })
+        })
+    })?;
+
     // Read-your-writes: an offset folded answers at once; one not yet written
     // waits and gets 503 naming the partition.
     let key = summary_oracle.keys().next().expect("orders");

@@ -309,7 +309,7 @@ async fn wait_for_switch(api: &WorkerApi, name: &str, generation: u64) -> Result
 }
 
 /// One row per worker and projection: the partitions it serves and restores.
-fn cluster_rows(cluster: &serde_json::Value) -> Vec<[String; 6]> {
+fn cluster_rows(cluster: &serde_json::Value) -> Vec<[String; 7]> {
     let mut rows = Vec::new();
     for worker in cluster["workers"].as_array().map(Vec::as_slice).unwrap_or_default() {
         let id = worker["worker_id"].as_str().unwrap_or("?");
@@ -340,6 +340,14 @@ fn cluster_rows(cluster: &serde_json::Value) -> Vec<[String; 6]> {
                 format!("g{} {}", claims["generation"], claims["status"].as_str().unwrap_or("?")),
                 partitions("live"),
                 partitions("restoring"),
+                claims["partitions"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| c["lag_events"].as_i64())
+                    .fold(0i64, i64::saturating_add)
+                    .to_string(),
             ]);
         }
     }
@@ -422,7 +430,7 @@ pub async fn status(api: &WorkerApi) -> Result<()> {
             cluster["worker_id"].as_str().unwrap_or("?"),
             cluster["topic"].as_str().unwrap_or("?")
         );
-        print_table(&["WORKER", "URL", "PROJECTION", "GENERATION", "LIVE", "RESTORING"], &cluster_rows(&list["cluster"]));
+        print_table(&["WORKER", "URL", "PROJECTION", "GENERATION", "LIVE", "RESTORING", "LAG"], &cluster_rows(&list["cluster"]));
     }
     Ok(())
 }

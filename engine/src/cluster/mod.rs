@@ -187,6 +187,7 @@ mod tests {
                         state,
                         next_offset: offset,
                         restore_until: None,
+                        lag_events: None,
                     }],
                 },
             )]),

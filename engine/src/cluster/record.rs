@@ -45,6 +45,9 @@ pub struct PartitionClaim {
     /// While restoring: the next offset it must reach (when known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_until: Option<i64>,
+    /// High watermark − next offset, when the brokers answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_events: Option<i64>,
 }
 
 /// Whether a claimed partition is served.

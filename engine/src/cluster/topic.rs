@@ -1,7 +1,7 @@
 //! The cluster topic: created when missing, written by this worker's publisher
 //! thread and read back by its view thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,7 +18,7 @@ use super::{ClaimState, Cluster, PartitionClaim, ProjectionClaims, WorkerRecord}
 use crate::config::KafkaConfig;
 use crate::fold_state::{Fold, Restore};
 use crate::kafka_client::{self, Role};
-use crate::store::Store;
+use crate::store::{SourcePartition, Store};
 use crate::supervisor::Supervisor;
 
 /// How long a metadata or watermark query may take.
@@ -128,9 +128,22 @@ fn own_record(
     projections: &[Arc<Supervisor>],
 ) -> WorkerRecord {
     let mut claims = BTreeMap::new();
+    // High watermarks asked once per publication, for every projection on a topic.
+    let mut highs = HashMap::new();
     for projection in projections {
         let live = projection.live();
-        let partitions = advance_restores(&live, metadata, store);
+        let partitions = advance_restores(&live, metadata, store, &mut highs);
+        let restoring = partitions.iter().filter(|p| p.state == ClaimState::Restoring);
+        let remaining = restoring
+            .clone()
+            .map(|p| p.restore_until.map_or(0, |until| until.saturating_sub(p.next_offset).max(0)))
+            .fold(0i64, i64::saturating_add);
+        crate::metrics::RESTORING_PARTITIONS
+            .with_label_values(&[&projection.name])
+            .set(i64::try_from(restoring.count()).unwrap_or(i64::MAX));
+        crate::metrics::RESTORE_REMAINING_EVENTS
+            .with_label_values(&[&projection.name])
+            .set(remaining);
         let status = serde_json::to_value(live.state())
             .ok()
             .and_then(|v| v["state"].as_str().map(str::to_owned))
@@ -158,7 +171,12 @@ fn own_record(
 /// Moves each gained partition of `fold` on: learns the high watermark it must
 /// reach, and marks it restored once its stored offset reaches it. A fold that
 /// does not serve (poisoned, failed, stopped) claims nothing.
-fn advance_restores(fold: &Fold, metadata: &BaseConsumer, store: &Store) -> Vec<PartitionClaim> {
+fn advance_restores(
+    fold: &Fold,
+    metadata: &BaseConsumer,
+    store: &Store,
+    highs: &mut HashMap<SourcePartition, Option<i64>>,
+) -> Vec<PartitionClaim> {
     if !fold.serves() {
         return Vec::new();
     }
@@ -168,10 +186,14 @@ fn advance_restores(fold: &Fold, metadata: &BaseConsumer, store: &Store) -> Vec<
     let mut claims = Vec::new();
     for (partition, mut restore) in fold.serving() {
         let next = offsets.get(&partition).copied().unwrap_or(0);
-        if restore == Restore::Unknown {
-            if let Ok((_, high)) = metadata.fetch_watermarks(&partition.topic, partition.partition, QUERY_TIMEOUT) {
-                restore = Restore::Until(high);
-            }
+        let high = *highs.entry(partition.clone()).or_insert_with(|| {
+            metadata
+                .fetch_watermarks(&partition.topic, partition.partition, QUERY_TIMEOUT)
+                .ok()
+                .map(|(_, high)| high)
+        });
+        if let (Restore::Unknown, Some(high)) = (restore, high) {
+            restore = Restore::Until(high);
         }
         if matches!(restore, Restore::Until(target) if next >= target) {
             restore = Restore::Done;
@@ -188,6 +210,7 @@ fn advance_restores(fold: &Fold, metadata: &BaseConsumer, store: &Store) -> Vec<
             state,
             next_offset: next,
             restore_until,
+            lag_events: high.map(|high| high.saturating_sub(next).max(0)),
         });
     }
     claims
