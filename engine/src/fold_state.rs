@@ -91,10 +91,16 @@ pub struct Fold {
     /// stops, so a stopped projection's lag keeps being reported).
     owned: Mutex<BTreeSet<SourcePartition>>,
     /// The partitions the loop has assigned right now (unlike `owned`, dropped on
-    /// every revocation and when the loop exits), with how far each must fold
-    /// before a worker of a cluster serves it.
-    serving: Mutex<BTreeMap<SourcePartition, Restore>>,
+    /// a revocation and when the loop exits or starts over; a loop that ends to
+    /// join a shared source leaves them to the source, which replaces them),
+    /// each with the number of its gain and how far it must fold before a
+    /// worker of a cluster serves it.
+    serving: Mutex<BTreeMap<SourcePartition, (u64, Restore)>>,
 }
+
+/// Numbers each gain of a partition, so a restore measured for an earlier gain
+/// is never applied to a later one (see [`Fold::set_restore`]).
+static GAINS: AtomicU64 = AtomicU64::new(0);
 
 /// How far a partition a worker gained has come (multi-worker mode): its reads
 /// are served only once it has folded up to the high watermark seen after the
@@ -310,12 +316,14 @@ impl Fold {
         }
     }
 
-    /// Records partitions the loop was assigned: restoring until they reach the
-    /// high watermark (see [`Restore`]).
+    /// Records partitions the loop was assigned (anew: what was known of an
+    /// earlier assignment no longer holds): restoring until they reach the high
+    /// watermark (see [`Restore`]).
     pub(crate) fn start_serving(&self, partitions: impl IntoIterator<Item = SourcePartition>) {
         let mut serving = self.serving.lock().expect("serving lock");
         for partition in partitions {
-            serving.entry(partition).or_insert(Restore::Unknown);
+            let gain = GAINS.fetch_add(1, Ordering::Relaxed);
+            serving.insert(partition, (gain, Restore::Unknown));
         }
     }
 
@@ -332,15 +340,29 @@ impl Fold {
         self.serving.lock().expect("serving lock").clear();
     }
 
-    /// The partitions assigned to the loop now and how far each has come.
-    pub fn serving(&self) -> BTreeMap<SourcePartition, Restore> {
+    /// The partitions assigned to the loop now, each with the number of its gain
+    /// and how far it has come.
+    pub fn serving(&self) -> BTreeMap<SourcePartition, (u64, Restore)> {
         self.serving.lock().expect("serving lock").clone()
     }
 
-    /// Moves a partition on (only while it is still assigned).
-    pub fn set_restore(&self, partition: &SourcePartition, restore: Restore) {
+    /// How far `partition` has come, if it is assigned.
+    pub fn restore_of(&self, partition: &SourcePartition) -> Option<Restore> {
+        self.serving
+            .lock()
+            .expect("serving lock")
+            .get(partition)
+            .map(|(_, restore)| *restore)
+    }
+
+    /// Moves a partition on, only while it is still assigned by the same gain
+    /// (`gain` from [`Fold::serving`]): a revocation and a new assignment in
+    /// between start it over.
+    pub fn set_restore(&self, partition: &SourcePartition, gain: u64, restore: Restore) {
         if let Some(entry) = self.serving.lock().expect("serving lock").get_mut(partition) {
-            *entry = restore;
+            if entry.0 == gain {
+                entry.1 = restore;
+            }
         }
     }
 

@@ -82,7 +82,7 @@ pub fn router(state: ApiState) -> Router {
     // Requests between workers carry the cluster secret instead of a token.
     let between_workers = Router::new()
         .route(
-            "/cluster/projections/{name}/partials/{*key}",
+            "/cluster/projections/{name}/partials",
             get(cluster::partials),
         )
         .route("/cluster/projections/{name}/scan", get(cluster::scan_parts));
@@ -94,6 +94,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// A JSON error response: `{"error": "..."}` with a status.
+#[derive(Debug)]
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -298,7 +299,7 @@ async fn read_key(
     ApiQuery(query): ApiQuery<ReadQuery>,
 ) -> Result<Json<Value>, as_of::Refusal> {
     let projection = state.projection(&name)?;
-    let min = cluster::parse_positions(query.min_as_of.as_deref().unwrap_or_default())?;
+    let min = cluster::parse_positions(query.min_as_of.as_deref().unwrap_or_default(), true)?;
     if let (Some(cluster), None) = (&state.cluster, &query.at) {
         return cluster::routed_read(&state, cluster, projection, &key, &min).await;
     }

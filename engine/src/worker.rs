@@ -350,7 +350,6 @@ pub async fn run(mut config: Config, config_path: &Path, builtins: &Builtins) ->
             let _ = thread.join();
         }
         let _ = lag_monitor.join();
-        // After the fold loops: the tombstone goes out once nothing is folded here.
         for thread in cluster_threads {
             let _ = thread.join();
         }

@@ -210,7 +210,7 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     .with_context(|| format!("claims seen by w1: {:?}", live_claims(&w1)))?;
 
     // Requests between workers need the secret.
-    let internal = format!("{}/cluster/projections/order_summary/partials/k?partitions=orders/0", w1.url());
+    let internal = format!("{}/cluster/projections/order_summary/partials?key=k&partitions=orders/0", w1.url());
     let refused = http().get(&internal).send()?.status().as_u16();
     ensure!(refused == 401, "a forwarded read without the secret: {refused}");
     let wrong = http().get(&internal).header("x-projector-cluster-secret", "nope").send()?;

@@ -92,12 +92,17 @@ impl Cluster {
         self.publish_interval * 3 + Duration::from_secs(3)
     }
 
-    /// Remembers a worker's record, or forgets the worker (a tombstone).
-    pub(crate) fn remember(&self, worker_id: &str, record: Option<WorkerRecord>) {
+    /// Remembers a worker's record, published `age` ago, or forgets the worker
+    /// (a tombstone).
+    pub(crate) fn remember(&self, worker_id: &str, record: Option<WorkerRecord>, age: Duration) {
         let mut members = self.members.write().expect("members lock");
         match record {
             Some(record) => {
-                members.insert(worker_id.to_owned(), (record, Instant::now()));
+                // Clocks differ between machines: a record is never younger than
+                // its arrival, and never older than the staleness limit says.
+                let age = age.min(self.stale_after());
+                let published = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                members.insert(worker_id.to_owned(), (record, published));
             }
             None => {
                 members.remove(worker_id);
@@ -202,14 +207,19 @@ mod tests {
             partition: 3,
         };
         assert_eq!(cluster.owner_of("p", &p3), None);
-        cluster.remember("w1", Some(record("w1", 90, ClaimState::Live)));
+        cluster.remember("w1", Some(record("w1", 90, ClaimState::Live)), Duration::ZERO);
         assert_eq!(cluster.owner_of("p", &p3), None, "not itself");
-        cluster.remember("w2", Some(record("w2", 10, ClaimState::Restoring)));
+        cluster.remember("w2", Some(record("w2", 10, ClaimState::Restoring)), Duration::ZERO);
         assert_eq!(cluster.owner_of("p", &p3), None, "restoring is not served");
-        cluster.remember("w3", Some(record("w3", 50, ClaimState::Live)));
-        cluster.remember("w4", Some(record("w4", 70, ClaimState::Live)));
-        assert_eq!(cluster.owner_of("p", &p3).unwrap().worker_id, "w4");
-        cluster.remember("w4", None);
+        cluster.remember("w3", Some(record("w3", 50, ClaimState::Live)), Duration::ZERO);
+        cluster.remember("w4", Some(record("w4", 70, ClaimState::Live)), Duration::ZERO);
+        cluster.remember("w5", Some(record("w5", 99, ClaimState::Live)), Duration::from_secs(3600));
+        assert_eq!(
+            cluster.owner_of("p", &p3).unwrap().worker_id,
+            "w4",
+            "w5's record was published an hour ago"
+        );
+        cluster.remember("w4", None, Duration::ZERO);
         assert_eq!(cluster.owner_of("p", &p3).unwrap().worker_id, "w3");
         assert_eq!(cluster.owner_of("other", &p3), None);
         assert_eq!(cluster.workers().len(), 3);

@@ -48,8 +48,8 @@ pub async fn ensure(kafka: &KafkaConfig, topic: &str) -> Result<(), String> {
 
 /// Starts the thread that publishes this worker's record every
 /// `publish_interval` (moving gained partitions through restoring on the way)
-/// and tombstones it once `shutdown` is set and `folds_done` says the fold loops
-/// have stopped.
+/// and tombstones it once `shutdown` is set (the other workers then stop asking
+/// this one while its fold loops commit and leave their groups).
 pub fn spawn_publisher(
     cluster: Arc<Cluster>,
     kafka: &KafkaConfig,
@@ -73,7 +73,7 @@ pub fn spawn_publisher(
                     publish(&cluster, &producer, Some(&record));
                 });
                 if let Err(panic) = published {
-                    warn!(error = %panic, "publishing to the cluster topic {panic}");
+                    warn!(error = %panic, "publishing to the cluster topic failed");
                 }
                 let deadline = Instant::now() + cluster.publish_interval;
                 while Instant::now() < deadline && !shutdown.load(Ordering::Relaxed) {
@@ -100,6 +100,14 @@ fn publish(cluster: &Cluster, producer: &BaseProducer, record: Option<&WorkerRec
         warn!(error = %e, topic = %cluster.topic, "publishing this worker's record");
     }
     producer.poll(Duration::ZERO);
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Learns the partition count of every source topic.
@@ -160,10 +168,7 @@ fn own_record(
     WorkerRecord {
         worker_id: cluster.worker_id.clone(),
         url: cluster.url.clone(),
-        published_at_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0),
+        published_at_ms: now_ms(),
         projections: claims,
     }
 }
@@ -175,7 +180,7 @@ fn advance_restores(
     fold: &Fold,
     metadata: &BaseConsumer,
     store: &Store,
-    highs: &mut HashMap<SourcePartition, Option<i64>>,
+    highs: &mut HashMap<SourcePartition, Option<(i64, i64)>>,
 ) -> Vec<PartitionClaim> {
     if !fold.serves() {
         return Vec::new();
@@ -184,21 +189,32 @@ fn advance_restores(
         return Vec::new();
     };
     let mut claims = Vec::new();
-    for (partition, mut restore) in fold.serving() {
-        let next = offsets.get(&partition).copied().unwrap_or(0);
-        let high = *highs.entry(partition.clone()).or_insert_with(|| {
-            metadata
-                .fetch_watermarks(&partition.topic, partition.partition, QUERY_TIMEOUT)
-                .ok()
-                .map(|(_, high)| high)
+    let fetch = |partition: &SourcePartition| {
+        metadata
+            .fetch_watermarks(&partition.topic, partition.partition, QUERY_TIMEOUT)
+            .ok()
+    };
+    for (partition, (gain, mut restore)) in fold.serving() {
+        // A restore's target is asked after the gain, never taken from the cache.
+        let watermarks = if restore == Restore::Unknown {
+            let fresh = fetch(&partition);
+            highs.insert(partition.clone(), fresh);
+            fresh
+        } else {
+            *highs.entry(partition.clone()).or_insert_with(|| fetch(&partition))
+        };
+        // Never folded by this generation: it starts at the log's beginning.
+        let next = offsets
+            .get(&partition)
+            .copied()
+            .or(watermarks.map(|(low, _)| low))
+            .unwrap_or(0);
+        let generation = fold.generation.number;
+        restore = next_restore(restore, next, watermarks.map(|(_, high)| high), |target| {
+            crate::lag::nothing_left(fold.name(), generation, &partition, next, target)
         });
-        if let (Restore::Unknown, Some(high)) = (restore, high) {
-            restore = Restore::Until(high);
-        }
-        if matches!(restore, Restore::Until(target) if next >= target) {
-            restore = Restore::Done;
-        }
-        fold.set_restore(&partition, restore);
+        fold.set_restore(&partition, gain, restore);
+        let high = watermarks.map(|(_, high)| high);
         let (state, restore_until) = match restore {
             Restore::Done => (ClaimState::Live, None),
             Restore::Until(target) => (ClaimState::Restoring, Some(target)),
@@ -214,6 +230,26 @@ fn advance_restores(
         });
     }
     claims
+}
+
+/// Where a gained partition stands after this publication: its target is the
+/// high watermark asked now (after the gain), and it is restored once its
+/// stored next offset reaches it, or once nothing but transaction markers and
+/// aborted records lie between them (`nothing_left` of the target).
+fn next_restore(
+    restore: Restore,
+    next: i64,
+    high: Option<i64>,
+    nothing_left: impl FnOnce(i64) -> bool,
+) -> Restore {
+    let restore = match (restore, high) {
+        (Restore::Unknown, Some(high)) => Restore::Until(high),
+        (other, _) => other,
+    };
+    match restore {
+        Restore::Until(target) if next >= target || nothing_left(target) => Restore::Done,
+        other => other,
+    }
 }
 
 /// Starts the thread that reads the cluster topic from its beginning into
@@ -269,9 +305,40 @@ pub fn spawn_view(
                         }
                     },
                 };
-                cluster.remember(&worker_id, record);
+                // Published this long ago (the publisher's clock): a record read
+                // back at start from a worker killed long ago is stale at once.
+                let age = message
+                    .timestamp()
+                    .to_millis()
+                    .map(|at| now_ms().saturating_sub(at).max(0))
+                    .and_then(|ms| u64::try_from(ms).ok())
+                    .map_or(Duration::ZERO, Duration::from_millis);
+                cluster.remember(&worker_id, record, age);
             }
         })
         .map_err(|e| format!("spawning the cluster view: {e}"))?;
     Ok(thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gained_partition_is_restored_once_it_reaches_the_high_watermark_seen_after_the_gain() {
+        let never = |_| false;
+        // The brokers did not say: still unknown.
+        assert_eq!(next_restore(Restore::Unknown, 5, None, never), Restore::Unknown);
+        // Behind the watermark asked now: restoring up to it.
+        assert_eq!(next_restore(Restore::Unknown, 5, Some(9), never), Restore::Until(9));
+        // A later, higher watermark does not move the target.
+        assert_eq!(next_restore(Restore::Until(9), 8, Some(20), never), Restore::Until(9));
+        assert_eq!(next_restore(Restore::Until(9), 9, Some(20), never), Restore::Done);
+        // Already there at the gain (an empty log, or caught up).
+        assert_eq!(next_restore(Restore::Unknown, 9, Some(9), never), Restore::Done);
+        // Only markers left between the stored offset and the target.
+        assert_eq!(next_restore(Restore::Until(9), 7, Some(9), |target| target == 9), Restore::Done);
+        // Done stays done.
+        assert_eq!(next_restore(Restore::Done, 0, Some(100), never), Restore::Done);
+    }
 }

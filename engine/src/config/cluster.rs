@@ -110,8 +110,12 @@ impl ClusterConfig {
                 "must be between 1 and 60000",
             ));
         }
-        if self.forward_timeout_ms == 0 {
-            return Err(ConfigError::at(file, "cluster.forward_timeout_ms", "must be at least 1"));
+        if self.forward_timeout_ms == 0 || self.forward_timeout_ms > 600_000 {
+            return Err(ConfigError::at(
+                file,
+                "cluster.forward_timeout_ms",
+                "must be between 1 and 600000",
+            ));
         }
         Ok(())
     }

@@ -74,8 +74,12 @@ impl ConsumerContext for SourceContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = partitions_of(tpl);
-                for fold in self.folds.lock().expect("lock").iter() {
-                    fold.stop_serving(&partitions);
+                // A closing loop's fold is served as the next loop says (a source
+                // that adopts it may have done so already); see `Fold::serving`.
+                if !self.closing.load(Ordering::Relaxed) {
+                    for fold in self.folds.lock().expect("lock").iter() {
+                        fold.stop_serving(&partitions);
+                    }
                 }
                 info!(partitions = ?partitions.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "partitions revoked");
                 // In callback order, so a revocation and the assignment after it
@@ -106,6 +110,9 @@ impl ConsumerContext for SourceContext {
             }
             other => {
                 warn!(error = ?other, "rebalance error; dropping the assignment");
+                for fold in self.folds.lock().expect("lock").iter() {
+                    fold.stop_serving_all();
+                }
                 let _ = consumer.unassign();
             }
         }

@@ -124,9 +124,15 @@ pub fn spawn(
                     // that panicked (see `Fold::remember_panic`); after a join,
                     // the shared source adopts it.
                     fold.hand_on(commands);
+                    // The next loop's assignment says what it serves (a source
+                    // that adopts a joining fold replaces it itself, maybe already).
                     match end {
-                        LoopEnd::Refold => projection.spawn(fold.clone()),
+                        LoopEnd::Refold => {
+                            fold.stop_serving_all();
+                            projection.spawn(fold.clone())
+                        }
                         LoopEnd::StartSource(source) => {
+                            fold.stop_serving_all();
                             source.start(vec![(projection.clone(), fold.clone())])
                         }
                         _ => {}

@@ -291,6 +291,7 @@ impl LoopState {
         match end {
             LoopEnd::Refold if !shutting_down => {
                 fold.hand_on(member.into_commands());
+                fold.stop_serving_all();
                 supervisor.spawn(fold);
             }
             _ => supervisor.loop_exited(&fold, &self.deps.store, shutting_down),

@@ -48,6 +48,23 @@ pub fn summary(projection: &str) -> (i64, f64) {
         .unwrap_or((0, 0.0))
 }
 
+/// Per projection generation and partition: the stored next offset at which
+/// the last refresh found nothing left to fold up to the high watermark (only
+/// transaction markers or aborted records past it), with that high watermark.
+static NOTHING_LEFT: LazyLock<Mutex<HashMap<(u64, String, SourcePartition), (i64, i64)>>> =
+    LazyLock::new(Default::default);
+
+/// Whether the lag monitor last found `partition` of generation `generation` of
+/// `projection` caught up at stored next offset `next` with nothing but markers
+/// up to a high watermark of at least `high`.
+pub fn nothing_left(projection: &str, generation: u64, partition: &SourcePartition, next: i64, high: i64) -> bool {
+    NOTHING_LEFT
+        .lock()
+        .expect("nothing-left lock")
+        .get(&(generation, projection.to_owned(), partition.clone()))
+        .is_some_and(|&(at, up_to)| at == next && up_to >= high)
+}
+
 /// How often lag is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(2);
 
@@ -296,6 +313,12 @@ fn refresh(
         } else {
             oldest_unapplied(probes.lag, memory, &since_key, next, high)
         };
+        let left_key = (live.generation.number, projection.name.clone(), source.clone());
+        if oldest == Oldest::NoneLeft {
+            NOTHING_LEFT.lock().expect("nothing-left lock").insert(left_key, (next, high));
+        } else {
+            NOTHING_LEFT.lock().expect("nothing-left lock").remove(&left_key);
+        }
         let lag_seconds = match oldest {
             Oldest::NoneLeft => {
                 lag_events = 0;

@@ -1,7 +1,7 @@
 //! Reads in multi-worker mode: a key read on any worker is answered from the
 //! partial states of every partition it needs, read here for the partitions
 //! this worker serves and asked of their owners for the others
-//! (`GET /cluster/projections/{name}/partials/{key}`, which carries the cluster
+//! (`GET /cluster/projections/{name}/partials?key=`, which carries the cluster
 //! secret and is answered only from the receiving worker's own partitions, so a
 //! forwarded read is never forwarded again). A partition that no worker serves
 //! (moving, restoring) makes the answer a 503 naming it: never a partial sum.
@@ -30,6 +30,9 @@ pub(super) use scan::{routed_scan, scan_parts};
 /// What one worker answers for some partitions of one key.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct PartialsAnswer {
+    /// The worker that answers.
+    #[serde(default)]
+    worker: String,
     /// Its live generation.
     generation: u64,
     /// Each partition asked for that it serves: its next offset and the key's
@@ -48,20 +51,20 @@ struct PartitionPartial {
     state: Option<String>,
 }
 
-/// `topic/partition:offset,...` (as `min_as_of`) or `topic/partition,...` (as the
-/// partitions a forwarded read asks for, with offset 0).
-pub(super) fn parse_positions(text: &str) -> Result<BTreeMap<SourcePartition, i64>, ApiError> {
+/// `topic/partition:offset,...` (as `min_as_of`: `with_offsets`) or
+/// `topic/partition,...` (as the partitions a forwarded read asks for, with
+/// offset 0).
+pub(super) fn parse_positions(text: &str, with_offsets: bool) -> Result<BTreeMap<SourcePartition, i64>, ApiError> {
     let bad = |item: &str| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("`{item}` is not `topic/partition` or `topic/partition:offset`"),
-        )
+        let form = if with_offsets { "topic/partition:offset" } else { "topic/partition" };
+        ApiError(StatusCode::BAD_REQUEST, format!("`{item}` is not `{form}`"))
     };
     let mut positions = BTreeMap::new();
     for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (partition, offset) = match item.rsplit_once(':') {
-            Some((partition, offset)) => (partition, offset.parse::<i64>().map_err(|_| bad(item))?),
-            None => (item, 0),
+        let (partition, offset) = match (item.rsplit_once(':'), with_offsets) {
+            (Some((partition, offset)), true) => (partition, offset.parse::<i64>().map_err(|_| bad(item))?),
+            (None, false) => (item, 0),
+            _ => return Err(bad(item)),
         };
         let (topic, number) = partition.rsplit_once('/').ok_or_else(|| bad(item))?;
         let number = number.parse::<i32>().map_err(|_| bad(item))?;
@@ -99,7 +102,15 @@ fn not_served(cluster: &Cluster, fold: &Fold, partition: &SourcePartition) -> Op
         let state = serde_json::to_value(fold.state()).unwrap_or_default();
         return Some(format!("{partition}: the projection is {} on worker {worker}", state["state"]));
     }
-    match fold.serving().get(partition) {
+    // Without the brokers this worker cannot know whether the group has moved
+    // the partition to another worker already.
+    if let Some(silent) = crate::lag::brokers_silent_for() {
+        return Some(format!(
+            "{partition}: worker {worker} has not heard from the brokers for {:.0} s",
+            silent.as_secs_f64()
+        ));
+    }
+    match fold.restore_of(partition) {
         Some(Restore::Done) => None,
         Some(Restore::Until(target)) => Some(format!(
             "{partition}: restoring on worker {worker} (up to offset {target})"
@@ -135,6 +146,7 @@ async fn local_partials(
             .collect();
         if !unavailable.is_empty() {
             return Ok(PartialsAnswer {
+                worker: cluster.worker_id.clone(),
                 generation: fold.generation.number,
                 partitions: Vec::new(),
                 unavailable,
@@ -155,6 +167,7 @@ async fn local_partials(
                 let rows = view.partials_by_partition(key).map_err(internal)?;
                 let encoder = base64::engine::general_purpose::STANDARD;
                 Attempt::Answer(PartialsAnswer {
+                    worker: cluster.worker_id.clone(),
                     generation: fold.generation.number,
                     partitions: partitions
                         .iter()
@@ -178,6 +191,7 @@ async fn local_partials(
             Attempt::Answer(answer) => return Ok(answer),
             Attempt::Behind(behind) if Instant::now() >= deadline => {
                 return Ok(PartialsAnswer {
+                    worker: cluster.worker_id.clone(),
                     generation: fold.generation.number,
                     partitions: Vec::new(),
                     unavailable: behind,
@@ -190,7 +204,8 @@ async fn local_partials(
 
 /// The partitions a read of `key` needs: the key's own partition of each topic
 /// for a projection keyed like its topics (when the producers' partitioner is
-/// known), else every partition.
+/// known), else every partition. An empty key is read everywhere: librdkafka
+/// spreads records with an empty key at random.
 fn wanted_partitions(
     cluster: &Cluster,
     projection: &Supervisor,
@@ -198,7 +213,7 @@ fn wanted_partitions(
     key: &str,
 ) -> Result<Vec<SourcePartition>, Refusal> {
     let mut wanted = every_partition(cluster, topics)?;
-    if projection.keyed_like_topic {
+    if projection.keyed_like_topic && !key.is_empty() {
         wanted.retain(|p| {
             let count = cluster.partition_count(&p.topic).unwrap_or(0);
             cluster
@@ -259,12 +274,12 @@ fn plan(cluster: &Cluster, projection: &Supervisor, live: &Fold, wanted: Vec<Sou
     };
     let mut unavailable = Vec::new();
     for partition in wanted {
-        if not_served(cluster, live, &partition).is_none() {
-            plan.local.push(partition);
-        } else if let Some(owner) = cluster.owner_of(&projection.name, &partition) {
-            plan.remote.entry(owner).or_default().push(partition);
-        } else {
-            unavailable.push(format!("{partition}: no worker serves it now (moving or restoring)"));
+        match not_served(cluster, live, &partition) {
+            None => plan.local.push(partition),
+            Some(here) => match cluster.owner_of(&projection.name, &partition) {
+                Some(owner) => plan.remote.entry(owner).or_default().push(partition),
+                None => unavailable.push(format!("{here}; no other worker serves it now")),
+            },
         }
     }
     if unavailable.is_empty() {
@@ -302,7 +317,7 @@ pub(super) async fn routed_read(
     let name = &projection.name;
     let live = projection.live();
     let wanted = wanted_partitions(cluster, projection, &live.topics, key)?;
-    let Plan { local, remote } = plan(cluster, projection, &live, wanted)?;
+    let Plan { local, remote } = plan(cluster, projection, &live, wanted.clone())?;
     let mut unavailable = Vec::new();
     let mut asks = tokio::task::JoinSet::new();
     for (owner, partitions) in remote {
@@ -313,11 +328,13 @@ pub(super) async fn routed_read(
             true,
         );
         let partitions = format_positions(partitions.iter().map(|p| (p, 0)), false);
-        let mut query = vec![("partitions", partitions.clone())];
+        // The key goes in the query: path segments would lose tabs and line
+        // breaks, and `.` or `..`.
+        let mut query = vec![("partitions", partitions.clone()), ("key", key.to_owned())];
         if !min_as_of.is_empty() {
             query.push(("min_as_of", min_as_of));
         }
-        let path = ["cluster", "projections", name, "partials", key].map(str::to_owned).to_vec();
+        let path = ["cluster", "projections", name, "partials"].map(str::to_owned).to_vec();
         asks.spawn(ask::<PartialsAnswer>(cluster.clone(), owner, Ask { path, query, partitions }));
     }
     let mut answers = Vec::new();
@@ -346,10 +363,12 @@ pub(super) async fn routed_read(
                 .map(|p| format!("{}/{}", p.topic, p.partition))
                 .collect();
             unavailable.push(format!(
-                "{}: generation {} there, {} here",
+                "{}: generation {} on worker {}, {} on worker {}",
                 partitions.join(","),
                 answer.generation,
-                live.generation.number
+                answer.worker,
+                live.generation.number,
+                cluster.worker_id
             ));
             continue;
         }
@@ -367,6 +386,7 @@ pub(super) async fn routed_read(
             offsets.insert(partition, partial.next_offset);
         }
     }
+    unavailable.extend(unanswered(&wanted, &offsets));
     if !unavailable.is_empty() {
         return Err(unavailable_answer(name, unavailable));
     }
@@ -390,6 +410,16 @@ pub(super) async fn routed_read(
     Ok(Json(value))
 }
 
+/// The partitions of `wanted` that no answer covered (a worker that left one
+/// out): the answer would be partial.
+fn unanswered(wanted: &[SourcePartition], answered: &BTreeMap<SourcePartition, i64>) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|p| !answered.contains_key(*p))
+        .map(|p| format!("{p}: no worker answered for it"))
+        .collect()
+}
+
 fn unavailable_answer(name: &str, unavailable: Vec<String>) -> Refusal {
     Refusal::unavailable(json!({
         "error": format!("projection `{name}` cannot answer for every partition the read needs yet"),
@@ -400,23 +430,26 @@ fn unavailable_answer(name: &str, unavailable: Vec<String>) -> Refusal {
 /// Query of a forwarded read.
 #[derive(Deserialize)]
 pub(super) struct PartialsQuery {
+    key: String,
     partitions: String,
     #[serde(default)]
     min_as_of: Option<String>,
 }
 
-/// `GET /cluster/projections/{name}/partials/{key}`: this worker's partial
-/// states of `key` in the partitions asked for (another worker forwards a read).
+/// `GET /cluster/projections/{name}/partials?key=&partitions=`: this worker's
+/// partial states of `key` in the partitions asked for (another worker forwards
+/// a read).
 pub(super) async fn partials(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    ApiPath((name, key)): ApiPath<(String, String)>,
+    ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<PartialsQuery>,
 ) -> Result<Json<PartialsAnswer>, ApiError> {
     let cluster = between_workers(&state, &headers)?;
     let projection = state.projection(&name)?;
-    let partitions: Vec<SourcePartition> = parse_positions(&query.partitions)?.into_keys().collect();
-    let min = parse_positions(query.min_as_of.as_deref().unwrap_or_default())?;
+    let key = query.key;
+    let partitions: Vec<SourcePartition> = parse_positions(&query.partitions, false)?.into_keys().collect();
+    let min = parse_positions(query.min_as_of.as_deref().unwrap_or_default(), true)?;
     let live = projection.live();
     // Within the asking worker's timeout, with room for the answer to travel.
     let wait = cluster.forward_timeout / 2;

@@ -29,6 +29,9 @@ use crate::supervisor::Supervisor;
 /// One worker's page of a scan over some partitions.
 #[derive(Debug, Serialize, Deserialize)]
 pub(in crate::serve) struct ScanAnswer {
+    /// The worker that answers.
+    #[serde(default)]
+    worker: String,
     generation: u64,
     /// Keys in order, each with its partial states in those partitions (base64).
     keys: Vec<(String, Vec<String>)>,
@@ -66,6 +69,7 @@ fn local_scan(
     page: &Page<'_>,
 ) -> Result<ScanAnswer, ApiError> {
     let mut answer = ScanAnswer {
+        worker: cluster.worker_id.clone(),
         generation: fold.generation.number,
         keys: Vec::new(),
         truncated: false,
@@ -104,7 +108,7 @@ pub(in crate::serve) async fn scan_parts(
 ) -> Result<Json<ScanAnswer>, ApiError> {
     let cluster = between_workers(&state, &headers)?;
     let live = state.projection(&name)?.live();
-    let partitions: Vec<SourcePartition> = parse_positions(&query.partitions)?.into_keys().collect();
+    let partitions: Vec<SourcePartition> = parse_positions(&query.partitions, false)?.into_keys().collect();
     let limit = query.limit.clamp(1, crate::serve::scan::MAX_SCAN_LIMIT);
     let _permit = state.scans.clone().acquire_owned().await.map_err(internal)?;
     let store = state.store.clone();
@@ -131,7 +135,8 @@ pub(in crate::serve) async fn routed_scan(
 ) -> Result<Json<Value>, Refusal> {
     let name = &projection.name;
     let live = projection.live();
-    let Plan { local, remote } = plan(cluster, projection, &live, every_partition(cluster, &live.topics)?)?;
+    let wanted = every_partition(cluster, &live.topics)?;
+    let Plan { local, remote } = plan(cluster, projection, &live, wanted.clone())?;
     let mut asks = tokio::task::JoinSet::new();
     for (owner, partitions) in remote {
         let partitions = format_positions(partitions.iter().map(|p| (p, 0)), false);
@@ -181,10 +186,12 @@ pub(in crate::serve) async fn routed_scan(
         unavailable.extend(answer.unavailable);
         if answer.generation != live.generation.number {
             unavailable.push(format!(
-                "{}: generation {} there, {} here",
+                "{}: generation {} on worker {}, {} on worker {}",
                 answer.offsets.keys().cloned().collect::<Vec<_>>().join(","),
                 answer.generation,
-                live.generation.number
+                answer.worker,
+                live.generation.number,
+                cluster.worker_id
             ));
             continue;
         }
@@ -201,16 +208,23 @@ pub(in crate::serve) async fn routed_scan(
                 entry.push(
                     decoder
                         .decode(partial)
-                        .map_err(|e| internal(format!("a partial state of `{key}`: {e}")))?,
+                        .map_err(|e| {
+                            internal(format!("a partial state of `{key}` from worker {}: {e}", answer.worker))
+                        })?,
                 );
             }
         }
         for (partition, next) in answer.offsets {
-            if let Ok(parsed) = parse_positions(&partition) {
-                offsets.extend(parsed.into_keys().map(|p| (p, next)));
+            match parse_positions(&partition, false) {
+                Ok(parsed) => offsets.extend(parsed.into_keys().map(|p| (p, next))),
+                Err(_) => unavailable.push(format!(
+                    "worker {} answered for `{partition}`, which is not a partition",
+                    answer.worker
+                )),
             }
         }
     }
+    unavailable.extend(super::unanswered(&wanted, &offsets));
     if !unavailable.is_empty() {
         return Err(unavailable_answer(name, unavailable));
     }
