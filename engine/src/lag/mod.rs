@@ -51,8 +51,10 @@ pub fn summary(projection: &str) -> (i64, f64) {
 /// Per projection generation and partition: the stored next offset at which
 /// the last refresh found nothing left to fold up to the high watermark (only
 /// transaction markers or aborted records past it), with that high watermark.
-static NOTHING_LEFT: LazyLock<Mutex<HashMap<(u64, String, SourcePartition), (i64, i64)>>> =
-    LazyLock::new(Default::default);
+static NOTHING_LEFT: LazyLock<Mutex<HashMap<LeftKey, (i64, i64)>>> = LazyLock::new(Default::default);
+
+/// (generation, projection, partition)
+type LeftKey = (u64, String, SourcePartition);
 
 /// Whether the lag monitor last found `partition` of generation `generation` of
 /// `projection` caught up at stored next offset `next` with nothing but markers
