@@ -5,9 +5,10 @@
 //! worker throughout: a key once seen never goes missing and never goes back to
 //! an older value (each answer is the value or a 503). Once caught up, every key
 //! read from every worker equals the oracle, for the entity projection
-//! `order_summary` (routed to its key's partition with the producers' crc32
-//! partitioner) and the cross-partition aggregate `customer_stats` (declarative,
-//! merged over every partition); scans on any worker merge every worker's
+//! `order_summary` and the declarative entity `order_lines` (routed to the key's
+//! partition with the producers' crc32 partitioner), and the cross-partition
+//! aggregates `customer_stats` (declarative) and `revenue_by_day` (built-in),
+//! merged over every partition; scans on any worker merge every worker's
 //! partitions page by page; `min_as_of` waits for an offset or says 503. The
 //! cluster view and `projector status` on any worker show every worker and its
 //! partitions.
@@ -69,6 +70,11 @@ options = { fold_micros = 2500 }
 ",
     );
     projections.push_str(&read_models::customer_stats_projection("orders"));
+    projections.push_str("\n[[projections]]\nname = \"revenue_by_day\"\nkind = \"revenue_by_day\"\ntopics = [\"orders\"]\n");
+    projections.push_str(&read_models::order_lines_projection("orders").replace(
+        "topics = [\"orders\"]",
+        "topics = [\"orders\"]\nkeyed_like_topic = true",
+    ));
     projections.push_str(&format!(
         "
 [cluster]
@@ -195,6 +201,8 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     stamp(&mut stream.lines);
     let summary_oracle = orders::oracle(&stream.lines);
     let stats_oracle = read_models::customer_stats(&stream.lines);
+    let revenue_oracle = read_models::revenue_by_day(&stream.lines);
+    let lines_oracle = read_models::order_lines(&stream.lines);
     // A backlog before the workers start, the rest while they come and go.
     let (backlog, rest) = stream.lines.split_at(stream.lines.len() / 2);
     let backlog = write_events(dir.path(), "backlog.jsonl", backlog)?;
@@ -259,7 +267,9 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     wait_until("every worker to answer every key as the oracle", Duration::from_secs(180), || {
         last = workers.iter().try_for_each(|w| {
             assert_matches(w, "order_summary", &summary_oracle)?;
-            assert_matches(w, "customer_stats", &stats_oracle)
+            assert_matches(w, "customer_stats", &stats_oracle)?;
+            assert_matches(w, "revenue_by_day", &revenue_oracle)?;
+            assert_matches(w, "order_lines", &lines_oracle)
         });
         last.is_ok()
     })
