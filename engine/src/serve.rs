@@ -250,6 +250,29 @@ fn as_of_offsets(offsets: BTreeMap<crate::store::SourcePartition, i64>) -> Value
     )
 }
 
+/// The value of `key` merged from its stored partial states; 404 when it has
+/// none, or when the projection's merge says there is no value.
+fn merged_value(
+    live: &crate::fold_state::Fold,
+    name: &str,
+    key: &str,
+    partials: &[Vec<u8>],
+) -> Result<Value, ApiError> {
+    let not_found = || {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("projection `{name}` has no state for key `{key}`"),
+        )
+    };
+    if partials.is_empty() {
+        return Err(not_found());
+    }
+    live.projection
+        .merge_stored(key, partials)
+        .map_err(|e| internal(format!("merging the partial states of `{key}`: {e}")))?
+        .ok_or_else(not_found)
+}
+
 /// Query of a key read: `at` names an as-of generation by its time;
 /// `min_as_of` (`topic/partition:offset,...`) waits, within
 /// [`MIN_AS_OF_WAIT`], until the answer reflects the records at those offsets
@@ -308,20 +331,7 @@ async fn read_key(
     wait_for_offsets(&state.store, &live.generation, &min).await?;
     let view = state.store.read_view(&live.generation).map_err(internal)?;
     let partials = view.partials(&key).map_err(internal)?;
-    let not_found = || {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("projection `{name}` has no state for key `{key}`"),
-        )
-    };
-    if partials.is_empty() {
-        return Err(not_found().into());
-    }
-    let mut value = live
-        .projection
-        .merge_stored(&key, &partials)
-        .map_err(|e| internal(format!("merging the partial states of `{key}`: {e}")))?
-        .ok_or_else(not_found)?;
+    let mut value = merged_value(&live, &name, &key, &partials)?;
     if let Value::Object(fields) = &mut value {
         fields.insert("as_of".into(), as_of_offsets(view.offsets().map_err(internal)?));
         if let Some(until) = until {

@@ -18,26 +18,15 @@ use engine::projection::{Event, FoldError, OptionsError, PartitionState, Project
 use projections::order_summary::OrderSummary;
 use serde_json::Value as Json;
 
-/// `order_summary` that panics on a marker order.
-struct PanicOnMarker;
+/// Something done before `order_summary` folds an event.
+type BeforeFold = Box<dyn Fn(&Event<'_>, &mut dyn PartitionState) -> Result<(), FoldError> + Send + Sync>;
 
-impl Projection for PanicOnMarker {
+/// `order_summary`, with something done before each fold.
+struct OrderSummaryWith(BeforeFold);
+
+impl Projection for OrderSummaryWith {
     fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
-        if let apache_avro::types::Value::Record(fields) = event.payload {
-            let marker = fields.iter().any(|(name, value)| {
-                name == "orderId"
-                    && matches!(value, apache_avro::types::Value::String(id) if id.starts_with("panic-"))
-            });
-            if marker {
-                // Change the state first, as a buggy fold might, so the test also
-                // proves that a half-done change is never committed.
-                state.update("~scratch", &mut |s| {
-                    *s = Some(Box::new(Json::from("half-done")));
-                    Ok(())
-                })?;
-                panic!("marker event at offset {}", event.meta.offset);
-            }
-        }
+        (self.0)(event, state)?;
         Projection::apply(&OrderSummary, event, state)
     }
 
@@ -54,26 +43,23 @@ impl Projection for PanicOnMarker {
     }
 }
 
-/// `order_summary`, slowly.
-struct Slow(std::time::Duration);
-
-impl Projection for Slow {
-    fn apply(&self, event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
-        std::thread::sleep(self.0);
-        Projection::apply(&OrderSummary, event, state)
+/// Panics on an `OrderPlaced` whose order id starts with `panic-`.
+fn panic_on_marker(event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
+    if let apache_avro::types::Value::Record(fields) = event.payload {
+        let marker = fields.iter().any(|(name, value)| {
+            name == "orderId" && matches!(value, apache_avro::types::Value::String(id) if id.starts_with("panic-"))
+        });
+        if marker {
+            // Change the state first, as a buggy fold might, so the test also
+            // proves that a half-done change is never committed.
+            state.update("~scratch", &mut |s| {
+                *s = Some(Box::new(Json::from("half-done")));
+                Ok(())
+            })?;
+            panic!("marker event at offset {}", event.meta.offset);
+        }
     }
-
-    fn merge(&self, key: &str, partials: Vec<State>) -> Result<Option<Json>, FoldError> {
-        Projection::merge(&OrderSummary, key, partials)
-    }
-
-    fn encode(&self, state: &State) -> Result<Vec<u8>, FoldError> {
-        Projection::encode(&OrderSummary, state)
-    }
-
-    fn decode(&self, bytes: &[u8]) -> Result<State, FoldError> {
-        Projection::decode(&OrderSummary, bytes)
-    }
+    Ok(())
 }
 
 fn build_slow(options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
@@ -83,11 +69,15 @@ fn build_slow(options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
             .as_u64()
             .ok_or_else(|| OptionsError("fold_micros: a number of microseconds".into()))?,
     };
-    Ok(Box::new(Slow(std::time::Duration::from_micros(micros))))
+    let pause = std::time::Duration::from_micros(micros);
+    Ok(Box::new(OrderSummaryWith(Box::new(move |_, _| {
+        std::thread::sleep(pause);
+        Ok(())
+    }))))
 }
 
 fn build_panic_on_marker(_options: &Json) -> Result<Box<dyn Projection>, OptionsError> {
-    Ok(Box::new(PanicOnMarker))
+    Ok(Box::new(OrderSummaryWith(Box::new(panic_on_marker))))
 }
 
 fn main() -> ExitCode {

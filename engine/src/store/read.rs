@@ -65,19 +65,11 @@ impl ReadView<'_> {
 
     /// The partial states of `key`.
     pub fn partials(&self, key: &str) -> Result<Vec<Vec<u8>>, StoreError> {
-        let prefix = state_prefix(key);
-        let mut partials = Vec::new();
-        let rows = self
-            .snapshot
-            .iterator_cf(&self.cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward));
-        for item in rows {
-            let (row, value) = item.map_err(failed(format!("reading `{key}`")))?;
-            if !row.starts_with(&prefix) {
-                break;
-            }
-            partials.push(value.into_vec());
-        }
-        Ok(partials)
+        Ok(self
+            .partials_by_partition(key)?
+            .into_iter()
+            .map(|(_, partial)| partial)
+            .collect())
     }
 
     /// The partial states of `key` with the source partition of each.

@@ -390,20 +390,7 @@ pub(super) async fn routed_read(
     if !unavailable.is_empty() {
         return Err(unavailable_answer(name, unavailable));
     }
-    let not_found = || {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("projection `{name}` has no state for key `{key}`"),
-        )
-    };
-    if rows.is_empty() {
-        return Err(not_found().into());
-    }
-    let mut value = live
-        .projection
-        .merge_stored(key, &rows)
-        .map_err(|e| internal(format!("merging the partial states of `{key}`: {e}")))?
-        .ok_or_else(not_found)?;
+    let mut value = super::merged_value(&live, name, key, &rows)?;
     if let Value::Object(fields) = &mut value {
         fields.insert("as_of".into(), as_of_offsets(offsets));
     }
