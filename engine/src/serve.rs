@@ -16,12 +16,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::metrics;
-use crate::store::Store;
+use crate::store::{SourcePartition, Store};
 
 mod access;
 mod as_of;
 mod checkpoint;
 mod cluster;
+mod read;
 mod scan;
 use crate::supervisor::{StartError, Supervisor};
 
@@ -54,7 +55,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/projections", get(list_projections))
         .route("/projections/{name}", get(show_projection))
         .route("/projections/{name}/state", get(scan::scan_keys))
-        .route("/projections/{name}/state/{*key}", get(read_key))
+        .route("/projections/{name}/state/{*key}", get(read::read_key))
         .route_layer(read_guard.clone());
     let probes = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -273,72 +274,35 @@ fn merged_value(
         .ok_or_else(not_found)
 }
 
-/// Query of a key read: `at` names an as-of generation by its time;
-/// `min_as_of` (`topic/partition:offset,...`) waits, within
-/// [`MIN_AS_OF_WAIT`], until the answer reflects the records at those offsets
-/// (a client that knows where its own writes went reads them).
-#[derive(serde::Deserialize)]
-struct ReadQuery {
-    at: Option<String>,
-    min_as_of: Option<String>,
-}
-
-/// How long a read waits for its `min_as_of` on a worker alone.
-const MIN_AS_OF_WAIT: std::time::Duration = std::time::Duration::from_millis(2_500);
-
-/// Waits until `generation` has folded the records at the offsets of `min`;
-/// 503 naming the partitions behind when the wait is over.
-async fn wait_for_offsets(
-    store: &Store,
-    generation: &crate::store::Generation,
-    min: &BTreeMap<crate::store::SourcePartition, i64>,
-) -> Result<(), as_of::Refusal> {
-    let deadline = std::time::Instant::now() + MIN_AS_OF_WAIT;
-    loop {
-        let offsets = store.offsets(generation).map_err(internal)?;
-        let behind: Vec<String> = min
-            .iter()
-            .filter_map(|(p, want)| {
-                let at = offsets.get(p).copied().unwrap_or(0);
-                (at <= *want).then(|| format!("{p}: next offset {at}, offset {want} not folded yet"))
-            })
-            .collect();
-        if behind.is_empty() {
-            return Ok(());
+/// `topic/partition:offset,...` (as `min_as_of`: `with_offsets`) or
+/// `topic/partition,...` (as the partitions a forwarded read asks for, with
+/// offset 0).
+fn parse_positions(text: &str, with_offsets: bool) -> Result<BTreeMap<SourcePartition, i64>, ApiError> {
+    let bad = |item: &str| {
+        let form = if with_offsets { "topic/partition:offset" } else { "topic/partition" };
+        ApiError(StatusCode::BAD_REQUEST, format!("`{item}` is not `{form}`"))
+    };
+    let mut positions = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (partition, offset) = match (item.rsplit_once(':'), with_offsets) {
+            (Some((partition, offset)), true) => (partition, offset.parse::<i64>().map_err(|_| bad(item))?),
+            (None, false) => (item, 0),
+            _ => return Err(bad(item)),
+        };
+        let (topic, number) = partition.rsplit_once('/').ok_or_else(|| bad(item))?;
+        let number = number.parse::<i32>().map_err(|_| bad(item))?;
+        if topic.is_empty() || number < 0 || offset < 0 {
+            return Err(bad(item));
         }
-        if std::time::Instant::now() >= deadline {
-            return Err(as_of::Refusal::unavailable(json!({
-                "error": "the state does not reflect min_as_of yet",
-                "unavailable": behind,
-            })));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        positions.insert(
+            SourcePartition {
+                topic: topic.into(),
+                partition: number,
+            },
+            offset,
+        );
     }
-}
-
-async fn read_key(
-    State(state): State<ApiState>,
-    ApiPath((name, key)): ApiPath<(String, String)>,
-    ApiQuery(query): ApiQuery<ReadQuery>,
-) -> Result<Json<Value>, as_of::Refusal> {
-    let projection = state.projection(&name)?;
-    let min = cluster::parse_positions(query.min_as_of.as_deref().unwrap_or_default(), true)?;
-    if let (Some(cluster), None) = (&state.cluster, &query.at) {
-        return cluster::routed_read(&state, cluster, projection, &key, &min).await;
-    }
-    // One fold for the whole request: its generation and the merge that goes with it.
-    let (live, until) = as_of::resolve(&state.store, &name, projection, query.at.as_deref())?;
-    wait_for_offsets(&state.store, &live.generation, &min).await?;
-    let view = state.store.read_view(&live.generation).map_err(internal)?;
-    let partials = view.partials(&key).map_err(internal)?;
-    let mut value = merged_value(&live, &name, &key, &partials)?;
-    if let Value::Object(fields) = &mut value {
-        fields.insert("as_of".into(), as_of_offsets(view.offsets().map_err(internal)?));
-        if let Some(until) = until {
-            fields.insert("until".into(), json!(until));
-        }
-    }
-    Ok(Json(value))
+    Ok(positions)
 }
 
 /// Most bytes read of an admin request's body; they take no options.

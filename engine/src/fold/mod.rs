@@ -43,6 +43,10 @@ mod state_cache;
 
 pub use source::{SharedSource, JOIN_DISTANCE};
 
+/// Chunks of at least this many messages are folded into a shared source's
+/// members on two threads (fewer: the thread costs more than it saves).
+const PARALLEL_CHUNK: usize = 64;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -12,9 +12,6 @@ use crate::store::SourcePartition;
 /// How each member's fold of a chunk ended (`None`: it folded all of it).
 type MemberEnds = Vec<Result<Option<LoopEnd>, LoopError>>;
 
-/// Chunks of at least this many messages are folded into a shared source's
-/// members on two threads (fewer: the thread costs more than it saves).
-pub(super) const PARALLEL_CHUNK: usize = 64;
 
 impl LoopState {
     /// [`LoopState::fold_chunk`] for a shared source with a large chunk: the

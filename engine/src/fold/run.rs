@@ -21,7 +21,7 @@ use tracing::info;
 use super::commit::commit_all;
 use super::consumer::{self, SourceConsumer};
 use super::member::Folding;
-use super::parallel::PARALLEL_CHUNK;
+use super::PARALLEL_CHUNK;
 use super::partitions::unexplained_offset_error;
 use super::source::SharedSource;
 use super::{LoopEnd, LoopError, SourceDeps};

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::as_of::Refusal;
-use super::{as_of_offsets, internal, ApiError, ApiPath, ApiQuery, ApiState};
+use super::{as_of_offsets, internal, parse_positions, ApiError, ApiPath, ApiQuery, ApiState};
 use crate::cluster::{Cluster, Owner, SECRET_HEADER};
 use crate::fold_state::{Fold, Restore};
 use crate::store::SourcePartition;
@@ -49,37 +49,6 @@ struct PartitionPartial {
     next_offset: i64,
     #[serde(default)]
     state: Option<String>,
-}
-
-/// `topic/partition:offset,...` (as `min_as_of`: `with_offsets`) or
-/// `topic/partition,...` (as the partitions a forwarded read asks for, with
-/// offset 0).
-pub(super) fn parse_positions(text: &str, with_offsets: bool) -> Result<BTreeMap<SourcePartition, i64>, ApiError> {
-    let bad = |item: &str| {
-        let form = if with_offsets { "topic/partition:offset" } else { "topic/partition" };
-        ApiError(StatusCode::BAD_REQUEST, format!("`{item}` is not `{form}`"))
-    };
-    let mut positions = BTreeMap::new();
-    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (partition, offset) = match (item.rsplit_once(':'), with_offsets) {
-            (Some((partition, offset)), true) => (partition, offset.parse::<i64>().map_err(|_| bad(item))?),
-            (None, false) => (item, 0),
-            _ => return Err(bad(item)),
-        };
-        let (topic, number) = partition.rsplit_once('/').ok_or_else(|| bad(item))?;
-        let number = number.parse::<i32>().map_err(|_| bad(item))?;
-        if topic.is_empty() || number < 0 || offset < 0 {
-            return Err(bad(item));
-        }
-        positions.insert(
-            SourcePartition {
-                topic: topic.into(),
-                partition: number,
-            },
-            offset,
-        );
-    }
-    Ok(positions)
 }
 
 fn format_positions<'a>(positions: impl Iterator<Item = (&'a SourcePartition, i64)>, with_offsets: bool) -> String {

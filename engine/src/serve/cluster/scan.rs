@@ -16,13 +16,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
-    ask, between_workers, every_partition, format_positions, not_served, parse_positions, plan,
-    unavailable_answer, Ask, Plan,
+    ask, between_workers, every_partition, format_positions, not_served, plan, unavailable_answer, Ask, Plan,
 };
 use crate::cluster::Cluster;
 use crate::fold_state::Fold;
 use crate::serve::as_of::Refusal;
-use crate::serve::{as_of_offsets, internal, ApiError, ApiPath, ApiQuery, ApiState};
+use crate::serve::{as_of_offsets, internal, parse_positions, ApiError, ApiPath, ApiQuery, ApiState};
 use crate::store::{SourcePartition, Store};
 use crate::supervisor::Supervisor;
 
