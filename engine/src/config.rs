@@ -22,8 +22,8 @@ mod projection;
 
 pub use cluster::{ClusterConfig, Partitioner};
 pub use dedup::DedupConfig;
-pub use projection::{definition_topics, PoisonPolicy, ProjectionConfig, ProjectionDefinition};
 pub use http::{HttpConfig, ReadTokens, TlsConfig};
+pub use projection::{definition_topics, PoisonPolicy, ProjectionConfig, ProjectionDefinition};
 
 /// The whole deployment.
 #[derive(Debug, Clone, Deserialize)]

@@ -369,7 +369,10 @@ impl Fold {
     /// Whether the loop's state lets its restored partitions be served: folding,
     /// or waiting for the store (what it committed stays right).
     pub fn serves(&self) -> bool {
-        matches!(self.state(), RunState::Running | RunState::StoreUnavailable { .. })
+        matches!(
+            self.state(),
+            RunState::Running | RunState::StoreUnavailable { .. }
+        )
     }
 
     /// The partitions this worker folds for this generation: lag is reported for

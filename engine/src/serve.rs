@@ -82,10 +82,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/checkpoint", post(checkpoint::take));
     // Requests between workers carry the cluster secret instead of a token.
     let between_workers = Router::new()
-        .route(
-            "/cluster/projections/{name}/partials",
-            get(cluster::partials),
-        )
+        .route("/cluster/projections/{name}/partials", get(cluster::partials))
         .route("/cluster/projections/{name}/scan", get(cluster::scan_parts));
     reads
         .merge(probes)
@@ -279,7 +276,11 @@ fn merged_value(
 /// offset 0).
 fn parse_positions(text: &str, with_offsets: bool) -> Result<BTreeMap<SourcePartition, i64>, ApiError> {
     let bad = |item: &str| {
-        let form = if with_offsets { "topic/partition:offset" } else { "topic/partition" };
+        let form = if with_offsets {
+            "topic/partition:offset"
+        } else {
+            "topic/partition"
+        };
         ApiError(StatusCode::BAD_REQUEST, format!("`{item}` is not `{form}`"))
     };
     let mut positions = BTreeMap::new();

@@ -316,7 +316,10 @@ pub async fn run(mut config: Config, config_path: &Path, builtins: &Builtins) ->
                 projections,
                 shutdown.clone(),
             );
-            vec![view.map_err(WorkerError::Startup)?, publisher.map_err(WorkerError::Startup)?]
+            vec![
+                view.map_err(WorkerError::Startup)?,
+                publisher.map_err(WorkerError::Startup)?,
+            ]
         }
         None => Vec::new(),
     };

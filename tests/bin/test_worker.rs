@@ -47,7 +47,8 @@ impl Projection for OrderSummaryWith {
 fn panic_on_marker(event: &Event<'_>, state: &mut dyn PartitionState) -> Result<(), FoldError> {
     if let apache_avro::types::Value::Record(fields) = event.payload {
         let marker = fields.iter().any(|(name, value)| {
-            name == "orderId" && matches!(value, apache_avro::types::Value::String(id) if id.starts_with("panic-"))
+            name == "orderId"
+                && matches!(value, apache_avro::types::Value::String(id) if id.starts_with("panic-"))
         });
         if marker {
             // Change the state first, as a buggy fold might, so the test also

@@ -32,7 +32,12 @@ const TOKEN: &str = "cluster-admin";
 
 /// Every item of a scan of `projection` on `worker`, `limit` keys a page,
 /// following the `next` cursor; values without their `as_of`.
-fn scan_all(worker: &Worker, projection: &str, prefix: &str, limit: usize) -> Result<BTreeMap<String, Value>> {
+fn scan_all(
+    worker: &Worker,
+    projection: &str,
+    prefix: &str,
+    limit: usize,
+) -> Result<BTreeMap<String, Value>> {
     let mut items = BTreeMap::new();
     let mut after: Option<String> = None;
     loop {
@@ -42,7 +47,10 @@ fn scan_all(worker: &Worker, projection: &str, prefix: &str, limit: usize) -> Re
         }
         let (status, page) = worker.get(&path)?;
         ensure!(status == 200, "scan {path}: {status} {page}");
-        ensure!(page["as_of"].as_object().is_some_and(|o| o.len() == 8), "a scan's as_of covers every partition: {page}");
+        ensure!(
+            page["as_of"].as_object().is_some_and(|o| o.len() == 8),
+            "a scan's as_of covers every partition: {page}"
+        );
         for item in page["items"].as_array().context("items")? {
             let key = item["key"].as_str().context("key")?.to_owned();
             ensure!(
@@ -70,7 +78,9 @@ options = { fold_micros = 2500 }
 ",
     );
     projections.push_str(&read_models::customer_stats_projection("orders"));
-    projections.push_str("\n[[projections]]\nname = \"revenue_by_day\"\nkind = \"revenue_by_day\"\ntopics = [\"orders\"]\n");
+    projections.push_str(
+        "\n[[projections]]\nname = \"revenue_by_day\"\nkind = \"revenue_by_day\"\ntopics = [\"orders\"]\n",
+    );
     projections.push_str(&read_models::order_lines_projection("orders").replace(
         "topics = [\"orders\"]",
         "topics = [\"orders\"]\nkeyed_like_topic = true",
@@ -151,13 +161,21 @@ struct Seen {
 /// Polls every worker for `keys` until `stop`: a key once answered never 404s
 /// again and its progress never goes down; anything but 200, 404 (before the
 /// first answer) and 503 is a violation.
-fn poll(urls: Arc<Mutex<Vec<String>>>, keys: Vec<(String, String)>, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
+fn poll(
+    urls: Arc<Mutex<Vec<String>>>,
+    keys: Vec<(String, String)>,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+) {
     let client = http();
     while !stop.load(Ordering::Relaxed) {
         let urls = urls.lock().unwrap().clone();
         for url in &urls {
             for (projection, key) in &keys {
-                let Ok(response) = client.get(format!("{url}/projections/{projection}/state/{key}")).send() else {
+                let Ok(response) = client
+                    .get(format!("{url}/projections/{projection}/state/{key}"))
+                    .send()
+                else {
                     continue; // a worker being killed or restarted
                 };
                 let status = response.status().as_u16();
@@ -168,23 +186,29 @@ fn poll(urls: Arc<Mutex<Vec<String>>>, keys: Vec<(String, String)>, stop: Arc<At
                 let before = seen.progress.get(&id).copied();
                 match status {
                     200 => {
-                        let field = if projection == "order_summary" { "version" } else { "orders" };
+                        let field = if projection == "order_summary" {
+                            "version"
+                        } else {
+                            "orders"
+                        };
                         let progress = body[field].as_i64().unwrap_or(-1);
                         if before.is_some_and(|b| progress < b) {
-                            seen.violations
-                                .push(format!("{url} {projection}/{key}: {field} went back from {before:?} to {progress}"));
+                            seen.violations.push(format!(
+                                "{url} {projection}/{key}: {field} went back from {before:?} to {progress}"
+                            ));
                         }
                         seen.progress.insert(id, progress.max(before.unwrap_or(progress)));
                     }
                     404 if before.is_none() => {}
                     503 => {
                         if body["error"].as_str().is_none() {
-                            seen.violations.push(format!("{url} {projection}/{key}: 503 without an error: {body}"));
+                            seen.violations
+                                .push(format!("{url} {projection}/{key}: 503 without an error: {body}"));
                         }
                     }
-                    other => seen
-                        .violations
-                        .push(format!("{url} {projection}/{key}: {other} {body} (before: {before:?})")),
+                    other => seen.violations.push(format!(
+                        "{url} {projection}/{key}: {other} {body} (before: {before:?})"
+                    )),
                 }
             }
         }
@@ -212,24 +236,45 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     let (w1, _) = start(dir.path(), &broker, &registry, "w1")?;
     let (mut w2, home2) = start(dir.path(), &broker, &registry, "w2")?;
     let (w3, home3) = start(dir.path(), &broker, &registry, "w3")?;
-    wait_until("three workers to share the partitions", Duration::from_secs(90), || {
-        [&w1, &w2, &w3].iter().all(|w| sees_settled(w, &["w1", "w2", "w3"]))
-    })
+    wait_until(
+        "three workers to share the partitions",
+        Duration::from_secs(90),
+        || {
+            [&w1, &w2, &w3]
+                .iter()
+                .all(|w| sees_settled(w, &["w1", "w2", "w3"]))
+        },
+    )
     .with_context(|| format!("claims seen by w1: {:?}", live_claims(&w1)))?;
 
     // Requests between workers need the secret.
-    let internal = format!("{}/cluster/projections/order_summary/partials?key=k&partitions=orders/0", w1.url());
+    let internal = format!(
+        "{}/cluster/projections/order_summary/partials?key=k&partitions=orders/0",
+        w1.url()
+    );
     let refused = http().get(&internal).send()?.status().as_u16();
     ensure!(refused == 401, "a forwarded read without the secret: {refused}");
-    let wrong = http().get(&internal).header("x-projector-cluster-secret", "nope").send()?;
-    ensure!(wrong.status().as_u16() == 401, "with a wrong secret: {}", wrong.status());
+    let wrong = http()
+        .get(&internal)
+        .header("x-projector-cluster-secret", "nope")
+        .send()?;
+    ensure!(
+        wrong.status().as_u16() == 401,
+        "with a wrong secret: {}",
+        wrong.status()
+    );
 
     let mut producer = produce_command(&broker, &registry, &events, 60).spawn()?;
     let keys: Vec<(String, String)> = summary_oracle
         .keys()
         .step_by(25)
         .map(|k| ("order_summary".to_owned(), k.clone()))
-        .chain(stats_oracle.keys().take(12).map(|k| ("customer_stats".to_owned(), k.clone())))
+        .chain(
+            stats_oracle
+                .keys()
+                .take(12)
+                .map(|k| ("customer_stats".to_owned(), k.clone())),
+        )
         .collect();
     let urls = Arc::new(Mutex::new(vec![w1.url(), w2.url(), w3.url()]));
     let stop = Arc::new(AtomicBool::new(false));
@@ -264,15 +309,19 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     ensure!(produced.success(), "the producer: {produced}");
     let workers = [&w1, &w2, &w3];
     let mut last = Ok(());
-    wait_until("every worker to answer every key as the oracle", Duration::from_secs(180), || {
-        last = workers.iter().try_for_each(|w| {
-            assert_matches(w, "order_summary", &summary_oracle)?;
-            assert_matches(w, "customer_stats", &stats_oracle)?;
-            assert_matches(w, "revenue_by_day", &revenue_oracle)?;
-            assert_matches(w, "order_lines", &lines_oracle)
-        });
-        last.is_ok()
-    })
+    wait_until(
+        "every worker to answer every key as the oracle",
+        Duration::from_secs(180),
+        || {
+            last = workers.iter().try_for_each(|w| {
+                assert_matches(w, "order_summary", &summary_oracle)?;
+                assert_matches(w, "customer_stats", &stats_oracle)?;
+                assert_matches(w, "revenue_by_day", &revenue_oracle)?;
+                assert_matches(w, "order_lines", &lines_oracle)
+            });
+            last.is_ok()
+        },
+    )
     .with_context(|| format!("{last:?}"))?;
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
@@ -283,7 +332,12 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
         seen.violations.is_empty(),
         "{} violations, e.g.\n{}",
         seen.violations.len(),
-        seen.violations.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        seen.violations
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     ensure!(
         seen.progress.len() == keys.len(),
@@ -291,34 +345,55 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     );
 
     // w4 left with a tombstone: every worker sees the three, serving everything.
-    wait_until("every worker to see w1, w2 and w3 only", Duration::from_secs(30), || {
-        workers.iter().all(|w| sees_settled(w, &["w1", "w2", "w3"]))
-    })
+    wait_until(
+        "every worker to see w1, w2 and w3 only",
+        Duration::from_secs(30),
+        || workers.iter().all(|w| sees_settled(w, &["w1", "w2", "w3"])),
+    )
     .with_context(|| format!("claims seen by w3: {:?}", live_claims(&w3)))?;
 
     // Caught up: nothing restoring, no lag, in the view and the metrics.
-    wait_until("no lag and nothing restoring anywhere", Duration::from_secs(30), || {
-        workers.iter().all(|w| {
-            let lag_free = w.get("/projections").is_ok_and(|(_, list)| {
-                list["cluster"]["workers"].as_array().into_iter().flatten().all(|worker| {
-                    worker["projections"].as_object().into_iter().flatten().all(|(_, c)| {
-                        c["partitions"].as_array().into_iter().flatten().all(|p| p["lag_events"] == 0)
-                    })
-                })
-            });
-            let metrics = w.metrics().unwrap_or_default();
-            lag_free
-                && ["order_summary", "customer_stats"].iter().all(|name| {
-                    projector_tests::metric_value(&metrics, "projector_restoring_partitions", &[("projection", name)])
-                        == Some(0.0)
-                        && projector_tests::metric_value(
+    wait_until(
+        "no lag and nothing restoring anywhere",
+        Duration::from_secs(30),
+        || {
+            workers.iter().all(|w| {
+                let lag_free = w.get("/projections").is_ok_and(|(_, list)| {
+                    list["cluster"]["workers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .all(|worker| {
+                            worker["projections"]
+                                .as_object()
+                                .into_iter()
+                                .flatten()
+                                .all(|(_, c)| {
+                                    c["partitions"]
+                                        .as_array()
+                                        .into_iter()
+                                        .flatten()
+                                        .all(|p| p["lag_events"] == 0)
+                                })
+                        })
+                });
+                let metrics = w.metrics().unwrap_or_default();
+                lag_free
+                    && ["order_summary", "customer_stats"].iter().all(|name| {
+                        projector_tests::metric_value(
                             &metrics,
-                            "projector_restore_remaining_events",
+                            "projector_restoring_partitions",
                             &[("projection", name)],
                         ) == Some(0.0)
-                })
-        })
-    })?;
+                            && projector_tests::metric_value(
+                                &metrics,
+                                "projector_restore_remaining_events",
+                                &[("projection", name)],
+                            ) == Some(0.0)
+                    })
+            })
+        },
+    )?;
 
     // Read-your-writes: an offset folded answers at once; one not yet written
     // waits and gets 503 naming the partition.
@@ -349,7 +424,10 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     );
 
     // Scans merge every worker's partitions in key order, page by page.
-    ensure!(scan_all(&w2, "customer_stats", "", 7)? == stats_oracle, "customer_stats scanned on w2 equals the oracle");
+    ensure!(
+        scan_all(&w2, "customer_stats", "", 7)? == stats_oracle,
+        "customer_stats scanned on w2 equals the oracle"
+    );
     let prefix = "order-19-0001";
     let want: BTreeMap<String, Value> = summary_oracle
         .iter()
@@ -357,7 +435,10 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     ensure!(want.len() == 100, "the prefix picks 100 orders");
-    ensure!(scan_all(&w1, "order_summary", prefix, 30)? == want, "order_summary scanned on w1 equals the oracle");
+    ensure!(
+        scan_all(&w1, "order_summary", prefix, 30)? == want,
+        "order_summary scanned on w1 equals the oracle"
+    );
 
     // A replay would run on one worker only: refused, saying so.
     let (status, body) = w1.post("/projections/order_summary/replay", Some(TOKEN))?;
@@ -372,7 +453,11 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
         .arg(home3.join("projector.toml"))
         .output()?;
     let text = String::from_utf8_lossy(&output.stdout);
-    ensure!(output.status.success(), "projector status: {text}{}", String::from_utf8_lossy(&output.stderr));
+    ensure!(
+        output.status.success(),
+        "projector status: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     for id in ["w1", "w2", "w3"] {
         ensure!(
             text.lines().any(|l| l.starts_with(id) && l.contains("orders/")),

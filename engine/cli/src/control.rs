@@ -311,7 +311,11 @@ async fn wait_for_switch(api: &WorkerApi, name: &str, generation: u64) -> Result
 /// One row per worker and projection: the partitions it serves and restores.
 fn cluster_rows(cluster: &serde_json::Value) -> Vec<[String; 7]> {
     let mut rows = Vec::new();
-    for worker in cluster["workers"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for worker in cluster["workers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         let id = worker["worker_id"].as_str().unwrap_or("?");
         let url = worker["url"].as_str().unwrap_or("?");
         let Some(projections) = worker["projections"].as_object() else {
@@ -337,7 +341,11 @@ fn cluster_rows(cluster: &serde_json::Value) -> Vec<[String; 7]> {
                 id.to_owned(),
                 url.to_owned(),
                 name.clone(),
-                format!("g{} {}", claims["generation"], claims["status"].as_str().unwrap_or("?")),
+                format!(
+                    "g{} {}",
+                    claims["generation"],
+                    claims["status"].as_str().unwrap_or("?")
+                ),
                 partitions("live"),
                 partitions("restoring"),
                 claims["partitions"]
@@ -430,7 +438,18 @@ pub async fn status(api: &WorkerApi) -> Result<()> {
             cluster["worker_id"].as_str().unwrap_or("?"),
             cluster["topic"].as_str().unwrap_or("?")
         );
-        print_table(&["WORKER", "URL", "PROJECTION", "GENERATION", "LIVE", "RESTORING", "LAG"], &cluster_rows(&list["cluster"]));
+        print_table(
+            &[
+                "WORKER",
+                "URL",
+                "PROJECTION",
+                "GENERATION",
+                "LIVE",
+                "RESTORING",
+                "LAG",
+            ],
+            &cluster_rows(&list["cluster"]),
+        );
     }
     Ok(())
 }

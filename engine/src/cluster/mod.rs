@@ -150,7 +150,11 @@ impl Cluster {
 
     /// Partitions of `topic`, once the brokers said.
     pub fn partition_count(&self, topic: &str) -> Option<i32> {
-        self.partition_counts.read().expect("counts lock").get(topic).copied()
+        self.partition_counts
+            .read()
+            .expect("counts lock")
+            .get(topic)
+            .copied()
     }
 
     pub(crate) fn set_partition_count(&self, topic: &str, count: i32) {
@@ -209,11 +213,19 @@ mod tests {
         assert_eq!(cluster.owner_of("p", &p3), None);
         cluster.remember("w1", Some(record("w1", 90, ClaimState::Live)), Duration::ZERO);
         assert_eq!(cluster.owner_of("p", &p3), None, "not itself");
-        cluster.remember("w2", Some(record("w2", 10, ClaimState::Restoring)), Duration::ZERO);
+        cluster.remember(
+            "w2",
+            Some(record("w2", 10, ClaimState::Restoring)),
+            Duration::ZERO,
+        );
         assert_eq!(cluster.owner_of("p", &p3), None, "restoring is not served");
         cluster.remember("w3", Some(record("w3", 50, ClaimState::Live)), Duration::ZERO);
         cluster.remember("w4", Some(record("w4", 70, ClaimState::Live)), Duration::ZERO);
-        cluster.remember("w5", Some(record("w5", 99, ClaimState::Live)), Duration::from_secs(3600));
+        cluster.remember(
+            "w5",
+            Some(record("w5", 99, ClaimState::Live)),
+            Duration::from_secs(3600),
+        );
         assert_eq!(
             cluster.owner_of("p", &p3).unwrap().worker_id,
             "w4",

@@ -144,7 +144,10 @@ fn own_record(
         let restoring = partitions.iter().filter(|p| p.state == ClaimState::Restoring);
         let remaining = restoring
             .clone()
-            .map(|p| p.restore_until.map_or(0, |until| until.saturating_sub(p.next_offset).max(0)))
+            .map(|p| {
+                p.restore_until
+                    .map_or(0, |until| until.saturating_sub(p.next_offset).max(0))
+            })
             .fold(0i64, i64::saturating_add);
         crate::metrics::RESTORING_PARTITIONS
             .with_label_values(&[&projection.name])
@@ -201,7 +204,9 @@ fn advance_restores(
             highs.insert(partition.clone(), fresh);
             fresh
         } else {
-            *highs.entry(partition.clone()).or_insert_with(|| fetch(&partition))
+            *highs
+                .entry(partition.clone())
+                .or_insert_with(|| fetch(&partition))
         };
         // Never folded by this generation: it starts at the log's beginning.
         let next = offsets
@@ -330,14 +335,23 @@ mod tests {
         // The brokers did not say: still unknown.
         assert_eq!(next_restore(Restore::Unknown, 5, None, never), Restore::Unknown);
         // Behind the watermark asked now: restoring up to it.
-        assert_eq!(next_restore(Restore::Unknown, 5, Some(9), never), Restore::Until(9));
+        assert_eq!(
+            next_restore(Restore::Unknown, 5, Some(9), never),
+            Restore::Until(9)
+        );
         // A later, higher watermark does not move the target.
-        assert_eq!(next_restore(Restore::Until(9), 8, Some(20), never), Restore::Until(9));
+        assert_eq!(
+            next_restore(Restore::Until(9), 8, Some(20), never),
+            Restore::Until(9)
+        );
         assert_eq!(next_restore(Restore::Until(9), 9, Some(20), never), Restore::Done);
         // Already there at the gain (an empty log, or caught up).
         assert_eq!(next_restore(Restore::Unknown, 9, Some(9), never), Restore::Done);
         // Only markers left between the stored offset and the target.
-        assert_eq!(next_restore(Restore::Until(9), 7, Some(9), |target| target == 9), Restore::Done);
+        assert_eq!(
+            next_restore(Restore::Until(9), 7, Some(9), |target| target == 9),
+            Restore::Done
+        );
         // Done stays done.
         assert_eq!(next_restore(Restore::Done, 0, Some(100), never), Restore::Done);
     }

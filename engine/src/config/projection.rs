@@ -104,4 +104,3 @@ pub enum PoisonPolicy {
     /// in `projector.*` headers), and go on once the broker acknowledged it.
     DeadLetter,
 }
-

@@ -104,11 +104,24 @@ fn a_cluster_table_is_checked_and_defaults_to_the_group_prefix() {
     assert_eq!(loaded.topic("projector"), "projector.cluster");
     assert_eq!(loaded.worker_id(8080), "w1");
     assert!(!loaded.static_membership);
-    assert_eq!(config.kafka.partitioner, Partitioner::Any, "unknown unless configured");
-    assert!(!format!("{loaded:?}").contains("0123456789abcdef"), "the secret is redacted");
+    assert_eq!(
+        config.kafka.partitioner,
+        Partitioner::Any,
+        "unknown unless configured"
+    );
+    assert!(
+        !format!("{loaded:?}").contains("0123456789abcdef"),
+        "the secret is redacted"
+    );
     for (table, key) in [
-        ("advertised_url = \"http://a:1\"\nsecret = \"short\"", "cluster.secret"),
-        ("advertised_url = \"a:1\"\nsecret = \"0123456789abcdef\"", "cluster.advertised_url"),
+        (
+            "advertised_url = \"http://a:1\"\nsecret = \"short\"",
+            "cluster.secret",
+        ),
+        (
+            "advertised_url = \"a:1\"\nsecret = \"0123456789abcdef\"",
+            "cluster.advertised_url",
+        ),
         (
             "advertised_url = \"http://a:1\"\nsecret = \"0123456789abcdef\"\nforward_timeout_ms = 0",
             "cluster.forward_timeout_ms",
@@ -116,11 +129,18 @@ fn a_cluster_table_is_checked_and_defaults_to_the_group_prefix() {
         ("advertised_url = \"http://a:1\"", "secret"),
     ] {
         let file = write(&cluster(table));
-        let error = Config::load_with_env(file.path(), no_env()).unwrap_err().to_string();
+        let error = Config::load_with_env(file.path(), no_env())
+            .unwrap_err()
+            .to_string();
         assert!(error.contains(key), "{table}: {error}");
-        assert!(error.contains(&file.path().display().to_string()), "names the file: {error}");
+        assert!(
+            error.contains(&file.path().display().to_string()),
+            "names the file: {error}"
+        );
     }
     let file = write(&MINIMAL.replace("[registry]", "partitioner = \"crc16\"\n[registry]"));
-    let error = Config::load_with_env(file.path(), no_env()).unwrap_err().to_string();
+    let error = Config::load_with_env(file.path(), no_env())
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("kafka.partitioner"), "{error}");
 }

@@ -12,7 +12,6 @@ use crate::store::SourcePartition;
 /// How each member's fold of a chunk ended (`None`: it folded all of it).
 type MemberEnds = Vec<Result<Option<LoopEnd>, LoopError>>;
 
-
 impl LoopState {
     /// [`LoopState::fold_chunk`] for a shared source with a large chunk: the
     /// members are independent (each its own batch, positions and state), so

@@ -59,7 +59,13 @@ type LeftKey = (u64, String, SourcePartition);
 /// Whether the lag monitor last found `partition` of generation `generation` of
 /// `projection` caught up at stored next offset `next` with nothing but markers
 /// up to a high watermark of at least `high`.
-pub fn nothing_left(projection: &str, generation: u64, partition: &SourcePartition, next: i64, high: i64) -> bool {
+pub fn nothing_left(
+    projection: &str,
+    generation: u64,
+    partition: &SourcePartition,
+    next: i64,
+    high: i64,
+) -> bool {
     NOTHING_LEFT
         .lock()
         .expect("nothing-left lock")
@@ -317,7 +323,10 @@ fn refresh(
         };
         let left_key = (live.generation.number, projection.name.clone(), source.clone());
         if oldest == Oldest::NoneLeft {
-            NOTHING_LEFT.lock().expect("nothing-left lock").insert(left_key, (next, high));
+            NOTHING_LEFT
+                .lock()
+                .expect("nothing-left lock")
+                .insert(left_key, (next, high));
         } else {
             NOTHING_LEFT.lock().expect("nothing-left lock").remove(&left_key);
         }

@@ -8,7 +8,9 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{as_of, as_of_offsets, cluster, internal, merged_value, parse_positions, ApiPath, ApiQuery, ApiState};
+use super::{
+    as_of, as_of_offsets, cluster, internal, merged_value, parse_positions, ApiPath, ApiQuery, ApiState,
+};
 use crate::store::Store;
 
 /// Query of a key read: `at` names an as-of generation by its time;
@@ -78,4 +80,3 @@ pub(super) async fn read_key(
     }
     Ok(Json(value))
 }
-

@@ -100,14 +100,28 @@ fn token_comparison_needs_every_byte_and_the_length() {
 fn positions_name_topics_with_dots_and_dashes_and_min_as_of_needs_offsets() {
     let parsed = parse_positions("shop.orders-v2/3:1234, orders/0:0", true).unwrap();
     let named: Vec<(String, i64)> = parsed.iter().map(|(p, o)| (p.to_string(), *o)).collect();
-    assert_eq!(named, [("orders/0".to_owned(), 0), ("shop.orders-v2/3".to_owned(), 1234)]);
+    assert_eq!(
+        named,
+        [("orders/0".to_owned(), 0), ("shop.orders-v2/3".to_owned(), 1234)]
+    );
     assert_eq!(parse_positions("", true).unwrap().len(), 0);
-    for bad in ["orders/3", "orders:3", "/3:1", "orders/-1:1", "orders/1:-5", "orders/x:1", "orders/1:1.5"] {
+    for bad in [
+        "orders/3",
+        "orders:3",
+        "/3:1",
+        "orders/-1:1",
+        "orders/1:-5",
+        "orders/x:1",
+        "orders/1:1.5",
+    ] {
         let refused = parse_positions(bad, true).unwrap_err();
         assert_eq!(refused.0, StatusCode::BAD_REQUEST, "{bad}");
         assert!(refused.1.contains(bad), "the error names `{bad}`: {}", refused.1);
     }
     let partitions = parse_positions("orders/0,orders/7", false).unwrap();
     assert_eq!(partitions.len(), 2);
-    assert!(parse_positions("orders/0:5", false).is_err(), "partitions carry no offsets");
+    assert!(
+        parse_positions("orders/0:5", false).is_err(),
+        "partitions carry no offsets"
+    );
 }

@@ -95,7 +95,8 @@ fn scans_group_partials_by_key_in_order_with_a_cursor() {
     let only = std::collections::BTreeSet::from([partition("t", 1)]);
     let one = view.scan("b", None, 10, Some(&only), &mut |_, _| true).unwrap();
     assert!(
-        one.iter().all(|(_, partials, partitions)| partials.len() == 1 && partitions == &[partition("t", 1)]),
+        one.iter()
+            .all(|(_, partials, partitions)| partials.len() == 1 && partitions == &[partition("t", 1)]),
         "only the partials of the partitions asked for"
     );
     let partials = view.partials_by_partition("b2").unwrap();

@@ -51,7 +51,10 @@ struct PartitionPartial {
     state: Option<String>,
 }
 
-fn format_positions<'a>(positions: impl Iterator<Item = (&'a SourcePartition, i64)>, with_offsets: bool) -> String {
+fn format_positions<'a>(
+    positions: impl Iterator<Item = (&'a SourcePartition, i64)>,
+    with_offsets: bool,
+) -> String {
     positions
         .map(|(p, offset)| {
             if with_offsets {
@@ -69,7 +72,10 @@ fn not_served(cluster: &Cluster, fold: &Fold, partition: &SourcePartition) -> Op
     let worker = &cluster.worker_id;
     if !fold.serves() {
         let state = serde_json::to_value(fold.state()).unwrap_or_default();
-        return Some(format!("{partition}: the projection is {} on worker {worker}", state["state"]));
+        return Some(format!(
+            "{partition}: the projection is {} on worker {worker}",
+            state["state"]
+        ));
     }
     // Without the brokers this worker cannot know whether the group has moved
     // the partition to another worker already.
@@ -129,7 +135,8 @@ async fn local_partials(
                 .iter()
                 .filter_map(|p| {
                     let want = *min.get(p)?;
-                    (next(p) <= want).then(|| format!("{p}: next offset {}, offset {want} not folded yet", next(p)))
+                    (next(p) <= want)
+                        .then(|| format!("{p}: next offset {}, offset {want} not folded yet", next(p)))
                 })
                 .collect();
             if behind.is_empty() {
@@ -203,7 +210,11 @@ struct Ask {
 }
 
 /// Asks `owner`; an error says why it did not answer.
-async fn ask<T: serde::de::DeserializeOwned>(cluster: Arc<Cluster>, owner: Owner, request: Ask) -> Result<T, String> {
+async fn ask<T: serde::de::DeserializeOwned>(
+    cluster: Arc<Cluster>,
+    owner: Owner,
+    request: Ask,
+) -> Result<T, String> {
     let failed = |why: String| format!("{}: worker {} {why}", request.partitions, owner.worker_id);
     let mut url = reqwest::Url::parse(&owner.url).map_err(|e| failed(format!("has a bad URL: {e}")))?;
     url.path_segments_mut()
@@ -236,7 +247,12 @@ struct Plan {
     remote: BTreeMap<Owner, Vec<SourcePartition>>,
 }
 
-fn plan(cluster: &Cluster, projection: &Supervisor, live: &Fold, wanted: Vec<SourcePartition>) -> Result<Plan, Refusal> {
+fn plan(
+    cluster: &Cluster,
+    projection: &Supervisor,
+    live: &Fold,
+    wanted: Vec<SourcePartition>,
+) -> Result<Plan, Refusal> {
     let mut plan = Plan {
         local: Vec::new(),
         remote: BTreeMap::new(),
@@ -303,8 +319,18 @@ pub(super) async fn routed_read(
         if !min_as_of.is_empty() {
             query.push(("min_as_of", min_as_of));
         }
-        let path = ["cluster", "projections", name, "partials"].map(str::to_owned).to_vec();
-        asks.spawn(ask::<PartialsAnswer>(cluster.clone(), owner, Ask { path, query, partitions }));
+        let path = ["cluster", "projections", name, "partials"]
+            .map(str::to_owned)
+            .to_vec();
+        asks.spawn(ask::<PartialsAnswer>(
+            cluster.clone(),
+            owner,
+            Ask {
+                path,
+                query,
+                partitions,
+            },
+        ));
     }
     let mut answers = Vec::new();
     if !local.is_empty() {
@@ -417,9 +443,15 @@ pub(super) async fn partials(
 /// The cluster of a request from another worker, which must carry the secret.
 fn between_workers(state: &ApiState, headers: &HeaderMap) -> Result<Arc<Cluster>, ApiError> {
     let Some(cluster) = state.cluster.clone() else {
-        return Err(ApiError(StatusCode::NOT_FOUND, "this worker is not in a cluster".into()));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this worker is not in a cluster".into(),
+        ));
     };
-    let offered = headers.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    let offered = headers
+        .get(SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
     if super::access::constant_time_eq(offered, cluster.secret().as_bytes()) {
         Ok(cluster)
     } else {

@@ -73,7 +73,10 @@ fn local_scan(
         keys: Vec::new(),
         truncated: false,
         offsets: BTreeMap::new(),
-        unavailable: partitions.iter().filter_map(|p| not_served(cluster, fold, p)).collect(),
+        unavailable: partitions
+            .iter()
+            .filter_map(|p| not_served(cluster, fold, p))
+            .collect(),
     };
     if !answer.unavailable.is_empty() {
         return Ok(answer);
@@ -147,8 +150,18 @@ pub(in crate::serve) async fn routed_scan(
         if let Some(after) = after {
             query.push(("after", after.to_owned()));
         }
-        let path = ["cluster", "projections", name, "scan"].map(str::to_owned).to_vec();
-        asks.spawn(ask::<ScanAnswer>(cluster.clone(), owner, Ask { path, query, partitions }));
+        let path = ["cluster", "projections", name, "scan"]
+            .map(str::to_owned)
+            .to_vec();
+        asks.spawn(ask::<ScanAnswer>(
+            cluster.clone(),
+            owner,
+            Ask {
+                path,
+                query,
+                partitions,
+            },
+        ));
     }
     let mut answers = Vec::new();
     let mut unavailable = Vec::new();
@@ -204,13 +217,12 @@ pub(in crate::serve) async fn routed_scan(
         for (key, partials) in answer.keys {
             let entry = keys.entry(key.clone()).or_default();
             for partial in partials {
-                entry.push(
-                    decoder
-                        .decode(partial)
-                        .map_err(|e| {
-                            internal(format!("a partial state of `{key}` from worker {}: {e}", answer.worker))
-                        })?,
-                );
+                entry.push(decoder.decode(partial).map_err(|e| {
+                    internal(format!(
+                        "a partial state of `{key}` from worker {}: {e}",
+                        answer.worker
+                    ))
+                })?);
             }
         }
         for (partition, next) in answer.offsets {
