@@ -20,7 +20,7 @@ mod dedup;
 mod http;
 mod projection;
 
-pub use cluster::{ClusterConfig, Partitioner};
+pub use cluster::{ClusterConfig, Partitioner, REPLAY_KEY_PREFIX};
 pub use dedup::DedupConfig;
 pub use http::{HttpConfig, ReadTokens, TlsConfig};
 pub use projection::{definition_topics, PoisonPolicy, ProjectionConfig, ProjectionDefinition};

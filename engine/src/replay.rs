@@ -116,6 +116,11 @@ impl Replay {
         })
     }
 
+    /// Progress as of the lag monitor's last refresh.
+    pub fn progress(&self) -> Progress {
+        self.progress.lock().expect("progress lock").clone()
+    }
+
     /// Records progress measured against the high watermarks: per partition, the
     /// replay's next offset and the partition's (low, high) watermarks. Returns
     /// the progress.

@@ -142,7 +142,7 @@ impl ApiState {
                 format!(
                     "{what} are not available in multi-worker mode yet: they would run on one \
                      worker and leave the others on the old generation; run them on a worker \
-                     alone (without [cluster]) until replays across workers are built"
+                     alone (without [cluster]) until they are built across workers"
                 ),
             )),
         }
@@ -186,6 +186,10 @@ impl ApiState {
             "last_replay": projection.last_replay(),
             "as_of_generations": as_of::describe_all(&self.store, projection),
         });
+        if let Some(cluster) = &self.cluster {
+            (description["replay"], description["last_replay"]) =
+                cluster::replay::describe(cluster, projection);
+        }
         if let Some(error) = store_error {
             description["store_error"] = json!(error);
         }
@@ -428,8 +432,10 @@ async fn start_replay(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
     expect_no_options(&headers, body).await?;
-    state.alone("replays")?;
     let projection = state.projection(&name)?.clone();
+    if let Some(cluster) = &state.cluster {
+        return cluster::replay::start(cluster, &projection).await;
+    }
     let store = state.store.clone();
     let started = tokio::task::spawn_blocking(move || {
         projection
@@ -466,6 +472,9 @@ async fn abort_replay(
     state.authorize(&headers)?;
     expect_no_options(&headers, body).await?;
     let projection = state.projection(&name)?.clone();
+    if let Some(cluster) = &state.cluster {
+        return cluster::replay::abort(cluster, &projection).await;
+    }
     let store = state.store.clone();
     let aborted = tokio::task::spawn_blocking(move || projection.abort_replay(&store))
         .await

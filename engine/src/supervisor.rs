@@ -33,11 +33,13 @@
 //! [`Supervisor::loop_exited`].
 
 mod as_of;
+mod cluster_replay;
 mod handover;
 
 pub use as_of::AsOfError;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -136,6 +138,9 @@ pub struct Supervisor {
     as_ofs: Mutex<BTreeMap<i64, Arc<Fold>>>,
     last_replay: Mutex<Option<ReplayOutcome>>,
     spawner: OnceLock<Spawner>,
+    /// In multi-worker mode replays are moved on by the cluster topic's replay
+    /// record, not by this worker's lag monitor ([`cluster_replay`]).
+    clustered: AtomicBool,
 }
 
 impl Supervisor {
@@ -170,11 +175,23 @@ impl Supervisor {
             as_ofs: Mutex::new(BTreeMap::new()),
             last_replay: Mutex::new(None),
             spawner: OnceLock::new(),
+            clustered: AtomicBool::new(false),
         }
     }
 
     fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
         self.lifecycle.lock().expect("lifecycle lock")
+    }
+
+    /// Multi-worker mode: replays follow the cluster topic (set once, by the
+    /// worker, before the loops start).
+    pub fn set_clustered(&self) {
+        self.clustered.store(true, Ordering::SeqCst);
+    }
+
+    /// True in multi-worker mode.
+    pub fn is_clustered(&self) -> bool {
+        self.clustered.load(Ordering::SeqCst)
     }
 
     /// Sets how to start a fold loop (once, by the worker).

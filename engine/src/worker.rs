@@ -245,6 +245,9 @@ pub async fn run(mut config: Config, config_path: &Path, builtins: &Builtins) ->
             None => None,
         };
         let supervisor = Arc::new(Supervisor::new(entry, projection.clone(), live, replay));
+        if cluster.is_some() {
+            supervisor.set_clustered();
+        }
         for record in store.as_of_records(&entry.name)? {
             let generation = crate::store::Generation {
                 projection: entry.name.clone(),
@@ -314,6 +317,7 @@ pub async fn run(mut config: Config, config_path: &Path, builtins: &Builtins) ->
                 &config.kafka,
                 store.clone(),
                 projections,
+                config.replay.switch_lag_events,
                 shutdown.clone(),
             );
             vec![

@@ -11,7 +11,11 @@
 //! merged over every partition; scans on any worker merge every worker's
 //! partitions page by page; `min_as_of` waits for an offset or says 503. The
 //! cluster view and `projector status` on any worker show every worker and its
-//! partitions.
+//! partitions. Then a replay requested on one worker (`projector replay --wait`)
+//! runs on all three while a producer writes and w3 is SIGKILLed mid-replay: a
+//! second request on another worker gets 409, a reader polling every worker
+//! never gets a 404 or an older value, every worker switches, and every key
+//! equals the oracle of the whole stream.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -85,8 +89,14 @@ options = { fold_micros = 2500 }
         "topics = [\"orders\"]",
         "topics = [\"orders\"]\nkeyed_like_topic = true",
     ));
+    // The replay folds at most 50 events a second per worker, so it is still
+    // behind the live generation when it comes within the switch distance:
+    // switching before it reached the targets would show older values.
     projections.push_str(&format!(
         "
+[replay]
+max_events_per_second = 50
+
 [cluster]
 worker_id = \"{worker_id}\"
 advertised_url = \"http://{{HTTP_LISTEN}}\"
@@ -221,21 +231,25 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     let broker = Broker::start(dir.path())?;
     broker.create_topic("orders", 8)?;
     let registry = Registry::start(dir.path())?;
-    let mut stream = orders::generate("orders", 700, 19);
+    // The first stream before and while workers come and go; the tail during
+    // the replay.
+    let first = orders::generate("orders", 700, 19);
+    let mut stream = orders::concat(&first, &orders::generate("orders", 200, 20));
     stamp(&mut stream.lines);
-    let summary_oracle = orders::oracle(&stream.lines);
-    let stats_oracle = read_models::customer_stats(&stream.lines);
-    let revenue_oracle = read_models::revenue_by_day(&stream.lines);
-    let lines_oracle = read_models::order_lines(&stream.lines);
+    let (early, late) = stream.lines.split_at(first.lines.len());
+    let summary_oracle = orders::oracle(early);
+    let stats_oracle = read_models::customer_stats(early);
+    let revenue_oracle = read_models::revenue_by_day(early);
+    let lines_oracle = read_models::order_lines(early);
     // A backlog before the workers start, the rest while they come and go.
-    let (backlog, rest) = stream.lines.split_at(stream.lines.len() / 2);
+    let (backlog, rest) = early.split_at(early.len() / 2);
     let backlog = write_events(dir.path(), "backlog.jsonl", backlog)?;
     let events = write_events(dir.path(), "orders.jsonl", rest)?;
     projector_tests::produce(&broker, &registry, &backlog)?;
 
-    let (w1, _) = start(dir.path(), &broker, &registry, "w1")?;
+    let (w1, home1) = start(dir.path(), &broker, &registry, "w1")?;
     let (mut w2, home2) = start(dir.path(), &broker, &registry, "w2")?;
-    let (w3, home3) = start(dir.path(), &broker, &registry, "w3")?;
+    let (mut w3, home3) = start(dir.path(), &broker, &registry, "w3")?;
     wait_until(
         "three workers to share the partitions",
         Duration::from_secs(90),
@@ -440,13 +454,6 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
         "order_summary scanned on w1 equals the oracle"
     );
 
-    // A replay would run on one worker only: refused, saying so.
-    let (status, body) = w1.post("/projections/order_summary/replay", Some(TOKEN))?;
-    ensure!(
-        status == 409 && body["error"].as_str().is_some_and(|e| e.contains("multi-worker")),
-        "replay in a cluster: {status} {body}"
-    );
-
     // `projector status` on any worker shows every worker and its partitions.
     let output = std::process::Command::new(projector_bin())
         .args(["status", "--config"])
@@ -464,5 +471,162 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
             "status lists {id} with its partitions:\n{text}"
         );
     }
+
+    let workers = Workers {
+        w1: &w1,
+        w2: &w2,
+        w3: &mut w3,
+    };
+    replay_across_workers(
+        &broker,
+        &registry,
+        dir.path(),
+        late,
+        workers,
+        [&home1, &home3],
+        &keys,
+    )?;
+    let summary_oracle = orders::oracle(&stream.lines);
+    let stats_oracle = read_models::customer_stats(&stream.lines);
+    let revenue_oracle = read_models::revenue_by_day(&stream.lines);
+    let lines_oracle = read_models::order_lines(&stream.lines);
+    let workers = [&w1, &w2, &w3];
+    let mut last = Ok(());
+    wait_until(
+        "every worker to answer every key as the oracle of the whole stream",
+        Duration::from_secs(180),
+        || {
+            last = workers.iter().try_for_each(|w| {
+                assert_matches(w, "order_summary", &summary_oracle)?;
+                assert_matches(w, "customer_stats", &stats_oracle)?;
+                assert_matches(w, "revenue_by_day", &revenue_oracle)?;
+                assert_matches(w, "order_lines", &lines_oracle)
+            });
+            last.is_ok()
+        },
+    )
+    .with_context(|| format!("{last:?}"))?;
+    Ok(())
+}
+
+/// A worker log's lines about replays, for a failure's message.
+fn replay_lines(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("replay") || l.contains("cluster"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The three workers; w3 is killed and restarted.
+struct Workers<'a> {
+    w1: &'a Worker,
+    w2: &'a Worker,
+    w3: &'a mut Worker,
+}
+
+/// A replay of `order_summary` requested on w1 with `projector replay --wait`
+/// while `tail` is produced; a second request on w2 gets 409; w3 is SIGKILLed
+/// mid-replay and restarted. A reader polls every worker throughout: no key
+/// once answered 404s or goes back. Every worker ends on generation 2.
+fn replay_across_workers(
+    broker: &Broker,
+    registry: &Registry,
+    dir: &Path,
+    tail: &[Value],
+    Workers { w1, w2, w3 }: Workers<'_>,
+    [home1, home3]: [&PathBuf; 2],
+    keys: &[(String, String)],
+) -> Result<()> {
+    // Besides the keys polled before, orders written during the replay: their
+    // values change while generations hand over.
+    let keys: Vec<(String, String)> = keys
+        .iter()
+        .cloned()
+        .chain(
+            orders::oracle(tail)
+                .keys()
+                .step_by(8)
+                .map(|k| ("order_summary".to_owned(), k.clone())),
+        )
+        .collect();
+    let keys = &keys;
+    let tail = write_events(dir, "tail.jsonl", tail)?;
+    let mut producer = produce_command(broker, registry, &tail, 60).spawn()?;
+    let urls = Arc::new(Mutex::new(vec![w1.url(), w2.url(), w3.url()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let reader = {
+        let (urls, stop, seen, keys) = (urls.clone(), stop.clone(), seen.clone(), keys.to_vec());
+        std::thread::spawn(move || poll(urls, keys, stop, seen))
+    };
+    let replay = std::process::Command::new(projector_bin())
+        .args(["replay", "order_summary", "--wait", "--config"])
+        .arg(home1.join("projector.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    wait_until("every worker to see the replay", Duration::from_secs(30), || {
+        [&*w1, w2, &*w3].iter().all(|w| {
+            w.get("/projections/order_summary")
+                .is_ok_and(|(_, p)| p["replay"]["generation"] == 2)
+        })
+    })?;
+    // One replay for the deployment: a request on another worker is refused.
+    let (status, body) = w2.post("/projections/order_summary/replay", Some(TOKEN))?;
+    ensure!(
+        status == 409 && body["replay"]["generation"] == 2 && body["replay"]["requested_on"] == "w1",
+        "a second replay request on w2: {status} {body}"
+    );
+    let (_, described) = w1.get("/projections/order_summary")?;
+    ensure!(
+        described["replay"]["phase"] == "replaying",
+        "still replaying when w3 is killed: {described}\nw1's log:\n{}",
+        replay_lines(&w1.service.log())
+    );
+    w3.service.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    w3.restart(home3)?;
+    let output = replay.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "projector replay --wait: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let produced = producer.wait()?;
+    ensure!(produced.success(), "the producer: {produced}");
+    let workers = [w1, w2, &*w3];
+    wait_until(
+        "every worker to switch to generation 2",
+        Duration::from_secs(60),
+        || {
+            workers.iter().all(|w| {
+                w.get("/projections/order_summary").is_ok_and(|(_, p)| {
+                    p["generation"] == 2 && p["last_replay"]["outcome"] == "switched" && p["replay"].is_null()
+                })
+            })
+        },
+    )?;
+    // A while longer, so the reader also polls the new generation once settled.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("the reader thread");
+    let seen = seen.lock().unwrap();
+    println!("reader answers during the replay by status: {:?}", seen.statuses);
+    ensure!(
+        seen.violations.is_empty(),
+        "{} violations during the replay, e.g.\n{}",
+        seen.violations.len(),
+        seen.violations
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    ensure!(
+        seen.progress.len() == keys.len(),
+        "every polled key was answered during the replay"
+    );
     Ok(())
 }

@@ -12,13 +12,20 @@
 
 mod partitioner;
 mod record;
+pub mod replays;
 pub mod topic;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-pub use record::{ClaimState, PartitionClaim, ProjectionClaims, WorkerRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub use record::{
+    replay_key, ClaimState, PartitionClaim, ProjectionClaims, ReplayClaims, ReplayRecord, ReplayState,
+    WorkerRecord, REPLAY_KEY_PREFIX,
+};
 
 use crate::config::{ClusterConfig, KafkaConfig, Partitioner};
 use crate::store::SourcePartition;
@@ -45,8 +52,14 @@ pub struct Cluster {
     members: RwLock<BTreeMap<String, (WorkerRecord, Instant)>>,
     /// Partitions per source topic, from the brokers' metadata.
     partition_counts: RwLock<BTreeMap<String, i32>>,
+    /// Each projection's last replay across workers.
+    replays: RwLock<BTreeMap<String, ReplayRecord>>,
+    /// The next offset of the cluster topic the view will read.
+    view_next_offset: AtomicI64,
     /// The client of forwarded reads.
     pub http: reqwest::Client,
+    /// Writes replay records (and asks the cluster topic's watermarks).
+    producer: FutureProducer,
 }
 
 /// A worker that owns a partition, as the cluster topic says.
@@ -67,7 +80,11 @@ impl Cluster {
             .connect_timeout(forward_timeout.min(Duration::from_secs(2)))
             .build()
             .map_err(|e| format!("the client of forwarded reads: {e}"))?;
+        let producer = crate::kafka_client::config(kafka, crate::kafka_client::Role::Producer)
+            .create()
+            .map_err(|e| format!("the cluster topic's producer: {e}"))?;
         Ok(Cluster {
+            producer,
             worker_id: config.worker_id(listen_port),
             url: config.advertised_url.trim_end_matches('/').to_owned(),
             topic: config.topic(&kafka.group_prefix),
@@ -77,6 +94,8 @@ impl Cluster {
             secret: config.secret.clone(),
             members: RwLock::default(),
             partition_counts: RwLock::default(),
+            replays: RwLock::default(),
+            view_next_offset: AtomicI64::new(0),
             http,
         })
     }
@@ -157,6 +176,101 @@ impl Cluster {
             .copied()
     }
 
+    /// The last replay of `projection` across workers, as the cluster topic says.
+    pub fn replay_of(&self, projection: &str) -> Option<ReplayRecord> {
+        self.replays
+            .read()
+            .expect("replays lock")
+            .get(projection)
+            .cloned()
+    }
+
+    /// Remembers a replay record read from the cluster topic.
+    pub(crate) fn remember_replay(&self, record: ReplayRecord) {
+        self.replays
+            .write()
+            .expect("replays lock")
+            .insert(record.projection.clone(), record);
+    }
+
+    /// Writes a replay record to the cluster topic; its offset once the brokers
+    /// have it.
+    pub async fn write_replay(&self, record: &ReplayRecord) -> Result<i64, String> {
+        let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+        let key = replay_key(&record.projection);
+        let message = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        match self.producer.send(message, self.forward_timeout).await {
+            Ok(delivered) => Ok(delivered.offset),
+            Err((e, _)) => Err(format!(
+                "writing `{key}` to the cluster topic `{}`: {e}",
+                self.topic
+            )),
+        }
+    }
+
+    /// Writes a replay record without waiting for the brokers (the coordinator
+    /// writes again while the view does not show it).
+    pub(crate) fn send_replay(&self, record: &ReplayRecord) {
+        let Ok(payload) = serde_json::to_vec(record) else {
+            return;
+        };
+        let key = replay_key(&record.projection);
+        let message = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        if let Err((e, _)) = self.producer.send_result(message) {
+            tracing::warn!(error = %e, topic = %self.topic, "writing a replay record");
+        }
+    }
+
+    /// Waits (blocking, up to `wait`) until the view has read every record the
+    /// cluster topic had when asked: what any worker wrote before is in the
+    /// view then. False when it could not.
+    pub fn catch_up_view(&self, wait: Duration) -> bool {
+        use rdkafka::producer::Producer as _;
+        let deadline = Instant::now() + wait;
+        let high = match self.producer.client().fetch_watermarks(&self.topic, 0, wait) {
+            Ok((_, high)) => high,
+            Err(e) => {
+                tracing::warn!(error = %e, topic = %self.topic, "asking the cluster topic's high watermark");
+                return false;
+            }
+        };
+        while self.view_position() < high {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// Waits (blocking, up to `wait`) until the view has read the record at
+    /// `offset`.
+    pub fn wait_for_view(&self, offset: i64, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        while self.view_position() <= offset {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// The view has read the cluster topic up to (not including) `next`.
+    pub(crate) fn set_view_position(&self, next: i64) {
+        self.view_next_offset.fetch_max(next, Ordering::SeqCst);
+    }
+
+    /// The next offset of the cluster topic the view will read.
+    pub fn view_position(&self) -> i64 {
+        self.view_next_offset.load(Ordering::SeqCst)
+    }
+
+    /// The live worker with the lowest id, which moves replays on.
+    pub fn coordinator(&self) -> Option<String> {
+        self.workers().into_iter().map(|(r, _)| r.worker_id).min()
+    }
+
     pub(crate) fn set_partition_count(&self, topic: &str, count: i32) {
         self.partition_counts
             .write()
@@ -198,6 +312,7 @@ mod tests {
                         restore_until: None,
                         lag_events: None,
                     }],
+                    replay: None,
                 },
             )]),
         }

@@ -14,7 +14,11 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use super::{ClaimState, Cluster, PartitionClaim, ProjectionClaims, WorkerRecord};
+use super::replays::{self, Step};
+use super::{
+    ClaimState, Cluster, PartitionClaim, ProjectionClaims, ReplayClaims, ReplayRecord, ReplayState,
+    WorkerRecord, REPLAY_KEY_PREFIX,
+};
 use crate::config::KafkaConfig;
 use crate::fold_state::{Fold, Restore};
 use crate::kafka_client::{self, Role};
@@ -49,12 +53,15 @@ pub async fn ensure(kafka: &KafkaConfig, topic: &str) -> Result<(), String> {
 /// Starts the thread that publishes this worker's record every
 /// `publish_interval` (moving gained partitions through restoring on the way)
 /// and tombstones it once `shutdown` is set (the other workers then stop asking
-/// this one while its fold loops commit and leave their groups).
+/// this one while its fold loops commit and leave their groups). On the way it
+/// follows each projection's replay record, and moves it on when this worker
+/// is the coordinator ([`replays`]).
 pub fn spawn_publisher(
     cluster: Arc<Cluster>,
     kafka: &KafkaConfig,
     store: Arc<Store>,
     projections: Vec<Arc<Supervisor>>,
+    switch_lag_events: i64,
     shutdown: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
     let producer: BaseProducer = kafka_client::config(kafka, Role::Producer)
@@ -66,9 +73,24 @@ pub fn spawn_publisher(
     let thread = std::thread::Builder::new()
         .name("cluster-publisher".into())
         .spawn(move || {
+            let mut written = HashMap::new();
             while !shutdown.load(Ordering::Relaxed) {
                 let published = crate::panics::contained(|| {
                     count_partitions(&cluster, &metadata, &projections);
+                    for projection in &projections {
+                        let Some(record) = cluster.replay_of(&projection.name) else {
+                            continue;
+                        };
+                        replays::follow(projection, &record, &store);
+                        coordinate(
+                            &cluster,
+                            &metadata,
+                            projection,
+                            record,
+                            switch_lag_events,
+                            &mut written,
+                        );
+                    }
                     let record = own_record(&cluster, &metadata, &store, &projections);
                     publish(&cluster, &producer, Some(&record));
                 });
@@ -102,8 +124,73 @@ fn publish(cluster: &Cluster, producer: &BaseProducer, record: Option<&WorkerRec
     producer.poll(Duration::ZERO);
 }
 
+/// Moves `record` on when this worker is the coordinator and the workers'
+/// records say so; `written` remembers what it wrote when, so a step the view
+/// does not show yet is written again only after a while.
+fn coordinate(
+    cluster: &Cluster,
+    metadata: &BaseConsumer,
+    projection: &Supervisor,
+    record: ReplayRecord,
+    switch_lag_events: i64,
+    written: &mut HashMap<(String, u64, ReplayState), Instant>,
+) {
+    if !record.state.running() || cluster.coordinator().as_deref() != Some(cluster.worker_id.as_str()) {
+        return;
+    }
+    let topics = crate::config::definition_topics(&projection.configured_definition);
+    let partitions = partition_names(cluster, &topics);
+    let workers: Vec<WorkerRecord> = cluster.workers().into_iter().map(|(r, _)| r).collect();
+    let mut next = record.clone();
+    match replays::advance(&record, &workers, &partitions, switch_lag_events) {
+        Step::Wait => return,
+        Step::Write(state) => next.state = state,
+        Step::MeasureTargets => {
+            let mut targets = BTreeMap::new();
+            for topic in &topics {
+                for partition in 0..cluster.partition_count(topic).unwrap_or(0) {
+                    match metadata.fetch_watermarks(topic, partition, QUERY_TIMEOUT) {
+                        Ok((_, high)) => targets.insert(format!("{topic}/{partition}"), high),
+                        Err(e) => {
+                            warn!(error = %e, topic, partition, "measuring a replay's switch targets");
+                            return;
+                        }
+                    };
+                }
+            }
+            next.state = ReplayState::Switching;
+            next.targets = targets;
+        }
+    }
+    let step = (record.projection.clone(), record.generation, next.state);
+    if written
+        .get(&step)
+        .is_some_and(|at| at.elapsed() < Duration::from_secs(5))
+    {
+        return;
+    }
+    info!(projection = %record.projection, generation = record.generation, step = next.state.as_str(),
+        "coordinating the replay across workers");
+    next.updated_at_ms = now_ms();
+    cluster.send_replay(&next);
+    written.insert(step, Instant::now());
+}
+
+/// Every partition of `topics` as `topic/partition`, once the brokers said how
+/// many there are (empty until then).
+pub(crate) fn partition_names(cluster: &Cluster, topics: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    for topic in topics {
+        let Some(count) = cluster.partition_count(topic) else {
+            return Vec::new();
+        };
+        names.extend((0..count).map(|p| format!("{topic}/{p}")));
+    }
+    names
+}
+
 /// Milliseconds since the epoch.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -155,16 +242,27 @@ fn own_record(
         crate::metrics::RESTORE_REMAINING_EVENTS
             .with_label_values(&[&projection.name])
             .set(remaining);
-        let status = serde_json::to_value(live.state())
-            .ok()
-            .and_then(|v| v["state"].as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let replay = projection.replay().map(|replay| {
+            let seen = cluster
+                .replay_of(&projection.name)
+                .filter(|r| r.generation == replay.fold.generation.number)
+                .map_or(ReplayState::Running, |r| r.state);
+            ReplayClaims {
+                generation: replay.fold.generation.number,
+                seen,
+                live_stopped: !live.loop_running(),
+                events_per_second: replay.progress().events_per_second,
+                status: status_of(&replay.fold),
+                partitions: advance_restores(&replay.fold, metadata, store, &mut highs),
+            }
+        });
         claims.insert(
             projection.name.clone(),
             ProjectionClaims {
                 generation: live.generation.number,
-                status,
+                status: status_of(&live),
                 partitions,
+                replay,
             },
         );
     }
@@ -174,6 +272,14 @@ fn own_record(
         published_at_ms: now_ms(),
         projections: claims,
     }
+}
+
+/// A fold loop's state by name (`running`, `poisoned`, ...).
+fn status_of(fold: &Fold) -> String {
+    serde_json::to_value(fold.state())
+        .ok()
+        .and_then(|v| v["state"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Moves each gained partition of `fold` on: learns the high watermark it must
@@ -271,6 +377,10 @@ pub fn spawn_view(
             partition_eof: false,
         },
     )
+    // A broker answers a fetch at the end of the log only when this wait is
+    // over (Tansu does): librdkafka's 500 ms left one worker's view a second
+    // behind another's, so a replay requested on one was not yet seen there.
+    .set("fetch.wait.max.ms", "50")
     .create()
     .map_err(|e| format!("the cluster topic's reader: {e}"))?;
     let mut assignment = TopicPartitionList::new();
@@ -295,9 +405,19 @@ pub fn spawn_view(
                         continue;
                     }
                 };
+                cluster.set_view_position(message.offset().saturating_add(1));
                 let Some(worker_id) = message.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
                     continue;
                 };
+                if worker_id.starts_with(REPLAY_KEY_PREFIX) {
+                    match message.payload().map(serde_json::from_slice::<ReplayRecord>) {
+                        Some(Ok(record)) => cluster.remember_replay(record),
+                        Some(Err(e)) => warn!(error = %e, topic = %cluster.topic, offset = message.offset(),
+                            key = %worker_id, "a replay record that does not parse: ignored"),
+                        None => {}
+                    }
+                    continue;
+                }
                 let record = match message.payload() {
                     None => None,
                     Some(bytes) => match serde_json::from_slice::<WorkerRecord>(bytes) {

@@ -6,6 +6,9 @@ use serde::Deserialize;
 
 use super::ConfigError;
 
+/// Keys of the cluster topic's replay records start with this; worker ids may not.
+pub const REPLAY_KEY_PREFIX: &str = "replay/";
+
 /// `[cluster]`: multi-worker mode. Without this table a worker runs alone and
 /// answers for the partitions it folds.
 #[derive(Clone, Deserialize)]
@@ -100,6 +103,16 @@ impl ClusterConfig {
                     file,
                     "cluster.worker_id",
                     "must be 1 to 200 printable characters",
+                ));
+            }
+            if id.starts_with(REPLAY_KEY_PREFIX) {
+                return Err(ConfigError::at(
+                    file,
+                    "cluster.worker_id",
+                    format!(
+                        "must not start with `{}` (the cluster topic's replay records are keyed so)",
+                        REPLAY_KEY_PREFIX
+                    ),
                 ));
             }
         }

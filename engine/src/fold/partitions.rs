@@ -2,6 +2,7 @@
 //! stopping where a partition's log no longer holds its stored offset, a
 //! replay's handover, an as-of generation's end.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
@@ -113,6 +114,13 @@ impl Folding {
         let Some(replay) = self.replay.clone() else {
             return Ok(());
         };
+        if Arc::ptr_eq(&self.supervisor.live(), &replay.fold) {
+            // Switched by the cluster's replay record: this loop folds the live
+            // generation now.
+            self.replay = None;
+            self.throttle = None;
+            return Ok(());
+        }
         let Some(target) = self.supervisor.handover_target(&replay) else {
             return Ok(());
         };

@@ -242,7 +242,9 @@ fn refresh_replay(
         return;
     }
     let progress = replay.record_progress(&positions);
-    if progress.lag_events <= switch_lag_events {
+    // In multi-worker mode the cluster's coordinator decides, over every
+    // worker's partitions (`cluster::replays`).
+    if progress.lag_events <= switch_lag_events && !projection.is_clustered() {
         if let Err(e) = projection.replay_caught_up(replay, store) {
             warn!(error = %e, "starting the handover");
         }

@@ -161,6 +161,40 @@ impl Store {
         Ok(generation)
     }
 
+    /// [`Store::begin_replay`] into generation `number`, which every worker of a
+    /// deployment builds (the replay record in the cluster topic names it). A
+    /// leftover of that number (an earlier attempt aborted) is dropped first.
+    pub fn begin_replay_at(
+        &self,
+        projection: &str,
+        definition: &Json,
+        number: u64,
+    ) -> Result<Generation, StoreError> {
+        let live = self.live_generation(projection)?;
+        let generation = Generation {
+            projection: projection.to_owned(),
+            number,
+        };
+        if number <= live.number {
+            return Err(StoreError {
+                context: format!("replaying `{projection}` into generation {number}"),
+                source: format!("generation {} is live already", live.number).into(),
+            });
+        }
+        if self.replay_generation(projection)?.map(|g| g.number) != Some(number) {
+            self.drop_generation(&generation)?;
+        }
+        self.ensure_column_family(&generation)?;
+        self.record_definition(&generation, definition)?;
+        self.db
+            .put(pointer_key(REPLAY_PREFIX, projection), number.to_be_bytes())
+            .map_err(failed(format!(
+                "marking {} as replaying",
+                generation.column_family()
+            )))?;
+        Ok(generation)
+    }
+
     /// Creates the column family of a new generation, one above every existing one.
     pub(super) fn next_generation(&self, projection: &str) -> Result<Generation, StoreError> {
         let live = self.live_generation(projection)?;

@@ -78,7 +78,12 @@ impl Supervisor {
 
     /// The offsets the replay's loop must reach before it switches; `None` until
     /// the handover's live loop has exited.
+    /// In multi-worker mode there is none: the cluster topic's replay record
+    /// says when every worker switches.
     pub(crate) fn handover_target(&self, replay: &Arc<Replay>) -> Option<BTreeMap<SourcePartition, i64>> {
+        if self.is_clustered() {
+            return None;
+        }
         match &*self.lifecycle() {
             Lifecycle::HandingOver {
                 replay: current,
@@ -202,7 +207,7 @@ impl Supervisor {
         info!(projection = %self.name, generation = generation.number, "replay aborted; its generation dropped");
     }
 
-    fn record_outcome(&self, generation: u64, outcome: &'static str) {
+    pub(super) fn record_outcome(&self, generation: u64, outcome: &'static str) {
         *self.last_replay.lock().expect("last replay lock") = Some(ReplayOutcome {
             generation,
             outcome,

@@ -19,11 +19,12 @@ use serde_json::{json, Value};
 
 use super::as_of::Refusal;
 use super::{as_of_offsets, internal, parse_positions, ApiError, ApiPath, ApiQuery, ApiState};
-use crate::cluster::{Cluster, Owner, SECRET_HEADER};
+use crate::cluster::{Cluster, Owner, ReplayState, SECRET_HEADER};
 use crate::fold_state::{Fold, Restore};
 use crate::store::SourcePartition;
 use crate::supervisor::Supervisor;
 
+pub(super) mod replay;
 mod scan;
 pub(super) use scan::{routed_scan, scan_parts};
 
@@ -70,6 +71,22 @@ fn format_positions<'a>(
 /// Why this worker does not serve `partition` of `fold`, or `None` when it does.
 fn not_served(cluster: &Cluster, fold: &Fold, partition: &SourcePartition) -> Option<String> {
     let worker = &cluster.worker_id;
+    if let Some(replay) = cluster.replay_of(fold.name()) {
+        // From the handover on, the old generation may be behind the switch
+        // targets, and the new one is served only from the switch on.
+        let replacing = matches!(
+            replay.state,
+            ReplayState::HandingOver | ReplayState::Switching | ReplayState::Switched
+        );
+        if replacing && replay.generation > fold.generation.number {
+            return Some(format!(
+                "{partition}: generation {} is being replaced by {} ({}) on worker {worker}",
+                fold.generation.number,
+                replay.generation,
+                replay.state.as_str()
+            ));
+        }
+    }
     if !fold.serves() {
         let state = serde_json::to_value(fold.state()).unwrap_or_default();
         return Some(format!(
