@@ -506,6 +506,53 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
         },
     )
     .with_context(|| format!("{last:?}"))?;
+    abort_from_another_worker([&w1, &w2, &w3], &summary_oracle)
+}
+
+/// A replay requested on w2 and aborted from w3: every worker drops its share,
+/// and generation 2 goes on serving.
+fn abort_from_another_worker(workers: [&Worker; 3], oracle: &BTreeMap<String, Value>) -> Result<()> {
+    let [_, w2, w3] = workers;
+    let (status, body) = w2.post("/projections/order_summary/replay", Some(TOKEN))?;
+    ensure!(
+        status == 202 && body["replay"]["generation"] == 3,
+        "a second replay: {status} {body}"
+    );
+    let replay_claims = |w: &Worker| -> Vec<Value> {
+        w.get("/projections")
+            .map(|(_, list)| {
+                list["cluster"]["workers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|worker| worker["projections"]["order_summary"]["replay"].clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until("every worker to fold its share of generation 3", Duration::from_secs(60), || {
+        workers.iter().all(|w| {
+            let claims = replay_claims(w);
+            claims.len() == 3 && claims.iter().all(|c| c["generation"] == 3)
+        })
+    })?;
+    let (status, body) = w3.delete("/projections/order_summary/replay", TOKEN)?;
+    ensure!(status == 202 && body["aborting"] == 3, "abort on w3: {status} {body}");
+    wait_until("every worker to drop generation 3", Duration::from_secs(60), || {
+        workers.iter().all(|w| {
+            let described = w.get("/projections/order_summary").is_ok_and(|(_, p)| {
+                p["generation"] == 2
+                    && p["replay"].is_null()
+                    && p["last_replay"]["generation"] == 3
+                    && p["last_replay"]["outcome"] == "aborted"
+            });
+            let claims = replay_claims(w);
+            described && claims.len() == 3 && claims.iter().all(Value::is_null)
+        })
+    })?;
+    for w in workers {
+        assert_matches(w, "order_summary", oracle)?;
+    }
     Ok(())
 }
 
