@@ -420,7 +420,10 @@ fn start_folds(
         let live = supervisor.live();
         let mut topics = live.topics.clone();
         topics.sort();
-        if !sources.contains_key(&topics) {
+        // In multi-worker mode a replayed generation keeps its own consumer
+        // group (`.g<n>`, where every worker folded it), so the workers agree
+        // on which group each generation reads in.
+        if !sources.contains_key(&topics) || (supervisor.is_clustered() && live.generation.number > 1) {
             supervisor.start();
             continue;
         }

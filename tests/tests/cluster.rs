@@ -506,7 +506,36 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
         },
     )
     .with_context(|| format!("{last:?}"))?;
-    abort_from_another_worker([&w1, &w2, &w3], &summary_oracle)
+    abort_from_another_worker([&w1, &w2, &w3], &summary_oracle)?;
+
+    // w1 restarts after the switch: generation 2 reads in the group every
+    // worker folded it in, so each partition has exactly one owner again.
+    let mut w1 = w1;
+    w1.service.signal("TERM")?;
+    w1.service.wait_exit(Duration::from_secs(60))?;
+    w1.restart(&home1)?;
+    let owners = |w: &Worker| -> BTreeMap<String, usize> {
+        let mut owners = BTreeMap::new();
+        for claims in live_claims(w).values() {
+            for partition in claims.get("order_summary").into_iter().flatten() {
+                *owners.entry(partition.clone()).or_default() += 1;
+            }
+        }
+        owners
+    };
+    wait_until(
+        "each partition of order_summary served by exactly one worker",
+        Duration::from_secs(90),
+        || {
+            let owners = owners(&w2);
+            live_claims(&w2).len() == 3 && owners.len() == 8 && owners.values().all(|n| *n == 1)
+        },
+    )
+    .with_context(|| format!("owners seen by w2: {:?}", owners(&w2)))?;
+    for w in [&w1, &w2, &w3] {
+        assert_matches(w, "order_summary", &summary_oracle)?;
+    }
+    Ok(())
 }
 
 /// A replay requested on w2 and aborted from w3: every worker drops its share,
@@ -530,26 +559,37 @@ fn abort_from_another_worker(workers: [&Worker; 3], oracle: &BTreeMap<String, Va
             })
             .unwrap_or_default()
     };
-    wait_until("every worker to fold its share of generation 3", Duration::from_secs(60), || {
-        workers.iter().all(|w| {
-            let claims = replay_claims(w);
-            claims.len() == 3 && claims.iter().all(|c| c["generation"] == 3)
-        })
-    })?;
+    wait_until(
+        "every worker to fold its share of generation 3",
+        Duration::from_secs(60),
+        || {
+            workers.iter().all(|w| {
+                let claims = replay_claims(w);
+                claims.len() == 3 && claims.iter().all(|c| c["generation"] == 3)
+            })
+        },
+    )?;
     let (status, body) = w3.delete("/projections/order_summary/replay", TOKEN)?;
-    ensure!(status == 202 && body["aborting"] == 3, "abort on w3: {status} {body}");
-    wait_until("every worker to drop generation 3", Duration::from_secs(60), || {
-        workers.iter().all(|w| {
-            let described = w.get("/projections/order_summary").is_ok_and(|(_, p)| {
-                p["generation"] == 2
-                    && p["replay"].is_null()
-                    && p["last_replay"]["generation"] == 3
-                    && p["last_replay"]["outcome"] == "aborted"
-            });
-            let claims = replay_claims(w);
-            described && claims.len() == 3 && claims.iter().all(Value::is_null)
-        })
-    })?;
+    ensure!(
+        status == 202 && body["aborting"] == 3,
+        "abort on w3: {status} {body}"
+    );
+    wait_until(
+        "every worker to drop generation 3",
+        Duration::from_secs(60),
+        || {
+            workers.iter().all(|w| {
+                let described = w.get("/projections/order_summary").is_ok_and(|(_, p)| {
+                    p["generation"] == 2
+                        && p["replay"].is_null()
+                        && p["last_replay"]["generation"] == 3
+                        && p["last_replay"]["outcome"] == "aborted"
+                });
+                let claims = replay_claims(w);
+                described && claims.len() == 3 && claims.iter().all(Value::is_null)
+            })
+        },
+    )?;
     for w in workers {
         assert_matches(w, "order_summary", oracle)?;
     }

@@ -34,7 +34,11 @@ impl LoopState {
         }
         self.last_join_check = Instant::now();
         let member = &mut self.members[0];
-        let eligible = member.fold.is_live()
+        // See `worker::start_folds`: in multi-worker mode a replayed
+        // generation stays in its own group.
+        let own_group = member.supervisor.is_clustered() && member.fold.generation.number > 1;
+        let eligible = !own_group
+            && member.fold.is_live()
             && member.replay.is_none()
             && member
                 .supervisor
