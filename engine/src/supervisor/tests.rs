@@ -272,3 +272,68 @@ fn a_replay_found_in_the_store_is_started_with_the_live_generation() {
         .replay_status()
         .is_some_and(|s| s["phase"] == "replaying"));
 }
+
+#[test]
+fn across_workers_the_record_starts_hands_over_and_switches_the_named_generation() {
+    let f = Fixture::new();
+    f.supervisor.set_clustered();
+    f.supervisor.start();
+    let live = f.last_spawned();
+    let live_commands = f.run(&live);
+
+    // The record names generation 3 (another worker's request, after an abort of 2).
+    let replay = f.supervisor.start_replay_at(&f.store, 3).unwrap().unwrap();
+    assert_eq!(replay.fold.generation.number, 3);
+    assert_eq!(f.phase(), "replaying");
+    assert_eq!(f.store.replay_generation("p").unwrap().map(|g| g.number), Some(3));
+    assert!(
+        matches!(
+            f.supervisor.start_replay_at(&f.store, 4),
+            Err(StartError::Running(_))
+        ),
+        "one replay at a time"
+    );
+    let _replay_commands = f.run(&replay.fold);
+
+    // Handing over stops the live loop; no target is taken from this store.
+    assert!(
+        !f.supervisor.cluster_handover(4),
+        "another generation's step does nothing"
+    );
+    assert_eq!(f.phase(), "replaying");
+    live.set_loop_running(true);
+    assert!(
+        !f.supervisor.cluster_handover(3),
+        "the live loop is still running"
+    );
+    assert!(is_stop(&live_commands), "the live loop is told to stop");
+    live.set_loop_running(false);
+    assert!(f.supervisor.cluster_handover(3));
+    f.exit(&live, RunState::Stopped);
+    assert_eq!(
+        f.supervisor.handover_target(&replay),
+        None,
+        "the record decides the switch"
+    );
+
+    assert!(f.supervisor.cluster_switch(&f.store, 3).unwrap());
+    assert_eq!(f.phase(), "live");
+    assert!(Arc::ptr_eq(&f.supervisor.live(), &replay.fold));
+    assert_eq!(f.store.live_generation("p").unwrap().number, 3);
+    assert_eq!(f.store.replay_generation("p").unwrap(), None);
+    assert_eq!(f.supervisor.last_replay().unwrap().outcome, "switched");
+    assert!(
+        f.supervisor.start_replay_at(&f.store, 3).unwrap().is_none(),
+        "a record of the live generation starts nothing"
+    );
+}
+
+#[test]
+fn a_replay_into_a_generation_not_above_the_live_one_is_refused_by_the_store() {
+    let f = Fixture::new();
+    let error = f.store.begin_replay_at("p", &json!({}), 1).unwrap_err();
+    assert!(
+        error.to_string().contains("generation 1 is live already"),
+        "{error}"
+    );
+}
