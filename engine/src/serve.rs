@@ -222,6 +222,7 @@ fn internal(error: impl std::fmt::Display) -> ApiError {
 }
 
 async fn list_projections(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    cluster::replay::view_read(state.cluster.as_ref()).await;
     let list = state
         .projections
         .values()
@@ -239,6 +240,7 @@ async fn show_projection(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let projection = state.projection(&name)?;
+    cluster::replay::view_read(state.cluster.as_ref()).await;
     Ok(Json(state.describe(projection)?))
 }
 

@@ -12,7 +12,8 @@
 //! partitions page by page; `min_as_of` waits for an offset or says 503. The
 //! cluster view and `projector status` on any worker show every worker and its
 //! partitions. Then a replay requested on one worker (`projector replay --wait`)
-//! runs on all three while a producer writes and w3 is SIGKILLed mid-replay: a
+//! runs on all three while a producer writes and w1 (which received it and
+//! coordinates it) is SIGKILLed mid-replay: a
 //! second request on another worker gets 409, a reader polling every worker
 //! never gets a 404 or an older value, every worker switches, and every key
 //! equals the oracle of the whole stream.
@@ -247,9 +248,9 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     let events = write_events(dir.path(), "orders.jsonl", rest)?;
     projector_tests::produce(&broker, &registry, &backlog)?;
 
-    let (w1, home1) = start(dir.path(), &broker, &registry, "w1")?;
+    let (mut w1, home1) = start(dir.path(), &broker, &registry, "w1")?;
     let (mut w2, home2) = start(dir.path(), &broker, &registry, "w2")?;
-    let (mut w3, home3) = start(dir.path(), &broker, &registry, "w3")?;
+    let (w3, home3) = start(dir.path(), &broker, &registry, "w3")?;
     wait_until(
         "three workers to share the partitions",
         Duration::from_secs(90),
@@ -473,19 +474,11 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     }
 
     let workers = Workers {
-        w1: &w1,
+        w1: &mut w1,
         w2: &w2,
-        w3: &mut w3,
+        w3: &w3,
     };
-    replay_across_workers(
-        &broker,
-        &registry,
-        dir.path(),
-        late,
-        workers,
-        [&home1, &home3],
-        &keys,
-    )?;
+    replay_across_workers(&broker, &registry, dir.path(), late, workers, &home1, &keys)?;
     let summary_oracle = orders::oracle(&stream.lines);
     let stats_oracle = read_models::customer_stats(&stream.lines);
     let revenue_oracle = read_models::revenue_by_day(&stream.lines);
@@ -510,7 +503,6 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
 
     // w1 restarts after the switch: generation 2 reads in the group every
     // worker folded it in, so each partition has exactly one owner again.
-    let mut w1 = w1;
     w1.service.signal("TERM")?;
     w1.service.wait_exit(Duration::from_secs(60))?;
     w1.restart(&home1)?;
@@ -604,16 +596,16 @@ fn replay_lines(log: &str) -> String {
         .join("\n")
 }
 
-/// The three workers; w3 is killed and restarted.
+/// The three workers; w1 is killed and restarted.
 struct Workers<'a> {
-    w1: &'a Worker,
+    w1: &'a mut Worker,
     w2: &'a Worker,
-    w3: &'a mut Worker,
+    w3: &'a Worker,
 }
 
 /// A replay of `order_summary` requested on w1 with `projector replay --wait`
-/// while `tail` is produced; a second request on w2 gets 409; w3 is SIGKILLed
-/// mid-replay and restarted. A reader polls every worker throughout: no key
+/// while `tail` is produced; a second request on w2 gets 409; w1 (which
+/// received it and coordinates it) is SIGKILLed mid-replay and restarted. A reader polls every worker throughout: no key
 /// once answered 404s or goes back. Every worker ends on generation 2.
 fn replay_across_workers(
     broker: &Broker,
@@ -621,7 +613,7 @@ fn replay_across_workers(
     dir: &Path,
     tail: &[Value],
     Workers { w1, w2, w3 }: Workers<'_>,
-    [home1, home3]: [&PathBuf; 2],
+    home1: &Path,
     keys: &[(String, String)],
 ) -> Result<()> {
     // Besides the keys polled before, orders written during the replay: their
@@ -653,7 +645,7 @@ fn replay_across_workers(
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     wait_until("every worker to see the replay", Duration::from_secs(30), || {
-        [&*w1, w2, &*w3].iter().all(|w| {
+        [&*w1, w2, w3].iter().all(|w| {
             w.get("/projections/order_summary")
                 .is_ok_and(|(_, p)| p["replay"]["generation"] == 2)
         })
@@ -667,22 +659,25 @@ fn replay_across_workers(
     let (_, described) = w1.get("/projections/order_summary")?;
     ensure!(
         described["replay"]["phase"] == "replaying",
-        "still replaying when w3 is killed: {described}\nw1's log:\n{}",
+        "still replaying when w1 is killed: {described}\nw1's log:\n{}",
         replay_lines(&w1.service.log())
     );
-    w3.service.kill();
+    // w1 received the request, coordinates the replay (the lowest id) and is
+    // the worker `projector replay` polls.
+    w1.service.kill();
     std::thread::sleep(Duration::from_secs(2));
-    w3.restart(home3)?;
+    w1.restart(home1)?;
     let output = replay.wait_with_output()?;
     ensure!(
         output.status.success(),
-        "projector replay --wait: {}{}",
+        "projector replay --wait: {}{}\nw1's log:\n{}",
         String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        String::from_utf8_lossy(&output.stderr),
+        replay_lines(&w1.service.log())
     );
     let produced = producer.wait()?;
     ensure!(produced.success(), "the producer: {produced}");
-    let workers = [w1, w2, &*w3];
+    let workers = [&*w1, w2, w3];
     wait_until(
         "every worker to switch to generation 2",
         Duration::from_secs(60),

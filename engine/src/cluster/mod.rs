@@ -16,7 +16,7 @@ pub mod replays;
 pub mod topic;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,8 @@ pub struct Cluster {
     replays: RwLock<BTreeMap<String, ReplayRecord>>,
     /// The next offset of the cluster topic the view will read.
     view_next_offset: AtomicI64,
+    /// The view has read the cluster topic to its end once since the start.
+    view_current: AtomicBool,
     /// The client of forwarded reads.
     pub http: reqwest::Client,
     /// Writes replay records (and asks the cluster topic's watermarks).
@@ -96,6 +98,7 @@ impl Cluster {
             partition_counts: RwLock::default(),
             replays: RwLock::default(),
             view_next_offset: AtomicI64::new(0),
+            view_current: AtomicBool::new(false),
             http,
         })
     }
@@ -259,6 +262,18 @@ impl Cluster {
     /// The view has read the cluster topic up to (not including) `next`.
     pub(crate) fn set_view_position(&self, next: i64) {
         self.view_next_offset.fetch_max(next, Ordering::SeqCst);
+    }
+
+    /// The view found nothing more to read: it has read the topic to its end.
+    pub(crate) fn set_view_current(&self) {
+        self.view_current.store(true, Ordering::SeqCst);
+    }
+
+    /// True once the view has read the cluster topic to its end since this
+    /// worker started: before, it does not know how far a replay across
+    /// workers has come, so it serves nothing.
+    pub fn view_current(&self) -> bool {
+        self.view_current.load(Ordering::SeqCst)
     }
 
     /// The next offset of the cluster topic the view will read.

@@ -395,6 +395,14 @@ pub fn spawn_view(
         .spawn(move || {
             while !shutdown.load(Ordering::Relaxed) {
                 let Some(polled) = consumer.poll(Duration::from_millis(100)) else {
+                    // Nothing came: at the end, unless the first fetch has not
+                    // answered yet, so the end is asked of the brokers.
+                    if !cluster.view_current() {
+                        let end = consumer.fetch_watermarks(&cluster.topic, 0, QUERY_TIMEOUT);
+                        if end.is_ok_and(|(_, high)| cluster.view_position() >= high) {
+                            cluster.set_view_current();
+                        }
+                    }
                     continue;
                 };
                 let message = match polled {

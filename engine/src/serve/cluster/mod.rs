@@ -71,6 +71,12 @@ fn format_positions<'a>(
 /// Why this worker does not serve `partition` of `fold`, or `None` when it does.
 fn not_served(cluster: &Cluster, fold: &Fold, partition: &SourcePartition) -> Option<String> {
     let worker = &cluster.worker_id;
+    if !cluster.view_current() {
+        return Some(format!(
+            "{partition}: worker {worker} has not read the cluster topic `{}` since it started",
+            cluster.topic
+        ));
+    }
     if let Some(replay) = cluster.replay_of(fold.name()) {
         // From the handover on, the old generation may be behind the switch
         // targets, and the new one is served only from the switch on.

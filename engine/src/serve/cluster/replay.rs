@@ -39,6 +39,19 @@ async fn current_view(cluster: &Arc<Cluster>) -> Result<(), ApiError> {
     }
 }
 
+/// Waits (up to a few seconds) until this worker has read the cluster topic to
+/// its end since it started, so the replay fields it shows are the
+/// deployment's (a worker restarted mid-replay would otherwise show none).
+pub(in crate::serve) async fn view_read(cluster: Option<&Arc<Cluster>>) {
+    let Some(cluster) = cluster else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + VIEW_WAIT;
+    while !cluster.view_current() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Writes `record` and waits until this worker's view shows it.
 async fn write(cluster: &Arc<Cluster>, record: &ReplayRecord) -> Result<(), ApiError> {
     let offset = cluster
@@ -72,7 +85,9 @@ pub(in crate::serve) fn describe(cluster: &Cluster, projection: &Supervisor) -> 
                 "across_workers": true,
             }),
         ),
-        None => (json!(null), json!(projection.last_replay())),
+        // No replay across workers yet, or this worker has not read the
+        // topic since it started: what it knows itself (a replay it resumed).
+        None => (json!(projection.replay_status()), json!(projection.last_replay())),
     }
 }
 
