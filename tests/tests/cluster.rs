@@ -169,6 +169,29 @@ struct Seen {
     progress: BTreeMap<(String, String), i64>,
 }
 
+impl Seen {
+    /// No violation `when`, and every one of `keys` polled keys answered.
+    fn check(&self, when: &str, keys: usize) -> Result<()> {
+        println!("reader answers {when} by status: {:?}", self.statuses);
+        ensure!(
+            self.violations.is_empty(),
+            "{} violations {when}, e.g.\n{}",
+            self.violations.len(),
+            self.violations
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        ensure!(
+            self.progress.len() == keys,
+            "every polled key was answered {when}"
+        );
+        Ok(())
+    }
+}
+
 /// Polls every worker for `keys` until `stop`: a key once answered never 404s
 /// again and its progress never goes down; anything but 200, 404 (before the
 /// first answer) and 503 is a violation.
@@ -341,23 +364,9 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("the reader thread");
-    let seen = seen.lock().unwrap();
-    println!("reader answers by status: {:?}", seen.statuses);
-    ensure!(
-        seen.violations.is_empty(),
-        "{} violations, e.g.\n{}",
-        seen.violations.len(),
-        seen.violations
-            .iter()
-            .take(10)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    ensure!(
-        seen.progress.len() == keys.len(),
-        "every polled key was answered at some point"
-    );
+    seen.lock()
+        .unwrap()
+        .check("while workers came and went", keys.len())?;
 
     // w4 left with a tombstone: every worker sees the three, serving everything.
     wait_until(
@@ -693,22 +702,5 @@ fn replay_across_workers(
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("the reader thread");
-    let seen = seen.lock().unwrap();
-    println!("reader answers during the replay by status: {:?}", seen.statuses);
-    ensure!(
-        seen.violations.is_empty(),
-        "{} violations during the replay, e.g.\n{}",
-        seen.violations.len(),
-        seen.violations
-            .iter()
-            .take(10)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    ensure!(
-        seen.progress.len() == keys.len(),
-        "every polled key was answered during the replay"
-    );
-    Ok(())
+    seen.lock().unwrap().check("during the replay", keys.len())
 }

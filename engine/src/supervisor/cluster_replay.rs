@@ -42,21 +42,10 @@ impl Supervisor {
             }
         };
         let generation = store.begin_replay_at(&self.name, &self.configured_definition, number)?;
-        let topics = crate::config::definition_topics(&self.configured_definition);
-        let fold = Arc::new(Fold::new(
-            generation,
-            self.configured_projection.clone(),
-            topics,
-            false,
-        ));
-        let replay = Arc::new(Replay::new(fold.clone()));
-        *lifecycle = Lifecycle::Replaying {
-            live,
-            replay: replay.clone(),
-        };
+        let replay = self.replaying(&mut lifecycle, live, generation);
         drop(lifecycle);
         info!(projection = %self.name, generation = number, "replay across workers: this worker folds its share");
-        self.spawn(fold);
+        self.spawn(replay.fold.clone());
         Ok(Some(replay))
     }
 

@@ -11,7 +11,7 @@ use super::{unix_seconds, Lifecycle, StartError, Supervisor};
 use crate::fold_state::{Command, Fold, RunState};
 use crate::metrics;
 use crate::replay::{Replay, ReplayOutcome};
-use crate::store::{SourcePartition, Store, StoreError};
+use crate::store::{Generation, SourcePartition, Store, StoreError};
 
 impl Supervisor {
     /// `Live → Replaying`: starts a replay into a new generation with the
@@ -27,6 +27,21 @@ impl Supervisor {
             }
         };
         let generation = store.begin_replay(&self.name, &self.configured_definition)?;
+        let replay = self.replaying(&mut lifecycle, live, generation);
+        drop(lifecycle);
+        info!(projection = %self.name, generation = replay.fold.generation.number, "replay started");
+        self.spawn(replay.fold.clone());
+        Ok(replay)
+    }
+
+    /// `→ Replaying` into `generation` (begun in the store), folding with the
+    /// configured definition beside `live`; the caller starts its loop.
+    pub(super) fn replaying(
+        &self,
+        lifecycle: &mut Lifecycle,
+        live: Arc<Fold>,
+        generation: Generation,
+    ) -> Arc<Replay> {
         let topics = crate::config::definition_topics(&self.configured_definition);
         let fold = Arc::new(Fold::new(
             generation,
@@ -34,15 +49,12 @@ impl Supervisor {
             topics,
             false,
         ));
-        let replay = Arc::new(Replay::new(fold.clone()));
+        let replay = Arc::new(Replay::new(fold));
         *lifecycle = Lifecycle::Replaying {
             live,
             replay: replay.clone(),
         };
-        drop(lifecycle);
-        info!(projection = %self.name, generation = fold.generation.number, "replay started");
-        self.spawn(fold);
-        Ok(replay)
+        replay
     }
 
     /// `Replaying → HandingOver`: the lag monitor found the replay within the
