@@ -346,21 +346,17 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     let produced = producer.wait()?;
     ensure!(produced.success(), "the producer: {produced}");
     let workers = [&w1, &w2, &w3];
-    let mut last = Ok(());
-    wait_until(
+    let oracles = [
+        ("order_summary", &summary_oracle),
+        ("customer_stats", &stats_oracle),
+        ("revenue_by_day", &revenue_oracle),
+        ("order_lines", &lines_oracle),
+    ];
+    all_match(
+        &workers,
+        &oracles,
         "every worker to answer every key as the oracle",
-        Duration::from_secs(180),
-        || {
-            last = workers.iter().try_for_each(|w| {
-                assert_matches(w, "order_summary", &summary_oracle)?;
-                assert_matches(w, "customer_stats", &stats_oracle)?;
-                assert_matches(w, "revenue_by_day", &revenue_oracle)?;
-                assert_matches(w, "order_lines", &lines_oracle)
-            });
-            last.is_ok()
-        },
-    )
-    .with_context(|| format!("{last:?}"))?;
+    )?;
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("the reader thread");
@@ -493,21 +489,17 @@ fn any_worker_answers_any_read_while_workers_come_and_go() -> Result<()> {
     let revenue_oracle = read_models::revenue_by_day(&stream.lines);
     let lines_oracle = read_models::order_lines(&stream.lines);
     let workers = [&w1, &w2, &w3];
-    let mut last = Ok(());
-    wait_until(
+    let oracles = [
+        ("order_summary", &summary_oracle),
+        ("customer_stats", &stats_oracle),
+        ("revenue_by_day", &revenue_oracle),
+        ("order_lines", &lines_oracle),
+    ];
+    all_match(
+        &workers,
+        &oracles,
         "every worker to answer every key as the oracle of the whole stream",
-        Duration::from_secs(180),
-        || {
-            last = workers.iter().try_for_each(|w| {
-                assert_matches(w, "order_summary", &summary_oracle)?;
-                assert_matches(w, "customer_stats", &stats_oracle)?;
-                assert_matches(w, "revenue_by_day", &revenue_oracle)?;
-                assert_matches(w, "order_lines", &lines_oracle)
-            });
-            last.is_ok()
-        },
-    )
-    .with_context(|| format!("{last:?}"))?;
+    )?;
     abort_from_another_worker([&w1, &w2, &w3], &summary_oracle)?;
 
     // w1 restarts after the switch: generation 2 reads in the group every
@@ -595,6 +587,21 @@ fn abort_from_another_worker(workers: [&Worker; 3], oracle: &BTreeMap<String, Va
         assert_matches(w, "order_summary", oracle)?;
     }
     Ok(())
+}
+
+/// Waits until every key of each projection read from every worker equals its
+/// oracle.
+fn all_match(workers: &[&Worker], oracles: &[(&str, &BTreeMap<String, Value>)], what: &str) -> Result<()> {
+    let mut last = Ok(());
+    wait_until(what, Duration::from_secs(180), || {
+        last = workers.iter().try_for_each(|w| {
+            oracles
+                .iter()
+                .try_for_each(|(name, oracle)| assert_matches(w, name, oracle))
+        });
+        last.is_ok()
+    })
+    .with_context(|| format!("{last:?}"))
 }
 
 /// A worker log's lines about replays, for a failure's message.
@@ -702,5 +709,6 @@ fn replay_across_workers(
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("the reader thread");
-    seen.lock().unwrap().check("during the replay", keys.len())
+    let checked = seen.lock().unwrap().check("during the replay", keys.len());
+    checked
 }
