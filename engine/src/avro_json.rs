@@ -11,6 +11,9 @@ use serde_json::{Map, Value as Json};
 
 use crate::logical;
 
+mod record;
+pub use record::FieldValue;
+
 /// Why a value could not be converted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConversionError {

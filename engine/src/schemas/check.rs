@@ -71,6 +71,29 @@ impl SchemaSet {
                 ))
             })?;
         }
+        // A transform runs on the decoded record, not on JSON: prove that path too.
+        if let Some(transform) = step.as_transform() {
+            let no_sample =
+                |e: &dyn std::fmt::Display| failed(format!("its input schema has no valid sample: {e}"));
+            let record = input.from_json.convert(&sample).map_err(|e| no_sample(&e))?;
+            let record = input.plain(record).map_err(|e| no_sample(&e))?;
+            if let Some(fields) = transform
+                .apply(record)
+                .map_err(|e| failed(format!("on a sample input: {e}")))?
+            {
+                let target = self
+                    .version(transform.to_event, transform.to_version)
+                    .ok_or_else(|| failed("its target has no schema file".to_owned()))?;
+                target.from_json.record(fields).map_err(|e| {
+                    failed(format!(
+                        "its output is not a valid {} v{} ({}): {e}",
+                        transform.to_event,
+                        transform.to_version,
+                        target.path.display()
+                    ))
+                })?;
+            }
+        }
         Ok(())
     }
 

@@ -361,29 +361,91 @@ impl SchemaSet {
                 });
                 continue;
             };
-            let input = avro_json::to_json(payload).map_err(|source| UpcastError::Input {
-                step: step.describe(),
-                source,
-            })?;
-            let outputs = step.apply(&input).map_err(|source| UpcastError::Step {
-                step: step.describe(),
-                source,
-            })?;
-            if done.len() + pending.len() + outputs.len() > 64 {
+            let produced = match step.as_transform() {
+                // The common step works on the decoded record itself.
+                Some(transform) => {
+                    let target = self.target_of(step, transform.to_event, transform.to_version)?;
+                    let fields = transform.apply(payload).map_err(|source| UpcastError::Step {
+                        step: step.describe(),
+                        source,
+                    })?;
+                    match fields {
+                        None => Vec::new(),
+                        Some(fields) => {
+                            let value = target.1.from_json.record(fields).map_err(|source| {
+                                UpcastError::InvalidOutput {
+                                    step: step.describe(),
+                                    event: transform.to_event.to_owned(),
+                                    version: transform.to_version,
+                                    source,
+                                }
+                            })?;
+                            vec![(target.0, transform.to_version, value)]
+                        }
+                    }
+                }
+                None => self.upcast_as_json(step, payload)?,
+            };
+            if done.len() + pending.len() + produced.len() > 64 {
                 return Err(UpcastError::TooMany {
                     step: step.describe(),
                 });
             }
-            for output in outputs.into_iter().rev() {
-                let target = self
-                    .types
-                    .get(&output.event)
-                    .and_then(|t| Some((t, t.versions.get(&output.version)?)))
-                    .ok_or_else(|| UpcastError::NoSchema {
-                        step: step.describe(),
-                        event: output.event.clone(),
-                        version: output.version,
-                    })?;
+            for (target, target_version, value) in produced.into_iter().rev() {
+                metrics::UPCASTS
+                    .with_label_values(&[
+                        event_type.name.as_ref(),
+                        &version.to_string(),
+                        &target_version.to_string(),
+                    ])
+                    .inc();
+                pending.push((target, target_version, value));
+            }
+        }
+        Ok(done)
+    }
+
+    /// The type and schema version `step` produces.
+    fn target_of(
+        &self,
+        step: &Step,
+        event: &str,
+        version: u32,
+    ) -> Result<(&EventType, &SchemaVersion), UpcastError> {
+        self.types
+            .get(event)
+            .and_then(|t| Some((t, t.versions.get(&version)?)))
+            .ok_or_else(|| UpcastError::NoSchema {
+                step: step.describe(),
+                event: event.to_owned(),
+                version,
+            })
+    }
+
+    /// A split or Rust step, which see and produce JSON: the outputs as Avro
+    /// values of their target versions.
+    fn upcast_as_json(
+        &self,
+        step: &Step,
+        payload: Value,
+    ) -> Result<Vec<(&EventType, u32, Value)>, UpcastError> {
+        let input = avro_json::to_json(payload).map_err(|source| UpcastError::Input {
+            step: step.describe(),
+            source,
+        })?;
+        let outputs = step.apply(&input).map_err(|source| UpcastError::Step {
+            step: step.describe(),
+            source,
+        })?;
+        if outputs.len() > 64 {
+            return Err(UpcastError::TooMany {
+                step: step.describe(),
+            });
+        }
+        outputs
+            .into_iter()
+            .map(|output| {
+                let target = self.target_of(step, &output.event, output.version)?;
                 let value = target.1.from_json.convert(&output.payload).map_err(|source| {
                     UpcastError::InvalidOutput {
                         step: step.describe(),
@@ -392,17 +454,9 @@ impl SchemaSet {
                         source,
                     }
                 })?;
-                metrics::UPCASTS
-                    .with_label_values(&[
-                        event_type.name.as_ref(),
-                        &version.to_string(),
-                        &output.version.to_string(),
-                    ])
-                    .inc();
-                pending.push((target.0, output.version, value));
-            }
-        }
-        Ok(done)
+                Ok((target.0, output.version, value))
+            })
+            .collect()
     }
 }
 

@@ -25,8 +25,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use apache_avro::types::Value;
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
+
+use crate::avro_json::FieldValue;
 
 use crate::expr::{Expr, ExprError, Scope};
 
@@ -292,6 +295,87 @@ impl Step {
     }
 }
 
+/// A transform step (rename, set, drop), which can work on the decoded record
+/// itself: see [`Step::as_transform`].
+pub struct TransformStep<'a> {
+    step: &'a Step,
+    /// The type it produces.
+    pub to_event: &'a str,
+    /// The version it produces.
+    pub to_version: u32,
+    rename: &'a BTreeMap<String, String>,
+    set: &'a [(String, Expr)],
+    drop: &'a [String],
+}
+
+impl Step {
+    /// This step as a transform, or `None` for a split or a Rust step (which work
+    /// on JSON, see [`Step::apply`]).
+    pub fn as_transform(&self) -> Option<TransformStep<'_>> {
+        match &self.kind {
+            StepKind::Transform {
+                to_event,
+                to_version,
+                rename,
+                set,
+                drop,
+            } => Some(TransformStep {
+                step: self,
+                to_event,
+                to_version: *to_version,
+                rename,
+                set,
+                drop,
+            }),
+            StepKind::Split(_) | StepKind::Rust { .. } => None,
+        }
+    }
+}
+
+impl TransformStep<'_> {
+    /// [`Step::apply`] on a decoded record (logical types in their meaning)
+    /// without a detour through JSON: the fields it keeps stay Avro values and the
+    /// expressions see only the fields they read. `None` when `drop_event_if`
+    /// dropped the event, else the output's fields, to be built into a record of
+    /// the target version ([`crate::avro_json::JsonToAvro::record`]).
+    pub fn apply(&self, input: Value) -> Result<Option<Vec<(String, FieldValue)>>, StepError> {
+        let mut scope = Scope::default();
+        scope.bind_avro_fields("event", &input, self.step.event_fields.as_deref());
+        if let Some(guard) = &self.step.drop_event_if {
+            if guard.test_in(&scope)? {
+                return Ok(None);
+            }
+        }
+        let Value::Record(fields) = input else {
+            return Err(StepError::NotARecord(format!("{input:?}")));
+        };
+        let mut output: Vec<(String, FieldValue)> = fields
+            .into_iter()
+            .map(|(name, value)| (name, FieldValue::Avro(value)))
+            .collect();
+        let put = |output: &mut Vec<(String, FieldValue)>, name: &str, value: FieldValue| match output
+            .iter_mut()
+            .find(|(field, _)| field == name)
+        {
+            Some(slot) => slot.1 = value,
+            None => output.push((name.to_owned(), value)),
+        };
+        for (old, new) in self.rename {
+            let position = output
+                .iter()
+                .position(|(field, _)| field == old)
+                .ok_or_else(|| StepError::NoField(old.clone()))?;
+            let (_, value) = output.remove(position);
+            put(&mut output, new, value);
+        }
+        for (field, expr) in self.set {
+            put(&mut output, field, FieldValue::Json(expr.value_in(&scope)?));
+        }
+        output.retain(|(field, _)| !self.drop.contains(field));
+        Ok(Some(output))
+    }
+}
+
 /// Reads the steps of `event` from `file`.
 pub fn load_steps(file: &Path, event: &str, rust: &RustUpcasters) -> Result<Vec<Step>, String> {
     let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
@@ -407,87 +491,4 @@ fn resolve_rust(mut step: Step, rust: &RustUpcasters) -> Result<Step, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn steps(text: &str, rust: &RustUpcasters) -> Result<Vec<Step>, String> {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("E.upcast.toml");
-        std::fs::write(&file, text).unwrap();
-        load_steps(&file, "t.E", rust)
-    }
-
-    #[test]
-    fn transform_renames_sets_and_drops_from_the_input() {
-        let steps = steps(
-            "[[step]]\nfrom = 1\nrename = { a = \"b\" }\nset = { c = \"event.a * 2\" }\ndrop = [\"gone\"]\n",
-            &RustUpcasters::new(),
-        )
-        .unwrap();
-        let out = steps[0]
-            .apply(&json!({"a": 2, "gone": true, "keep": "k"}))
-            .unwrap();
-        assert_eq!(
-            out,
-            vec![UpcastOutput {
-                event: "t.E".into(),
-                version: 2,
-                payload: json!({"b": 2, "c": 4, "keep": "k"})
-            }]
-        );
-    }
-
-    #[test]
-    fn split_and_drop_produce_several_or_no_events() {
-        let steps = steps(
-            "[[step]]\nfrom = 1\ndrop_event_if = \"event.n == 0\"\nsplit = [{ event = \"t.A\", version = 1, set = { n = \"event.n\" } }, { event = \"t.B\", version = 3, set = { m = \"event.n + 1\" } }]\n",
-            &RustUpcasters::new(),
-        )
-        .unwrap();
-        assert!(steps[0].apply(&json!({"n": 0})).unwrap().is_empty());
-        let out = steps[0].apply(&json!({"n": 5})).unwrap();
-        assert_eq!(out.len(), 2);
-        assert_eq!(
-            (out[1].event.as_str(), out[1].version, &out[1].payload),
-            ("t.B", 3, &json!({"m": 6}))
-        );
-    }
-
-    #[test]
-    fn rust_upcasters_are_found_by_name() {
-        fn double(input: &Json) -> Result<Vec<UpcastOutput>, String> {
-            Ok(vec![UpcastOutput {
-                event: "t.E".into(),
-                version: 2,
-                payload: json!({"n": input["n"].as_i64().unwrap() * 2}),
-            }])
-        }
-        let mut rust = RustUpcasters::new();
-        rust.insert("double", double);
-        let steps = steps("[[step]]\nfrom = 1\nrust = \"double\"\n", &rust).unwrap();
-        assert_eq!(
-            steps[0].apply(&json!({"n": 4})).unwrap()[0].payload,
-            json!({"n": 8})
-        );
-        let error = self::steps("[[step]]\nfrom = 1\nrust = \"nope\"\n", &rust).unwrap_err();
-        assert!(error.contains("no Rust upcaster named `nope`"), "{error}");
-    }
-
-    #[test]
-    fn malformed_steps_are_refused_with_their_position() {
-        let none = RustUpcasters::new();
-        assert!(steps("[[step]]\nfrom = 1\nset = { x = \"(\" }\n", &none)
-            .unwrap_err()
-            .contains("step 1: set.x"));
-        assert!(steps("[[step]]\nfrom = 2\nto_version = 1\n", &none)
-            .unwrap_err()
-            .contains("newer version"));
-        assert!(steps("[[step]]\nfrom = 1\ncolour = 1\n", &none)
-            .unwrap_err()
-            .contains("colour"));
-        assert!(steps("[[step]]\nfrom = 1\nto_event = \"t.F\"\n", &none)
-            .unwrap_err()
-            .contains("to_version"));
-    }
-}
+mod tests;
