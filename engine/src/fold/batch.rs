@@ -4,11 +4,13 @@
 //! Committed states stay in the loop's [`StateCache`], so the next batch finds
 //! them without reading and decoding the store's rows.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::state_cache::{CacheKey, StateCache};
+use super::state_cache::{CacheKey, KeyMap, KeyRef, StateCache};
 use crate::poison::PoisonReason;
+use hashbrown::Equivalent;
+
 use crate::projection::{Event, EventMeta, FoldError, PartitionState, Projection, State};
 use crate::schemas::CurrentEvent;
 use crate::store::{BatchWrite, Generation, SourcePartition, Store, StoreError};
@@ -59,10 +61,14 @@ pub(super) struct Taken {
 /// The open batch.
 pub(super) struct Batch {
     /// States changed by this batch's events.
-    cache: HashMap<CacheKey, Option<State>>,
+    cache: KeyMap<Option<State>>,
     /// States as committed, from earlier batches or read from the store.
     committed: StateCache,
     offsets: BTreeMap<SourcePartition, i64>,
+    /// Partitions of which the store held no state when this loop began folding
+    /// them: every state of theirs is one this loop committed, so while the
+    /// committed cache has dropped nothing, a key it does not hold has none.
+    fresh: hashbrown::HashSet<SourcePartition>,
     events: u64,
     timestamps: Vec<i64>,
     started: Option<Instant>,
@@ -72,9 +78,10 @@ impl Batch {
     /// An empty batch whose loop keeps about `cache_bytes` of committed states.
     pub(super) fn new(cache_bytes: usize) -> Self {
         Batch {
-            cache: HashMap::new(),
+            cache: KeyMap::default(),
             committed: StateCache::new(cache_bytes),
             offsets: BTreeMap::new(),
+            fresh: hashbrown::HashSet::new(),
             events: 0,
             timestamps: Vec::new(),
             started: None,
@@ -126,8 +133,12 @@ impl Batch {
             payload: &current.payload,
             meta,
         };
+        if !self.fresh.is_empty() && self.committed.has_evicted() {
+            self.fresh.clear();
+        }
         let mut state = BatchState {
             projection,
+            fresh: self.fresh.contains(partition),
             cache: &mut self.cache,
             committed: &mut self.committed,
             store,
@@ -175,9 +186,11 @@ impl Batch {
         self.events
     }
 
-    /// True when the batch holds `max_events` events or its first is `max_wait` old.
-    pub(super) fn is_due(&self, max_events: u64, max_wait: Duration) -> bool {
-        self.events >= max_events || self.started.is_some_and(|s| s.elapsed() >= max_wait)
+    /// True when the batch holds `max_events` events or (with `max_wait`) its
+    /// first is `max_wait` old.
+    pub(super) fn is_due(&self, max_events: u64, max_wait: Option<Duration>) -> bool {
+        self.events >= max_events
+            || max_wait.is_some_and(|wait| self.started.is_some_and(|s| s.elapsed() >= wait))
     }
 
     /// Empties the batch into what is to be committed, its states encoded by
@@ -221,9 +234,20 @@ impl Batch {
         }
     }
 
+    /// Notes what the store said of `partition` when this loop first read its
+    /// offset: with no offset stored, it holds no state of the partition either
+    /// (they are written together), so keys the committed cache does not hold
+    /// need not be looked up while the cache keeps everything it was given.
+    pub(super) fn note_stored_offset(&mut self, partition: &SourcePartition, stored: Option<i64>) {
+        if stored.is_none() && !self.committed.has_evicted() {
+            self.fresh.insert(partition.clone());
+        }
+    }
+
     /// Forgets the committed states of a partition this loop no longer folds.
     pub(super) fn drop_partition(&mut self, partition: &SourcePartition) {
         self.committed.drop_partition(partition);
+        self.fresh.remove(partition);
     }
 }
 
@@ -231,7 +255,10 @@ impl Batch {
 /// committed states over the store.
 struct BatchState<'a> {
     projection: &'a dyn Projection,
-    cache: &'a mut HashMap<CacheKey, Option<State>>,
+    /// The store holds no state of this partition that is not in `committed`
+    /// (see [`Batch::note_stored_offset`]).
+    fresh: bool,
+    cache: &'a mut KeyMap<Option<State>>,
     committed: &'a mut StateCache,
     store: &'a Store,
     generation: &'a Generation,
@@ -247,6 +274,9 @@ impl BatchState<'_> {
     /// is also kept in `store_failure`, so the loop can tell it from the
     /// projection's own errors.
     fn read_stored(&mut self, key: &str) -> Result<Option<(State, usize)>, FoldError> {
+        if self.fresh {
+            return Ok(None);
+        }
         let projection = self.projection;
         self.store
             .partial(self.generation, key, self.partition, |bytes| {
@@ -258,34 +288,35 @@ impl BatchState<'_> {
                 error
             })
     }
+}
 
-    /// A copy of a state, through the projection's codec.
-    fn copy(&self, state: &Option<State>) -> Result<Option<State>, FoldError> {
-        state
-            .as_ref()
-            .map(|s| self.projection.decode(&self.projection.encode(s)?))
-            .transpose()
-    }
+/// A copy of a state, through the projection's codec.
+fn copy(projection: &dyn Projection, state: &Option<State>) -> Result<Option<State>, FoldError> {
+    state
+        .as_ref()
+        .map(|s| projection.decode(&projection.encode(s)?))
+        .transpose()
 }
 
 impl PartitionState for BatchState<'_> {
     fn get(&mut self, key: &str) -> Result<Option<&State>, FoldError> {
-        let cache_key = (key.to_owned(), self.partition.clone());
-        if self.cache.contains_key(&cache_key) {
-            return Ok(self.cache.get(&cache_key).and_then(Option::as_ref));
+        let lookup = KeyRef(key, self.partition);
+        if self.cache.contains_key(&lookup) {
+            return Ok(self.cache.get(&lookup).and_then(Option::as_ref));
         }
-        if self.committed.get(&cache_key).is_none() {
+        if self.committed.get(&lookup).is_none() {
             let (state, len) = match self.read_stored(key)? {
                 Some((state, len)) => (Some(state), len),
                 None => (None, 0),
             };
+            let cache_key = (key.to_owned(), self.partition.clone());
             if !self.committed.is_enabled() {
                 // Nowhere to keep it but the batch, where it is written back unchanged.
                 return Ok(self.cache.entry(cache_key).or_insert(state).as_ref());
             }
-            self.committed.insert(cache_key.clone(), state, len);
+            self.committed.insert(cache_key, state, len);
         }
-        Ok(self.committed.get(&cache_key).and_then(Option::as_ref))
+        Ok(self.committed.get(&lookup).and_then(Option::as_ref))
     }
 
     fn update(
@@ -293,30 +324,27 @@ impl PartitionState for BatchState<'_> {
         key: &str,
         change: &mut dyn FnMut(&mut Option<State>) -> Result<(), FoldError>,
     ) -> Result<(), FoldError> {
-        let cache_key = (key.to_owned(), self.partition.clone());
-        let fresh = if self.cache.contains_key(&cache_key) {
-            if self
-                .undo
-                .as_ref()
-                .is_some_and(|u| !u.iter().any(|(k, _)| *k == cache_key))
-            {
-                let before = self.copy(self.cache.get(&cache_key).unwrap_or(&None))?;
-                if let Some(undo) = self.undo.as_deref_mut() {
-                    undo.push((cache_key.clone(), Some(before)));
+        let lookup = KeyRef(key, self.partition);
+        if let Some(slot) = self.cache.get_mut(&lookup) {
+            if let Some(undo) = self.undo.as_deref_mut() {
+                if !undo.iter().any(|(k, _)| lookup.equivalent(k)) {
+                    let before = copy(self.projection, slot)?;
+                    undo.push(((key.to_owned(), self.partition.clone()), Some(before)));
                 }
             }
-            None
-        } else {
-            let current = match self.committed.take(&cache_key) {
-                Some(committed) => committed,
-                None => self.read_stored(key)?.map(|(state, _)| state),
-            };
-            if let Some(undo) = self.undo.as_deref_mut() {
-                undo.push((cache_key.clone(), None));
-            }
-            Some(current)
+            return change(slot);
+        }
+        let (cache_key, current) = match self.committed.take(&lookup) {
+            Some(committed) => committed,
+            None => (
+                (key.to_owned(), self.partition.clone()),
+                self.read_stored(key)?.map(|(state, _)| state),
+            ),
         };
-        change(self.cache.entry(cache_key).or_insert(fresh.flatten()))
+        if let Some(undo) = self.undo.as_deref_mut() {
+            undo.push((cache_key.clone(), None));
+        }
+        change(self.cache.entry(cache_key).or_insert(current))
     }
 }
 

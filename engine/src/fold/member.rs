@@ -136,18 +136,18 @@ impl Folding {
         if let Some(next) = self.positions.get(partition) {
             return Ok(*next);
         }
-        let next = self
-            .deps
-            .store
-            .next_offset(&self.fold.generation, partition)?
-            .unwrap_or(0);
+        let stored = self.deps.store.next_offset(&self.fold.generation, partition)?;
+        self.batch.note_stored_offset(partition, stored);
+        let next = stored.unwrap_or(0);
         self.positions.insert(partition.clone(), next);
         Ok(next)
     }
 
-    /// True when the open batch is due for a commit.
-    pub(super) fn is_due(&self) -> bool {
-        self.batch.is_due(self.max_events, self.max_wait)
+    /// True when the open batch is due for a commit: by its events, and with
+    /// `check_clock` also by its age.
+    pub(super) fn is_due(&self, check_clock: bool) -> bool {
+        self.batch
+            .is_due(self.max_events, check_clock.then_some(self.max_wait))
     }
 
     /// Forgets what it knows of a partition its loop no longer folds.

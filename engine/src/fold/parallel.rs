@@ -52,7 +52,7 @@ impl LoopState {
                 })
                 .collect();
             let committed =
-                if ends.iter().all(|e| matches!(e, Ok(None))) && members.iter().any(Folding::is_due) {
+                if ends.iter().all(|e| matches!(e, Ok(None))) && members.iter().any(|m| m.is_due(true)) {
                     commit_all(members, consumer)
                 } else {
                     Ok(())
@@ -84,7 +84,7 @@ impl LoopState {
         if let Some(error) = failure {
             return Err(error);
         }
-        if self.members.iter().any(Folding::is_due) {
+        if self.members.iter().any(|m| m.is_due(true)) {
             self.commit(consumer)?;
         } else {
             self.publish(consumer)?;

@@ -25,7 +25,7 @@ use super::partitions::unexplained_offset_error;
 use super::source::SharedSource;
 use super::PARALLEL_CHUNK;
 use super::{LoopEnd, LoopError, SourceDeps};
-use crate::decode_ahead::DecodeAhead;
+use crate::decode_ahead::{DecodeAhead, Decoded};
 use crate::fold_state::{Command, Fold, RunState};
 use crate::replay::Replay;
 use crate::store::SourcePartition;
@@ -344,10 +344,22 @@ impl LoopState {
         messages: Vec<BorrowedMessage<'_>>,
     ) -> Result<Option<LoopEnd>, LoopError> {
         let decoded = self.decode_ahead.next()?;
+        let end = self.fold_decoded_chunk(consumer, &messages, &decoded);
+        self.decode_ahead.recycle(decoded);
+        end
+    }
+
+    fn fold_decoded_chunk(
+        &mut self,
+        consumer: &SourceConsumer,
+        messages: &[BorrowedMessage<'_>],
+        decoded: &[Decoded],
+    ) -> Result<Option<LoopEnd>, LoopError> {
         if self.members.len() >= 2 && messages.len() >= PARALLEL_CHUNK {
-            return self.fold_chunk_in_parallel(consumer, &messages, &decoded);
+            return self.fold_chunk_in_parallel(consumer, messages, decoded);
         }
-        for (message, decoded) in messages.iter().zip(&decoded) {
+        let last = messages.len().saturating_sub(1);
+        for (at, (message, decoded)) in messages.iter().zip(decoded).enumerate() {
             let partition = SourcePartition {
                 topic: self.intern(message.topic()),
                 partition: message.partition(),
@@ -364,7 +376,10 @@ impl LoopState {
                     }
                 }
             }
-            if self.members.iter().any(Folding::is_due) {
+            // The clock is read every 64 messages and at the chunk's end, not per
+            // message.
+            let check_clock = at == last || at % 64 == 63;
+            if self.members.iter().any(|m| m.is_due(check_clock)) {
                 self.commit(consumer)?;
             }
         }

@@ -227,3 +227,55 @@ fn an_unreadable_stored_state_is_a_store_failure_not_poison() {
         "{stop:?}"
     );
 }
+
+#[test]
+fn a_fresh_partition_is_not_read_until_the_cache_has_dropped_a_state() {
+    let (_dir, store, generation) = store();
+    let source = (&store, &generation);
+    let commit = |batch: &mut Batch| {
+        let taken = batch.take(&Counter).unwrap().unwrap();
+        store.commit(&generation, &taken.write).unwrap();
+        batch.written(taken.states);
+    };
+    // A row the store cannot have while the partition has no offset (they are
+    // written together), planted to see whether the fold reads it.
+    let mut planted = BatchWrite::default();
+    planted.rows.push(row("planted", 0, 41));
+    store.commit(&generation, &planted).unwrap();
+    // Room for about three states in each of the cache's two generations.
+    let mut batch = Batch::new(2 * 3 * entry_size());
+    batch.note_stored_offset(&partition(0), None);
+    fold_one(&mut batch, source, "planted", 0);
+    fold_one(&mut batch, source, "a", 1);
+    commit(&mut batch);
+    let view = store.read_view(&generation).unwrap();
+    assert_eq!(
+        view.partials("planted").unwrap(),
+        vec![row("planted", 0, 1).2.unwrap()],
+        "a fresh partition's missing key is not looked up"
+    );
+    // Enough other keys to push `a` out of the cache: from then on every miss
+    // is read from the store, where `a` is 1.
+    for (offset, key) in ["b", "c", "d", "e", "f", "g", "h"].into_iter().enumerate() {
+        fold_one(&mut batch, source, key, 2 + offset as i64);
+        commit(&mut batch);
+    }
+    fold_one(&mut batch, source, "a", 9);
+    let taken = batch.take(&Counter).unwrap().unwrap();
+    assert_eq!(
+        taken.write.rows,
+        vec![row("a", 0, 2)],
+        "read back after its eviction"
+    );
+    // A partition with an offset in the store is always read.
+    let mut batch = Batch::new(1 << 20);
+    batch.note_stored_offset(&partition(0), Some(10));
+    fold_one(&mut batch, source, "planted", 10);
+    let taken = batch.take(&Counter).unwrap().unwrap();
+    assert_eq!(taken.write.rows, vec![row("planted", 0, 2)]);
+}
+
+/// What the committed cache charges for one of these tests' states.
+fn entry_size() -> usize {
+    super::super::state_cache::entry_bytes(1, state_codec::encode(&1u64).unwrap().len())
+}
