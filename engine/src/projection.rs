@@ -8,6 +8,7 @@
 //! on read.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -84,7 +85,7 @@ pub trait PartitionState {
 /// it, so a test sees a projection that breaks the "validate before mutating"
 /// contract.
 #[derive(Default)]
-pub struct InMemoryState(pub std::collections::HashMap<String, State>);
+pub struct InMemoryState(pub hashbrown::HashMap<String, State>);
 
 impl PartitionState for InMemoryState {
     fn get(&mut self, key: &str) -> Result<Option<&State>, FoldError> {
@@ -96,10 +97,13 @@ impl PartitionState for InMemoryState {
         key: &str,
         change: &mut dyn FnMut(&mut Option<State>) -> Result<(), FoldError>,
     ) -> Result<(), FoldError> {
-        let mut current = self.0.remove(key);
+        let (key, mut current) = match self.0.remove_entry(key) {
+            Some((owned, state)) => (owned, Some(state)),
+            None => (key.to_owned(), None),
+        };
         let outcome = change(&mut current);
         if let Some(value) = current {
-            self.0.insert(key.to_owned(), value);
+            self.0.insert(key, value);
         }
         outcome
     }
@@ -180,8 +184,10 @@ pub trait Entity: Send + Sync {
     /// One key's partial state.
     type State: Serialize + DeserializeOwned + Send + 'static;
 
-    /// The key whose state `event` changes, or `None` when the projection ignores it.
-    fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError>;
+    /// The key whose state `event` changes, or `None` when the projection ignores
+    /// it; borrowed from the event when it is one of its fields, so folding it
+    /// allocates nothing.
+    fn key<'e>(&self, event: &Event<'e>) -> Result<Option<Cow<'e, str>>, FoldError>;
 
     /// Folds `event` into `state` (`None` when the key has no state in this source
     /// partition yet). Setting `*state = None` deletes the key. On error `state`

@@ -4,6 +4,8 @@
 //! was never opened are ignored; a negative amount, or one that would take the
 //! balance past the range of an `i64`, is refused (`fold_failed`).
 
+use std::borrow::Cow;
+
 use engine::projection::{Entity, Event, FoldError, OptionsError, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -59,9 +61,9 @@ struct Movement {
 impl Entity for AccountBalance {
     type State = Balance;
 
-    fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
+    fn key<'e>(&self, event: &Event<'e>) -> Result<Option<Cow<'e, str>>, FoldError> {
         match event.name {
-            OPENED | DEPOSITED | WITHDRAWN => Ok(Some(string_field(event, "accountId")?.to_owned())),
+            OPENED | DEPOSITED | WITHDRAWN => Ok(Some(Cow::Borrowed(string_field(event, "accountId")?))),
             _ => Ok(None),
         }
     }

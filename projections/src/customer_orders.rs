@@ -6,6 +6,8 @@
 //! over partitions: each partition keeps a partial, and reads merge them (sums,
 //! maximum, and the order ids sorted).
 
+use std::borrow::Cow;
+
 use engine::projection::{Entity, Event, FoldError, OptionsError, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -53,11 +55,14 @@ struct Placed {
 impl Entity for CustomerOrders {
     type State = Orders;
 
-    fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
+    fn key<'e>(&self, event: &Event<'e>) -> Result<Option<Cow<'e, str>>, FoldError> {
         if event.name != PLACED {
             return Ok(None);
         }
-        Ok(Some(crate::fields::string_field(event, "customerId")?.to_owned()))
+        Ok(Some(Cow::Borrowed(crate::fields::string_field(
+            event,
+            "customerId",
+        )?)))
     }
 
     fn fold(&self, state: &mut Option<Orders>, event: &Event<'_>) -> Result<(), FoldError> {

@@ -4,7 +4,7 @@ use apache_avro::types::Value;
 use engine::projection::{Event, FoldError};
 
 /// The string field `name` of the event's payload.
-pub fn string_field<'a>(event: &'a Event<'_>, name: &str) -> Result<&'a str, FoldError> {
+pub fn string_field<'e>(event: &Event<'e>, name: &str) -> Result<&'e str, FoldError> {
     let Value::Record(fields) = event.payload else {
         return Err(FoldError(format!("{} is not a record", event.name)));
     };

@@ -5,6 +5,8 @@
 //! aggregate's stream version). Events of an order that was never placed are
 //! ignored; an order placed with a negative total is refused (`fold_failed`).
 
+use std::borrow::Cow;
+
 use engine::projection::{Entity, Event, FoldError, OptionsError, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -92,10 +94,10 @@ fn next_version(version: u64) -> Result<u64, FoldError> {
 impl Entity for OrderSummary {
     type State = Summary;
 
-    fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
+    fn key<'e>(&self, event: &Event<'e>) -> Result<Option<Cow<'e, str>>, FoldError> {
         match event.name {
             PLACED | CHARGED | SHIPPED | DELIVERED | CANCELLED => {
-                Ok(Some(string_field(event, "orderId")?.to_owned()))
+                Ok(Some(Cow::Borrowed(string_field(event, "orderId")?)))
             }
             _ => Ok(None),
         }

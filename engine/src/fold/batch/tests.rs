@@ -1,6 +1,7 @@
 //! The open batch against a real RocksDB store: commits, the cache across
 //! batches, undo of a failed message, panics, unreadable and older rows.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use apache_avro::types::Value;
@@ -17,10 +18,10 @@ struct Counter;
 impl Entity for Counter {
     type State = u64;
 
-    fn key(&self, event: &Event<'_>) -> Result<Option<String>, FoldError> {
+    fn key<'e>(&self, event: &Event<'e>) -> Result<Option<Cow<'e, str>>, FoldError> {
         match event.payload {
             Value::Record(fields) => Ok(fields.iter().find_map(|(name, value)| match value {
-                Value::String(key) if name == "key" => Some(key.clone()),
+                Value::String(key) if name == "key" => Some(Cow::Borrowed(key.as_str())),
                 _ => None,
             })),
             _ => Ok(None),
