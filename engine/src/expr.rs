@@ -3,7 +3,14 @@
 //! The environment is CEL's standard library plus the `math` and `strings`
 //! extensions (`math.round`, `'x'.lowerAscii()`, ...).
 
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
+
+use apache_avro::types::Value as AvroValue;
+use cel::common::types::{
+    CelBool, CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString,
+};
+use cel::common::value::Val;
 
 use cel::{Context, Env, Program};
 use serde_json::Value as Json;
@@ -201,12 +208,13 @@ impl Expr {
     }
 }
 
-/// Variables bound once for several evaluations.
-pub struct Scope {
-    context: Context<'static, 'static>,
+/// Variables bound once for several evaluations. Values bound from an Avro
+/// value borrow its strings for `'v` rather than copying them.
+pub struct Scope<'v> {
+    context: Context<'v, 'v>,
 }
 
-impl Default for Scope {
+impl Default for Scope<'_> {
     fn default() -> Self {
         Scope {
             context: Context::with_env(ENV.clone()),
@@ -214,7 +222,7 @@ impl Default for Scope {
     }
 }
 
-impl Scope {
+impl<'v> Scope<'v> {
     /// Binds `name` to a JSON value.
     pub fn bind_json(&mut self, name: &str, value: &Json) {
         self.context.add_variable_from_value(name, to_cel(value));
@@ -225,7 +233,7 @@ impl Scope {
     pub fn bind_json_fields(&mut self, name: &str, value: &Json, fields: Option<&[String]>) {
         match (value, fields) {
             (Json::Object(object), Some(fields)) => {
-                let map: std::collections::HashMap<String, cel::Value> = fields
+                let map: HashMap<String, cel::Value> = fields
                     .iter()
                     .filter_map(|f| Some((f.clone(), to_cel(object.get(f)?))))
                     .collect();
@@ -237,20 +245,16 @@ impl Scope {
 
     /// Binds `name` to the given fields of an Avro record (all of them when
     /// `fields` is `None`), converted directly.
-    pub fn bind_avro_fields(
-        &mut self,
-        name: &str,
-        value: &apache_avro::types::Value,
-        fields: Option<&[String]>,
-    ) {
+    pub fn bind_avro_fields(&mut self, name: &str, value: &'v AvroValue, fields: Option<&[String]>) {
         match (value, fields) {
-            (apache_avro::types::Value::Record(record), Some(fields)) => {
-                let map: std::collections::HashMap<String, cel::Value> = record
+            (AvroValue::Record(record), Some(fields)) => {
+                let map: HashMap<CelMapKey<'v>, Box<dyn Val + 'v>> = record
                     .iter()
                     .filter(|(k, _)| fields.iter().any(|f| f == k))
-                    .map(|(k, v)| (k.clone(), avro_to_cel(v)))
+                    .map(|(k, v)| (CelMapKey::from(k.as_str()), avro_to_val(v)))
                     .collect();
-                self.context.add_variable_from_value(name, cel::Value::from(map));
+                self.context
+                    .add_variable_as_val(name, Box::new(CelMap::from(map)));
             }
             _ => self.bind_avro(name, value),
         }
@@ -258,46 +262,55 @@ impl Scope {
 
     /// Binds `name` to an Avro value, converted directly (records and maps become
     /// CEL maps, unions their branch, timestamps and enums their number and symbol).
-    pub fn bind_avro(&mut self, name: &str, value: &apache_avro::types::Value) {
-        self.context.add_variable_from_value(name, avro_to_cel(value));
+    pub fn bind_avro(&mut self, name: &str, value: &'v AvroValue) {
+        self.context.add_variable_as_val(name, avro_to_val(value));
     }
 }
 
-fn avro_to_cel(value: &apache_avro::types::Value) -> cel::Value {
-    use apache_avro::types::Value as Avro;
+/// An Avro value as a CEL value, built straight into the interpreter's own
+/// representation (binding a `cel::Value` converts it, deeply, once more) and
+/// borrowing strings and map keys.
+fn avro_to_val(value: &AvroValue) -> Box<dyn Val + '_> {
     match value {
-        Avro::Null => cel::Value::Null,
-        Avro::Boolean(b) => cel::Value::Bool(*b),
-        Avro::Int(i) | Avro::Date(i) | Avro::TimeMillis(i) => cel::Value::Int(i64::from(*i)),
-        Avro::Long(i)
-        | Avro::TimeMicros(i)
-        | Avro::TimestampMillis(i)
-        | Avro::TimestampMicros(i)
-        | Avro::TimestampNanos(i)
-        | Avro::LocalTimestampMillis(i)
-        | Avro::LocalTimestampMicros(i)
-        | Avro::LocalTimestampNanos(i) => cel::Value::Int(*i),
-        Avro::Float(f) => cel::Value::Float(f64::from(*f)),
-        Avro::Double(f) => cel::Value::Float(*f),
-        Avro::String(s) | Avro::Enum(_, s) => cel::Value::String(Arc::new(s.clone())),
-        Avro::Uuid(u) => cel::Value::String(Arc::new(u.to_string())),
-        Avro::Bytes(b) | Avro::Fixed(_, b) => cel::Value::Bytes(Arc::new(b.clone())),
-        Avro::Union(_, inner) => avro_to_cel(inner),
-        Avro::Array(items) => cel::Value::List(Arc::new(items.iter().map(avro_to_cel).collect())),
-        Avro::Map(fields) => {
-            let map: std::collections::HashMap<String, cel::Value> =
-                fields.iter().map(|(k, v)| (k.clone(), avro_to_cel(v))).collect();
-            cel::Value::from(map)
+        AvroValue::Null => Box::new(CelNull),
+        AvroValue::Boolean(b) => Box::new(CelBool::from(*b)),
+        AvroValue::Int(i) | AvroValue::Date(i) | AvroValue::TimeMillis(i) => {
+            Box::new(CelInt::from(i64::from(*i)))
         }
-        Avro::Record(fields) => {
-            let map: std::collections::HashMap<String, cel::Value> =
-                fields.iter().map(|(k, v)| (k.clone(), avro_to_cel(v))).collect();
-            cel::Value::from(map)
+        AvroValue::Long(i)
+        | AvroValue::TimeMicros(i)
+        | AvroValue::TimestampMillis(i)
+        | AvroValue::TimestampMicros(i)
+        | AvroValue::TimestampNanos(i)
+        | AvroValue::LocalTimestampMillis(i)
+        | AvroValue::LocalTimestampMicros(i)
+        | AvroValue::LocalTimestampNanos(i) => Box::new(CelInt::from(*i)),
+        AvroValue::Float(f) => Box::new(CelDouble::from(f64::from(*f))),
+        AvroValue::Double(f) => Box::new(CelDouble::from(*f)),
+        AvroValue::String(s) | AvroValue::Enum(_, s) => Box::new(CelString::from(s.as_str())),
+        AvroValue::Uuid(u) => Box::new(CelString::from(u.to_string())),
+        AvroValue::Bytes(b) | AvroValue::Fixed(_, b) => Box::new(CelBytes::from(b.clone())),
+        AvroValue::Union(_, inner) => avro_to_val(inner),
+        AvroValue::Array(items) => Box::new(CelList::from(items.iter().map(avro_to_val).collect::<Vec<_>>())),
+        AvroValue::Map(fields) => Box::new(CelMap::from(
+            fields
+                .iter()
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), avro_to_val(v)))
+                .collect::<HashMap<_, _>>(),
+        )),
+        AvroValue::Record(fields) => Box::new(CelMap::from(
+            fields
+                .iter()
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), avro_to_val(v)))
+                .collect::<HashMap<_, _>>(),
+        )),
+        other => {
+            let value = match crate::avro_json::to_json(other.clone()) {
+                Ok(json) => to_cel(&json),
+                Err(_) => cel::Value::Null,
+            };
+            Box::<dyn Val>::try_from(value).unwrap_or_else(|_| Box::new(CelNull))
         }
-        other => match crate::avro_json::to_json(other.clone()) {
-            Ok(json) => to_cel(&json),
-            Err(_) => cel::Value::Null,
-        },
     }
 }
 
@@ -315,7 +328,7 @@ fn to_cel(json: &Json) -> cel::Value {
         Json::String(s) => cel::Value::String(Arc::new(s.clone())),
         Json::Array(items) => cel::Value::List(Arc::new(items.iter().map(to_cel).collect())),
         Json::Object(fields) => {
-            let map: std::collections::HashMap<String, cel::Value> =
+            let map: HashMap<String, cel::Value> =
                 fields.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
             cel::Value::from(map)
         }
@@ -327,7 +340,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn scope(variables: &[(&str, &Json)]) -> Scope {
+    fn scope(variables: &[(&str, &Json)]) -> Scope<'static> {
         let mut scope = Scope::default();
         for (name, value) in variables {
             scope.bind_json(name, value);
@@ -342,6 +355,56 @@ mod tests {
 
         fn test(&self, variables: &[(&str, &Json)]) -> Result<bool, ExprError> {
             self.test_in(&scope(variables))
+        }
+    }
+
+    #[test]
+    fn an_avro_record_binds_as_its_json_form_does() {
+        let line = |sku: &str, qty: i32| {
+            AvroValue::Record(vec![
+                ("sku".into(), AvroValue::String(sku.into())),
+                ("qty".into(), AvroValue::Int(qty)),
+            ])
+        };
+        let record = AvroValue::Record(vec![
+            ("id".into(), AvroValue::String("o-1".into())),
+            ("total".into(), AvroValue::Double(12.345)),
+            ("at".into(), AvroValue::TimestampMillis(1_700_000_000_000)),
+            ("kind".into(), AvroValue::Enum(1, "RUSH".into())),
+            (
+                "note".into(),
+                AvroValue::Union(1, Box::new(AvroValue::String("gift".into()))),
+            ),
+            ("none".into(), AvroValue::Union(0, Box::new(AvroValue::Null))),
+            ("lines".into(), AvroValue::Array(vec![line("a", 2), line("b", 3)])),
+            (
+                "tags".into(),
+                AvroValue::Map([("k".to_owned(), AvroValue::Long(7))].into_iter().collect()),
+            ),
+            ("flag".into(), AvroValue::Boolean(true)),
+        ]);
+        let json = crate::avro_json::to_json(record.clone()).unwrap();
+        for source in [
+            "int(math.round(event.total * 100.0))",
+            "event.id + '/' + event.kind",
+            "event.at + 1",
+            "event.note",
+            "event.none == null",
+            "size(event.lines)",
+            "event.lines.map(l, l.qty)",
+            "event.lines[1].sku",
+            "event.tags.k * 2",
+            "event.flag && event.lines.exists(l, l.qty > 2)",
+        ] {
+            let expr = Expr::compile(source).unwrap();
+            let mut whole = Scope::default();
+            whole.bind_avro("event", &record);
+            let mut fields = Scope::default();
+            fields.bind_avro_fields("event", &record, expr.fields_read("event").as_deref());
+            let expected = expr.eval(&[("event", &json)]);
+            assert!(expected.is_ok(), "{source}: {expected:?}");
+            assert_eq!(expr.value_in(&whole), expected, "{source}, whole record");
+            assert_eq!(expr.value_in(&fields), expected, "{source}, fields read");
         }
     }
 

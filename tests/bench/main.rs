@@ -97,6 +97,23 @@ fn main() -> Result<()> {
         shared::print(&shared);
         return Ok(());
     }
+    if std::env::var("BENCH_ONLY").is_ok_and(|only| only == "rss") {
+        // The peak-RSS variant: `BENCH_EVENTS=4000000` is 1,000,000 orders.
+        let mut summary = fresh_worker(
+            dir.path(),
+            "order_summary",
+            &broker,
+            &registry,
+            &builtin("order_summary"),
+        )?;
+        let rate = summary.fold_rate("order_summary", total)?;
+        println!(
+            "order_summary over {} orders ({total} events): {rate:.0} events/s, peak RSS {:.0} MB",
+            stream.placed.len(),
+            summary.peak_rss_mb()?
+        );
+        return Ok(());
+    }
     if let Some(binaries) = std::env::var_os("BENCH_AB") {
         return compare_builds(dir.path(), &broker, &registry, total, &binaries);
     }

@@ -115,11 +115,11 @@ fn view(partial: &Json) -> Json {
 struct Inputs<'p, 'e> {
     projection: &'p Declarative,
     event: &'e Event<'e>,
-    scope: Option<Scope>,
+    scope: Option<Scope<'e>>,
     state_view: Option<Json>,
 }
 
-impl Inputs<'_, '_> {
+impl<'e> Inputs<'_, 'e> {
     fn eval(&mut self, expr: &Expr) -> Result<Option<Json>, String> {
         if let Some(constant) = expr.constant() {
             return Ok(Some(constant.clone()));
@@ -137,7 +137,7 @@ impl Inputs<'_, '_> {
         expr.eval_in(self.scope()).map_err(|e| e.to_string())
     }
 
-    fn scope(&mut self) -> &Scope {
+    fn scope(&mut self) -> &Scope<'e> {
         let (projection, event, state_view) = (self.projection, self.event, &self.state_view);
         self.scope.get_or_insert_with(|| {
             let mut scope = Scope::default();

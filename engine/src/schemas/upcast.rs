@@ -346,6 +346,12 @@ impl TransformStep<'_> {
                 return Ok(None);
             }
         }
+        let computed = self
+            .set
+            .iter()
+            .map(|(field, expr)| Ok((field, expr.value_in(&scope)?)))
+            .collect::<Result<Vec<_>, StepError>>()?;
+        drop(scope);
         let Value::Record(fields) = input else {
             return Err(StepError::NotARecord(format!("{input:?}")));
         };
@@ -368,8 +374,8 @@ impl TransformStep<'_> {
             let (_, value) = output.remove(position);
             put(&mut output, new, value);
         }
-        for (field, expr) in self.set {
-            put(&mut output, field, FieldValue::Json(expr.value_in(&scope)?));
+        for (field, value) in computed {
+            put(&mut output, field, FieldValue::Json(value));
         }
         output.retain(|(field, _)| !self.drop.contains(field));
         Ok(Some(output))
