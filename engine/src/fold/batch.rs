@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use super::state_cache::{CacheKey, KeyMap, KeyRef, StateCache};
-use crate::poison::PoisonReason;
 use hashbrown::Equivalent;
 
+use super::state_cache::{CacheKey, KeyMap, KeyRef, StateCache};
+use crate::poison::PoisonReason;
 use crate::projection::{Event, EventMeta, FoldError, PartitionState, Projection, State};
 use crate::schemas::CurrentEvent;
 use crate::store::{BatchWrite, Generation, SourcePartition, Store, StoreError};
